@@ -1,0 +1,141 @@
+"""`MoEConfig`: every switch of the layer in one validated dataclass, plus named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+Activation = Literal["silu", "gelu", "relu"]
+ExpertImpl = Literal["grouped_mm", "loop"]
+Placement = Literal["linear", "round_robin"]
+Dispatcher = Literal["all_to_all", "allgather"]
+
+
+def _choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    # shapes
+    hidden_size: int  # D
+    intermediate_size: int  # I, per routed expert
+    num_experts: int  # E, global routed experts
+    top_k: int  # K
+
+    # router
+    score_func: ScoreFunc = "softmax"  # softmax: Mixtral, Qwen3-MoE; sigmoid: DeepSeek-V3
+    norm_topk_prob: bool = True  # renormalise the K selected weights to sum to 1
+    num_expert_groups: int = 1  # group-limited top-k: experts split into this many groups ...
+    topk_groups: int = 1  # ... and only the best this many groups are eligible
+    use_correction_bias: bool = False  # DeepSeek-V3 e_score_correction_bias: selection only
+    routed_scaling_factor: float = 1.0  # multiplies the final topk_weights
+    aux_loss_coef: float = 0.0  # Switch-style load-balancing loss, training only
+    z_loss_coef: float = 0.0  # router z-loss (ST-MoE), training only
+
+    # experts
+    activation: Activation = "silu"
+    gated: bool = True  # act(x w1) * (x w3) when True, act(x w1) when False
+    expert_impl: ExpertImpl = "grouped_mm"  # "loop": one GEMM per expert (debugging, old torch)
+
+    # shared experts (always-on MLP added to the routed output)
+    num_shared_experts: int = 0  # DeepSeek-V3: 1, Qwen2-MoE: 1
+    shared_intermediate_size: Optional[int] = None  # total I of the shared MLP; default I * n
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x w_g) scales the shared output
+
+    # expert parallelism
+    placement: Placement = "linear"  # linear: contiguous blocks of experts per rank
+    dispatcher: Dispatcher = "all_to_all"  # allgather: cheaper for tiny batches
+
+    # init
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_experts", "top_k",
+                     "num_expert_groups", "topk_groups"):
+            _positive_int(name, getattr(self, name))
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
+        _choice("score_func", self.score_func, ("softmax", "sigmoid"))
+        _choice("activation", self.activation, ("silu", "gelu", "relu"))
+        _choice("expert_impl", self.expert_impl, ("grouped_mm", "loop"))
+        _choice("placement", self.placement, ("linear", "round_robin"))
+        _choice("dispatcher", self.dispatcher, ("all_to_all", "allgather"))
+        if self.num_experts % self.num_expert_groups:
+            raise ValueError(
+                f"MoEConfig.num_expert_groups must divide num_experts ({self.num_experts}), "
+                f"got {self.num_expert_groups}")
+        if self.topk_groups > self.num_expert_groups:
+            raise ValueError(
+                f"MoEConfig.topk_groups must be <= num_expert_groups "
+                f"({self.num_expert_groups}), got {self.topk_groups}")
+        eligible = self.topk_groups * (self.num_experts // self.num_expert_groups)
+        if self.top_k > eligible:
+            raise ValueError(
+                f"MoEConfig.top_k ({self.top_k}) exceeds the experts in the kept groups "
+                f"({eligible} = topk_groups * num_experts / num_expert_groups)")
+        if self.num_shared_experts < 0:
+            raise ValueError(
+                f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.shared_intermediate_size is not None:
+            _positive_int("shared_intermediate_size", self.shared_intermediate_size)
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts > 0")
+        for name in ("aux_loss_coef", "z_loss_coef", "init_std"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(
+                f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
+
+    @property
+    def shared_size(self) -> int:
+        """Intermediate size of the shared-expert MLP (0 when there is none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_intermediate_size or self.intermediate_size * self.num_shared_experts
+
+    def replace(self, **changes) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+    # presets -----------------------------------------------------------------------------
+
+    @classmethod
+    def tiny(cls, **changes) -> "MoEConfig":
+        """A few hundred parameters per expert: for tests."""
+        return cls(hidden_size=16, intermediate_size=24, num_experts=8, top_k=2).replace(**changes)
+
+    @classmethod
+    def mixtral_8x7b(cls, **changes) -> "MoEConfig":
+        return cls(hidden_size=4096, intermediate_size=14336, num_experts=8,
+                   top_k=2).replace(**changes)
+
+    @classmethod
+    def qwen3_30b_a3b(cls, **changes) -> "MoEConfig":
+        return cls(hidden_size=2048, intermediate_size=768, num_experts=128,
+                   top_k=8).replace(**changes)
+
+    @classmethod
+    def deepseek_v3(cls, **changes) -> "MoEConfig":
+        return cls(hidden_size=7168, intermediate_size=2048, num_experts=256, top_k=8,
+                   score_func="sigmoid", num_expert_groups=8, topk_groups=4,
+                   use_correction_bias=True, routed_scaling_factor=2.5,
+                   num_shared_experts=1).replace(**changes)
+
+    @classmethod
+    def preset(cls, name: str, **changes) -> "MoEConfig":
+        presets = {"tiny": cls.tiny, "mixtral": cls.mixtral_8x7b, "mixtral_8x7b": cls.mixtral_8x7b,
+                   "qwen3": cls.qwen3_30b_a3b, "qwen3_30b_a3b": cls.qwen3_30b_a3b,
+                   "deepseek_v3": cls.deepseek_v3}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name](**changes)
