@@ -1,0 +1,258 @@
+"""Dispatch tokens to the ranks that own their experts, and combine the results back.
+
+The only module that moves activations between ranks. Three dispatchers share one interface:
+
+    dispatched = dispatcher.dispatch(x, topk_ids, topk_weights)   # rows this rank computes
+    y = dispatcher.combine(partial, dispatched.handle)             # (T, D) on the home rank
+
+`partial` (R, D) holds, per received row, the weighted sum over the row's slots whose expert is
+local. The handle is a frozen dataclass: nothing per call is kept on the dispatcher.
+
+Every collective here is differentiable: the backward of a dispatch all-to-all is the reverse
+all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed import ProcessGroup
+
+from .permute import expand_rows, sum_rows
+from .placement import ExpertPlacement
+
+
+# --------------------------------------------------------------------------------------------
+# Differentiable collectives
+# --------------------------------------------------------------------------------------------
+
+def _all_to_all(x, output_splits, input_splits, group):
+    out = x.new_empty(sum(output_splits), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
+                           group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of rows; the backward sends the gradients back the way they came."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        return _all_to_all(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        return _all_to_all(grad, input_splits, output_splits, ctx.group), None, None, None
+
+
+class _AllGather(torch.autograd.Function):
+    """(N, ...) per rank -> (W*N, ...); backward: fp32 reduce-scatter (sum) of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.dtype = group, x.dtype
+        out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group).to(ctx.dtype), None
+
+
+def _reduce_scatter(x, group):
+    # fp32 reduction: the partial sums of W ranks lose bits when added in bf16
+    x = x.float().contiguous()
+    out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
+    dist.reduce_scatter_tensor(out, x, group=group)
+    return out
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """(W*N, ...) -> (N, ...) fp32 sum over ranks; backward: all-gather of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.dtype = group, x.dtype
+        return _reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.to(ctx.dtype).contiguous()
+        out = grad.new_empty(dist.get_world_size(ctx.group) * grad.shape[0], *grad.shape[1:])
+        dist.all_gather_into_tensor(out, grad, group=ctx.group)
+        return out, None
+
+
+# --------------------------------------------------------------------------------------------
+# Handles and the common result
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LocalHandle:
+    num_tokens: int
+    num_local_pairs: int
+
+
+@dataclass(frozen=True)
+class AllToAllHandle:
+    """num_local_pairs: received (row, slot) pairs whose expert is local (P).
+    copy_index: (T, W) int32 row of token t's copy for rank w in the send buffer, -1 if none.
+    input_splits / output_splits: rows sent to / received from each rank."""
+
+    num_tokens: int
+    num_local_pairs: int
+    copy_index: torch.Tensor
+    input_splits: tuple[int, ...]
+    output_splits: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AllGatherHandle:
+    """tokens_per_rank: T of every rank; each rank's tokens are padded to max(tokens_per_rank)."""
+
+    num_tokens: int
+    num_local_pairs: int
+    tokens_per_rank: tuple[int, ...]
+
+
+Handle = Union[LocalHandle, AllToAllHandle, AllGatherHandle]
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """Rows this rank computes: x (R, D), topk_ids (R, K) global ids (-1: padding row),
+    topk_weights (R, K) fp32, and the handle `combine` needs."""
+
+    x: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    handle: Handle
+
+
+def _pack_routing(topk_ids, topk_weights):
+    # one message for both: ids < 2^24 are exact in fp32, and the weights keep their autograd
+    return torch.cat([topk_weights.float(), topk_ids.float()], dim=1)  # (T, 2K)
+
+
+def _unpack_routing(routing, K):
+    return routing[:, K:].long(), routing[:, :K]
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatchers
+# --------------------------------------------------------------------------------------------
+
+class LocalDispatcher:
+    """One rank owns every expert: rows are the tokens themselves."""
+
+    def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
+        T, K = topk_ids.shape
+        return Dispatched(x, topk_ids, topk_weights.float(), LocalHandle(T, T * K))
+
+    def combine(self, partial, handle: LocalHandle) -> torch.Tensor:
+        return partial
+
+
+class AllToAllDispatcher:
+    """Each token travels once to every rank that owns at least one of its K experts.
+
+    The expert rank reduces the token's local slots into one partial row, which travels back;
+    the home rank adds a token's partials in rank order (deterministic).
+    """
+
+    def __init__(self, placement: ExpertPlacement, group: ProcessGroup):
+        self.placement, self.group = placement, group
+        self.world_size = placement.world_size
+        self._tables: dict = {}
+
+    def _owner_and_table(self, device):
+        if device not in self._tables:  # constants, cached per device (not module state)
+            self._tables[device] = (self.placement.owner(device),
+                                    self.placement.padded_local_experts(device))
+        return self._tables[device]
+
+    def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
+        T, K = topk_ids.shape
+        W, E = self.world_size, self.placement.num_experts
+        owner, table = self._owner_and_table(x.device)
+        dest = torch.zeros(T, W, dtype=torch.bool, device=x.device)
+        dest.scatter_(1, owner[topk_ids], True)  # (T, W): rank w needs token t
+        pair_counts = torch.bincount(topk_ids.flatten(), minlength=E)
+        per_rank_pairs = F.pad(pair_counts, (0, 1))[table]  # (W, e_max), padding reads the 0
+        send_meta = torch.cat([dest.sum(0, keepdim=True).t(), per_rank_pairs], 1)
+        recv_meta = _all_to_all(send_meta, [1] * W, [1] * W, self.group)
+        # host sync: split sizes must be on the CPU for all_to_all_single
+        sizes = torch.stack([send_meta[:, 0], recv_meta[:, 0], recv_meta[:, 1:].sum(1)]).cpu()
+        input_splits, output_splits = tuple(sizes[0].tolist()), tuple(sizes[1].tolist())
+        num_local_pairs = int(sizes[2].sum())
+        num_sent = sum(input_splits)
+
+        # send buffer ordered by destination rank, then token: stable sort of "not sent"
+        flat = dest.t().reshape(-1)  # (W*T)
+        order = torch.sort((~flat).to(torch.uint8), stable=True).indices[:num_sent]
+        copy_index = torch.full((W * T,), -1, dtype=torch.int32, device=x.device)
+        copy_index[order] = torch.arange(num_sent, dtype=torch.int32, device=x.device)
+        copy_index = copy_index.view(W, T).t().contiguous()  # (T, W)
+        send_tokens = order % T if T else order
+
+        send_x = expand_rows(x, send_tokens, copy_index)
+        send_routing = expand_rows(_pack_routing(topk_ids, topk_weights), send_tokens, copy_index)
+        recv_x = _AllToAll.apply(send_x, output_splits, input_splits, self.group)
+        recv_routing = _AllToAll.apply(send_routing, output_splits, input_splits, self.group)
+        recv_ids, recv_weights = _unpack_routing(recv_routing, K)
+        handle = AllToAllHandle(T, num_local_pairs, copy_index, input_splits, output_splits)
+        return Dispatched(recv_x, recv_ids, recv_weights, handle)
+
+    def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
+        back = _AllToAll.apply(partial, handle.input_splits, handle.output_splits, self.group)
+        return sum_rows(back, handle.copy_index)
+
+
+class AllGatherDispatcher:
+    """Every rank sees every token: all-gather tokens and routing, compute the local experts'
+    slots for all of them, reduce-scatter (fp32) the partial sums home. One fixed-size exchange
+    each way: cheaper than all-to-all when batches are tiny (decode)."""
+
+    def __init__(self, placement: ExpertPlacement, group: ProcessGroup, rank: int):
+        self.placement, self.group = placement, group
+        self.world_size = placement.world_size
+        self.local_experts = list(placement.local_experts[rank])
+
+    def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
+        T, K = topk_ids.shape
+        E = self.placement.num_experts
+        counts = torch.cat([torch.tensor([T], device=x.device),
+                            torch.bincount(topk_ids.flatten(), minlength=E)])
+        all_counts = counts.new_empty(self.world_size, 1 + E)
+        dist.all_gather_into_tensor(all_counts, counts, group=self.group)
+        # host sync: token counts for the uneven all-gather, local pair count for the sort
+        all_counts = all_counts.cpu()
+        tokens_per_rank = tuple(all_counts[:, 0].tolist())
+        num_local_pairs = int(all_counts[:, [1 + g for g in self.local_experts]].sum())
+        pad = max(tokens_per_rank) - T
+        routing = _pack_routing(topk_ids, topk_weights)
+        routing = torch.cat([routing, routing.new_full((pad, 2 * K), -1.0)])  # id -1: no slot
+        x = F.pad(x, (0, 0, 0, pad))
+        recv_x = _AllGather.apply(x, self.group)
+        recv_ids, recv_weights = _unpack_routing(_AllGather.apply(routing, self.group), K)
+        handle = AllGatherHandle(T, num_local_pairs, tokens_per_rank)
+        return Dispatched(recv_x, recv_ids, recv_weights, handle)
+
+    def combine(self, partial, handle: AllGatherHandle) -> torch.Tensor:
+        return _ReduceScatter.apply(partial, self.group)[:handle.num_tokens].to(partial.dtype)
+
+
+def make_dispatcher(kind: str, placement: ExpertPlacement, group: Optional[ProcessGroup],
+                    rank: int):
+    if placement.world_size == 1:
+        return LocalDispatcher()
+    if kind == "all_to_all":
+        return AllToAllDispatcher(placement, group)
+    return AllGatherDispatcher(placement, group, rank)

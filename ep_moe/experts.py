@@ -1,0 +1,122 @@
+"""Routed experts as stacked weights, run as grouped GEMMs over expert-sorted rows.
+
+Weights follow the Hugging Face transformers v5 layout:
+    gate_up_proj (e, 2I, D): rows [0, I) the gate projection w1, rows [I, 2I) the up
+        projection w3 (just (e, I, D) when not gated);
+    down_proj (e, D, I): w2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+# dtypes each backend's grouped GEMM takes (probed on torch 2.11 CUDA / 2.13 CPU)
+_GROUPED_MM_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.bfloat16,),
+}
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def activate(h: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """(P, 2I) -> (P, I) for gated `act(gate) * up`; (P, I) -> (P, I) otherwise."""
+    act = _ACTIVATIONS[activation]
+    if not gated:
+        return act(h)
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these operands (dtype, 16-byte aligned strides)."""
+    if _grouped_mm is None or x.dtype not in _GROUPED_MM_DTYPES.get(x.device.type, ()):
+        return False
+    align = 16 // x.element_size()
+    return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
+
+
+class Experts(nn.Module):
+    """`num_local_experts` SwiGLU (or GELU-gated, or plain) MLPs applied to sorted rows."""
+
+    def __init__(self, config: MoEConfig, num_local_experts: int):
+        super().__init__()
+        self.config = config
+        self.num_local_experts = num_local_experts
+        up_rows = 2 * config.intermediate_size if config.gated else config.intermediate_size
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_local_experts, up_rows, config.hidden_size))
+        self.down_proj = nn.Parameter(
+            torch.empty(num_local_experts, config.hidden_size, config.intermediate_size))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate_up_proj, std=self.config.init_std)
+        nn.init.normal_(self.down_proj, std=self.config.init_std)
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Run each local expert on its rows.
+
+        Args:
+            x: (P, D) rows sorted by local expert.
+            num_tokens_per_expert: (e,) int rows per local expert, summing to P.
+
+        Returns:
+            (P, D) expert outputs, same order and dtype as x.
+        """
+        cfg = self.config
+        if x.shape[0] == 0:
+            # nothing routed here: an empty product still gives the weights a (zero) gradient
+            h = activate(F.linear(x, self.gate_up_proj[0]), cfg.activation, cfg.gated)
+            return F.linear(h, self.down_proj[0])
+        w13, w2 = self.gate_up_proj, self.down_proj
+        if cfg.expert_impl == "grouped_mm" and grouped_mm_supported(x, w13, w2):
+            offs = torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)
+            h = _grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # (P, 2I)
+            h = activate(h, cfg.activation, cfg.gated)
+            return _grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # (P, D)
+        return self._loop(x, num_tokens_per_expert)
+
+    def _loop(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        # host sync: the per-expert loop needs the row counts on the CPU
+        counts = num_tokens_per_expert.tolist()
+        outs = []
+        for e, rows in enumerate(x.split(counts)):
+            if rows.shape[0] == 0:
+                continue
+            h = activate(F.linear(rows, self.gate_up_proj[e]), cfg.activation, cfg.gated)
+            outs.append(F.linear(h, self.down_proj[e]))
+        return torch.cat(outs) if outs else x.new_zeros(x.shape)
+
+
+class SharedExperts(nn.Module):
+    """The always-on MLP of DeepSeek-V3 / Qwen2-MoE, optionally scaled by sigmoid(x w_g)."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        size = config.shared_size
+        up_rows = 2 * size if config.gated else size
+        self.gate_up_proj = nn.Parameter(torch.empty(up_rows, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(config.hidden_size, size))
+        self.gate = nn.Parameter(torch.empty(1, config.hidden_size)) \
+            if config.shared_expert_gate else None
+
+    def reset_parameters(self) -> None:
+        for p in self.parameters():
+            nn.init.normal_(p, std=self.config.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, D) -> (T, D)."""
+        cfg = self.config
+        y = F.linear(activate(F.linear(x, self.gate_up_proj), cfg.activation, cfg.gated),
+                     self.down_proj)
+        if self.gate is not None:
+            y = torch.sigmoid(F.linear(x, self.gate)) * y
+        return y

@@ -1,0 +1,155 @@
+"""`MoE`: router -> dispatch -> grouped expert GEMMs -> fused combine, on one rank or many."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from .config import MoEConfig
+from .dispatch import make_dispatcher
+from .distributed import all_gather_rows, check_same_config, group_rank_and_size
+from .experts import Experts, SharedExperts
+from .kernels import fused_mul_sum_rows
+from .permute import expand_rows, sort_by_expert
+from .placement import ExpertPlacement
+from .router import Router, RouterOutput
+
+_EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the output whose backward also seeds d(aux_loss) = 1, so the router's
+    training losses reach the gradients through `loss.backward()` with nothing to wire up."""
+
+    @staticmethod
+    def forward(ctx, y, aux_loss):
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), dtype=torch.float32, device=grad.device)
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts layer: (..., D) -> (..., D).
+
+    With a `process_group` of W ranks the E routed experts are sharded (see
+    `MoEConfig.placement`); every rank passes its own tokens (any count, 0 too) and gets their
+    outputs. Router and shared-expert weights are replicated.
+
+    Attributes:
+        expert_map: (E,) int32 buffer, local id of each global expert, -1 where another rank
+            owns it.
+        local_expert_ids: global ids of this rank's experts, in local order.
+    """
+
+    def __init__(self, config: MoEConfig, process_group: Optional[ProcessGroup] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.process_group = process_group
+        self.rank, self.world_size = group_rank_and_size(process_group)
+        if self.world_size > 1:
+            check_same_config(config, process_group)
+        self.placement = ExpertPlacement(config.num_experts, self.world_size, config.placement)
+        self.local_expert_ids = list(self.placement.local_experts[self.rank])
+        self.register_buffer("expert_map", self.placement.expert_map(self.rank), persistent=False)
+
+        self.router = Router(config)
+        self.experts = Experts(config, len(self.local_expert_ids))
+        self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
+        self.dispatcher = make_dispatcher(config.dispatcher, self.placement, process_group,
+                                          self.rank)
+        self.to(device=device, dtype=dtype)
+        if self.router.e_score_correction_bias is not None:  # selection bias stays fp32
+            self.router.e_score_correction_bias.data = \
+                self.router.e_score_correction_bias.data.float()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Reproducible from the torch seed and independent of W: expert g is drawn from its
+        own generator seeded by (one draw from the global RNG) + g, so a sharded layer holds
+        exactly the slices of the single-process layer built after the same `manual_seed`."""
+        base_seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.router.reset_parameters()
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters()
+        std = self.config.init_std
+        device = self.experts.gate_up_proj.device
+        for local, g in enumerate(self.local_expert_ids):
+            gen = torch.Generator(device=device).manual_seed(base_seed + g)
+            self.experts.gate_up_proj[local].normal_(0.0, std, generator=gen)
+            self.experts.down_proj[local].normal_(0.0, std, generator=gen)
+
+    def forward(self, x: torch.Tensor, return_router_output: bool = False):
+        """x: (..., D) float32 / float16 / bfloat16 -> (..., D) of the same dtype.
+
+        With `return_router_output=True` returns `(y, RouterOutput)` (ids, weights, per-expert
+        token counts, aux loss). In training, the aux loss's gradient is attached to `y`.
+        """
+        D = self.config.hidden_size
+        if x.shape[-1] != D:
+            raise ValueError(f"x must have last dim hidden_size={D}, got shape {tuple(x.shape)}")
+        x_TD = x.reshape(-1, D)
+        route = self.router(x_TD)
+        y_TD = self._routed(x_TD, route)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        if route.aux_loss is not None and torch.is_grad_enabled():
+            y_TD = _AttachAuxLoss.apply(y_TD, route.aux_loss)
+        y = y_TD.view(x.shape)
+        return (y, route) if return_router_output else y
+
+    def _routed(self, x_TD: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        sent = self.dispatcher.dispatch(x_TD, route.topk_ids, route.topk_weights)
+        ids = sent.topk_ids  # (R, K) global ids, -1 on padding rows
+        local_ids = torch.where(ids >= 0, self.expert_map[ids.clamp(min=0)], -1)
+        order = sort_by_expert(local_ids, len(self.local_expert_ids),
+                               sent.handle.num_local_pairs)
+        rows = expand_rows(sent.x, order.source_rows, order.row_index)  # (P, D)
+        out_rows = self.experts(rows, order.num_tokens_per_expert)  # (P, D)
+        # the combine doubles as the un-permute: reads each row once, writes (R, D)
+        partial = fused_mul_sum_rows(out_rows, sent.topk_weights, order.row_index)
+        return self.dispatcher.combine(partial, sent.handle)
+
+    # checkpoints ----------------------------------------------------------------------------
+
+    def load_full_state_dict(self, state_dict: dict, strict: bool = True):
+        """Load the state dict of a single-process `MoE` with the same config, keeping this
+        rank's experts."""
+        local = dict(state_dict)
+        for name in _EXPERT_PARAMS:
+            if name in local:
+                full = local[name]
+                if full.shape[0] != self.config.num_experts:
+                    raise ValueError(f"state_dict[{name!r}] must hold all "
+                                     f"{self.config.num_experts} experts, got shape "
+                                     f"{tuple(full.shape)}")
+                local[name] = full[self.local_expert_ids]
+        return self.load_state_dict(local, strict=strict)
+
+    def full_state_dict(self) -> dict:
+        """The single-process state dict: expert weights gathered from every rank (a
+        collective: call it on all ranks)."""
+        sd = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        if self.world_size == 1:
+            return sd
+        per_rank = [len(e) for e in self.placement.local_experts]
+        for name in _EXPERT_PARAMS:
+            parts = all_gather_rows(sd[name], per_rank, self.process_group)
+            full = sd[name].new_empty(self.config.num_experts, *sd[name].shape[1:])
+            for experts, part in zip(self.placement.local_experts, parts):
+                full[list(experts)] = part
+            sd[name] = full
+        return sd
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"D={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, K={c.top_k}, "
+                f"rank={self.rank}/{self.world_size}, local_experts={len(self.local_expert_ids)}")

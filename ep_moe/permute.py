@@ -1,0 +1,74 @@
+"""Row bookkeeping between tokens and expert-sorted rows (no collectives, no host syncs).
+
+A *row index* (T, K) names, for each slot (t, k), the row of an expanded buffer that holds
+token t's copy for that slot, or -1 for none. Expanding tokens into rows and summing rows back
+into tokens are transposes of each other, and both run through the deterministic Triton
+combine: no atomics, so gradients are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import fused_mul_sum_rows
+
+
+@dataclass(frozen=True)
+class ExpertSort:
+    """(token, slot) pairs whose expert is local, sorted by local expert.
+
+    source_rows: (P,) int64 token row of each sorted pair.
+    row_index: (T, K) int32 position of slot (t, k) in the sorted order, -1 if not local.
+    num_tokens_per_expert: (e,) int64 pairs per local expert.
+    """
+
+    source_rows: torch.Tensor
+    row_index: torch.Tensor
+    num_tokens_per_expert: torch.Tensor
+
+
+def sort_by_expert(local_ids: torch.Tensor, num_local_experts: int,
+                   num_pairs: int) -> ExpertSort:
+    """Sort the slots of `local_ids` (T, K) (local expert id, or -1) by expert.
+
+    `num_pairs` is the count of slots with a local expert, known on the host from the
+    dispatch exchange, so no device-to-host copy happens here.
+    """
+    T, K = local_ids.shape
+    flat = local_ids.reshape(-1)
+    key = torch.where(flat >= 0, flat, num_local_experts)
+    # stable: pairs of one expert keep token order, so the result is deterministic
+    order = torch.sort(key, stable=True).indices[:num_pairs]
+    row_index = torch.full((T * K,), -1, dtype=torch.int32, device=flat.device)
+    row_index[order] = torch.arange(num_pairs, dtype=torch.int32, device=flat.device)
+    counts = torch.bincount(key, minlength=num_local_experts + 1)[:num_local_experts]
+    return ExpertSort(order // K, row_index.view(T, K), counts)
+
+
+class _ExpandRows(torch.autograd.Function):
+    """rows[row_index[t, k]] = x[t]; the backward sums each token's rows back (fixed order)."""
+
+    @staticmethod
+    def forward(ctx, x, source_rows, row_index):
+        ctx.save_for_backward(row_index)
+        return x[source_rows]
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (row_index,) = ctx.saved_tensors
+        ones = torch.ones(row_index.shape, dtype=torch.float32, device=grad_rows.device)
+        return fused_mul_sum_rows(grad_rows.contiguous(), ones, row_index), None, None
+
+
+def expand_rows(x: torch.Tensor, source_rows: torch.Tensor,
+                row_index: torch.Tensor) -> torch.Tensor:
+    """(T, D) -> (P, D): row p is x[source_rows[p]]; `row_index` (T, K) is the inverse map."""
+    return _ExpandRows.apply(x, source_rows, row_index)
+
+
+def sum_rows(rows: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+    """(P, D) -> (T, D): token t gets the plain sum of its rows, in slot order."""
+    ones = torch.ones(row_index.shape, dtype=torch.float32, device=rows.device)
+    return fused_mul_sum_rows(rows, ones, row_index)

@@ -1,0 +1,116 @@
+"""Router: gate (D -> E), fp32 scores, (group-limited) top-k, training losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """What the router decided for T tokens.
+
+    topk_ids: (T, K) int64 global expert ids.
+    topk_weights: (T, K) float32 combine weights (after renormalisation and scaling).
+    num_tokens_per_expert: (E,) int64 (token, slot) pairs per expert, for monitoring and
+        for updating the correction bias (aux-loss-free balancing).
+    aux_loss: scalar float32, coef-weighted load-balancing + z-loss; None when both coefs
+        are 0 or the module is in eval mode.
+    """
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    num_tokens_per_expert: torch.Tensor
+    aux_loss: Optional[torch.Tensor] = None
+
+
+class Router(nn.Module):
+    """Scores in fp32 (softmax or sigmoid), top-k, optional group limit and correction bias.
+
+    The correction bias shifts which experts are *selected*; the weights always come from the
+    unbiased scores (DeepSeek-V3). It is a buffer, updated by `update_correction_bias`, not a
+    parameter: gradients never reach it.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        if config.use_correction_bias:
+            self.register_buffer("e_score_correction_bias",
+                                 torch.zeros(config.num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.config.init_std)
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x: (T, D) -> RouterOutput."""
+        cfg = self.config
+        # fp32 scores: top-k over bf16 logits flips near-ties and softmax loses mass
+        logits = F.linear(x.float(), self.weight.float())  # (T, E)
+        if cfg.score_func == "softmax":
+            scores = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+        select = scores
+        if self.e_score_correction_bias is not None:
+            select = scores + self.e_score_correction_bias
+        if cfg.num_expert_groups > 1:
+            select = self._mask_groups(select)
+        topk_ids = select.topk(cfg.top_k, dim=-1, sorted=True).indices  # (T, K)
+        topk_weights = scores.gather(-1, topk_ids)
+        if cfg.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            topk_weights = topk_weights * cfg.routed_scaling_factor
+        counts = torch.bincount(topk_ids.flatten(), minlength=cfg.num_experts)
+        aux = self._aux_loss(logits, scores, counts, x.shape[0]) if self.training else None
+        return RouterOutput(topk_ids, topk_weights, counts, aux)
+
+    def _mask_groups(self, select: torch.Tensor) -> torch.Tensor:
+        """Keep the `topk_groups` best groups; a group scores the sum of its two best experts."""
+        cfg = self.config
+        T = select.shape[0]
+        grouped = select.view(T, cfg.num_expert_groups, -1)  # (T, G, E/G)
+        best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (T, G)
+        keep = best.topk(cfg.topk_groups, dim=-1).indices
+        group_mask = torch.zeros_like(best, dtype=torch.bool).scatter_(1, keep, True)
+        return grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, -1)
+
+    def _aux_loss(self, logits, scores, counts, T) -> Optional[torch.Tensor]:
+        cfg = self.config
+        if (cfg.aux_loss_coef == 0 and cfg.z_loss_coef == 0) or T == 0:
+            return None
+        loss = logits.new_zeros(())
+        if cfg.aux_loss_coef > 0:
+            # Switch Transformer: E * sum_e f_e * P_e, f_e = share of slots routed to e (no
+            # gradient), P_e = mean router probability of e (probabilities sum to 1 per token)
+            probs = scores if cfg.score_func == "softmax" else \
+                scores / (scores.sum(-1, keepdim=True) + 1e-20)
+            f = counts.float() / (T * cfg.top_k)
+            loss = loss + cfg.aux_loss_coef * cfg.num_experts * (f * probs.mean(0)).sum()
+        if cfg.z_loss_coef > 0:
+            loss = loss + cfg.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+        return loss
+
+    @torch.no_grad()
+    def update_correction_bias(self, num_tokens_per_expert: torch.Tensor,
+                               rate: float = 1e-3) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded.
+
+        Pass counts summed over the data-parallel group if the layer runs there.
+        """
+        if self.e_score_correction_bias is None:
+            raise ValueError("update_correction_bias needs MoEConfig.use_correction_bias=True")
+        load = num_tokens_per_expert.float()
+        self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
