@@ -230,8 +230,9 @@ class AllGatherDispatcher:
         E = self.placement.num_experts
         counts = torch.cat([torch.tensor([T], device=x.device),
                             torch.bincount(topk_ids.flatten(), minlength=E)])
-        all_counts = counts.new_empty(self.world_size, 1 + E)
+        all_counts = counts.new_empty(self.world_size * (1 + E))
         dist.all_gather_into_tensor(all_counts, counts, group=self.group)
+        all_counts = all_counts.view(self.world_size, 1 + E)
         # host sync: token counts for the uneven all-gather, local pair count for the sort
         all_counts = all_counts.cpu()
         tokens_per_rank = tuple(all_counts[:, 0].tolist())
