@@ -9,7 +9,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .config import MoEConfig
-from .dispatch import make_dispatcher
+from .dispatch import Dispatched, make_dispatcher
 from .distributed import all_gather_rows, check_same_config, group_rank_and_size
 from .experts import Experts, SharedExperts
 from .kernels import fused_mul_sum_rows
@@ -108,6 +108,11 @@ class MoE(nn.Module):
 
     def _routed(self, x_TD: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         sent = self.dispatcher.dispatch(x_TD, route.topk_ids, route.topk_weights)
+        return self.dispatcher.combine(self.compute_experts(sent), sent.handle)
+
+    def compute_experts(self, sent: Dispatched) -> torch.Tensor:
+        """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots
+        whose expert is local (the harness times this phase on its own)."""
         ids = sent.topk_ids  # (R, K) global ids, -1 on padding rows
         local_ids = torch.where(ids >= 0, self.expert_map[ids.clamp(min=0)], -1)
         order = sort_by_expert(local_ids, len(self.local_expert_ids),
@@ -115,8 +120,7 @@ class MoE(nn.Module):
         rows = expand_rows(sent.x, order.source_rows, order.row_index)  # (P, D)
         out_rows = self.experts(rows, order.num_tokens_per_expert)  # (P, D)
         # the combine doubles as the un-permute: reads each row once, writes (R, D)
-        partial = fused_mul_sum_rows(out_rows, sent.topk_weights, order.row_index)
-        return self.dispatcher.combine(partial, sent.handle)
+        return fused_mul_sum_rows(out_rows, sent.topk_weights, order.row_index)
 
     # checkpoints ----------------------------------------------------------------------------
 
