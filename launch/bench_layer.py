@@ -1,0 +1,131 @@
+"""Single-GPU MoE layer: ours against the floor and against transformers' blocks, in one run.
+
+    python launch/bench_layer.py [--presets mixtral qwen3] [--tokens 16 512 4096 16384]
+
+Floor = max(FLOPs / matmul ceiling, expert-weight bytes / copy ceiling), both ceilings
+measured in this run. Each shape is checked first: ours against the transformers block on the
+same weights, and against the float64 reference at the smallest T. A table last, JSON under $OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import copy_ceiling_gbs, markdown_table, matmul_ceiling_tflops, time_ms, write_json  # noqa: E402
+
+from ep_moe import MoE, MoEConfig  # noqa: E402
+from ep_moe.reference import reference_moe  # noqa: E402
+
+
+def hf_block(preset: str, cfg: MoEConfig):
+    if preset == "mixtral":
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        hf_cfg = MixtralConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                               num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k)
+        return MixtralSparseMoeBlock(hf_cfg)
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    hf_cfg = Qwen3MoeConfig(hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.intermediate_size,
+                            num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
+                            norm_topk_prob=True)
+    return Qwen3MoeSparseMoeBlock(hf_cfg)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def fwd_and_fwd_bwd(module, x, g, device, iters):
+    xg = x.clone().requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd():
+        module(xg).backward(g)
+
+    res = {"fwd_ms": time_ms(fwd, device, iters)}
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    res["fwd_bwd_ms"] = time_ms(fwd_bwd, device, iters)
+    res["peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    module.zero_grad(set_to_none=True)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--presets", nargs="+", default=["mixtral", "qwen3"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[16, 512, 4096, 16384])
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args()
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    copy_gbs, mm_tflops = copy_ceiling_gbs(device), matmul_ceiling_tflops(device)
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "copy_ceiling_gbs": copy_gbs, "matmul_ceiling_tflops": mm_tflops, "rows": []}
+    print(f"# {report['device']}: copy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s",
+          flush=True)
+    for preset in args.presets:
+        cfg = MoEConfig.preset(preset)
+        torch.manual_seed(0)
+        block = hf_block(preset, cfg)
+        for prm in block.parameters():
+            torch.nn.init.normal_(prm, std=cfg.init_std)
+        block = block.to(device=device, dtype=dtype)
+        ours = MoE.from_hf(block).to(device=device, dtype=dtype)
+        D, I, E, K = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.top_k
+        for T in args.tokens:
+            x = torch.randn(1, T, D, device=device, dtype=dtype)
+            g = torch.randn(1, T, D, device=device, dtype=dtype)
+            with torch.no_grad():
+                y, route = ours(x, return_router_output=True)
+                y_hf = block(x)
+                err_hf = rel(y, y_hf)
+                if T == min(args.tokens):
+                    params = {k: v for k, v in ours.state_dict().items()}
+                    y_ref, _, _ = reference_moe(x[0], params, cfg, topk_ids=route.topk_ids)
+                    err_ref = rel(y[0], y_ref)
+                    if not err_ref < 2e-2:
+                        raise RuntimeError(f"{preset} T={T}: ours vs float64 reference {err_ref}")
+            if not err_hf < 3e-2:
+                raise RuntimeError(f"{preset} T={T}: ours vs transformers {err_hf}")
+            hit = int((route.num_tokens_per_expert > 0).sum())
+            flops = 6 * T * K * D * I
+            weight_bytes = hit * 3 * D * I * 2
+            floor_fwd = max(flops / mm_tflops / 1e9, weight_bytes / copy_gbs / 1e6)
+            floor_fb = max(3 * flops / mm_tflops / 1e9, 3 * weight_bytes / copy_gbs / 1e6)
+            mine = fwd_and_fwd_bwd(ours, x, g, device, args.iters)
+            theirs = fwd_and_fwd_bwd(block, x, g, device, args.iters)
+            row = {
+                "preset": preset, "T": T, "err_vs_hf": err_hf,
+                "fwd_ms": mine["fwd_ms"], "fwd_floor_ms": floor_fwd,
+                "fwd_vs_floor": mine["fwd_ms"] / floor_fwd,
+                "fwd_tflops": flops / mine["fwd_ms"] / 1e9,
+                "hf_fwd_ms": theirs["fwd_ms"], "fwd_speedup_vs_hf": theirs["fwd_ms"] / mine["fwd_ms"],
+                "fwd_bwd_ms": mine["fwd_bwd_ms"], "fwd_bwd_vs_floor": mine["fwd_bwd_ms"] / floor_fb,
+                "hf_fwd_bwd_ms": theirs["fwd_bwd_ms"],
+                "fwd_bwd_speedup_vs_hf": theirs["fwd_bwd_ms"] / mine["fwd_bwd_ms"],
+                "peak_gib": mine["peak_extra_gib"], "hf_peak_gib": theirs["peak_extra_gib"],
+            }
+            report["rows"].append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items()), flush=True)
+        del block, ours
+        torch.cuda.empty_cache()
+    write_json("bench_layer.json", report)
+    cols = ["preset", "T", "fwd_ms", "fwd_vs_floor", "fwd_tflops", "hf_fwd_ms", "fwd_speedup_vs_hf",
+            "fwd_bwd_ms", "fwd_bwd_vs_floor", "hf_fwd_bwd_ms", "fwd_bwd_speedup_vs_hf",
+            "peak_gib", "hf_peak_gib"]
+    print(markdown_table(report["rows"], cols))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Timing and ceiling helpers shared by the launch/ scripts (not part of the package)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def out_dir() -> str:
+    path = os.environ.get("OUT", "out")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def write_json(name: str, payload) -> str:
+    path = os.path.join(out_dir(), name)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    return path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3, barrier=None) -> float:
+    """Median wall time of fn() in ms: CUDA events on a GPU, perf_counter on the CPU.
+    `barrier` (callable) lines the ranks up before each timed call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if barrier is not None:
+            barrier()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_ceiling_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, iters=20)
+    del src, dst
+    return 2 * nbytes / ms / 1e6
+
+
+def matmul_ceiling_tflops(device: torch.device, n: int = 8192) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    ms = time_ms(lambda: a @ b, device, iters=20)
+    return 2 * n**3 / ms / 1e9
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

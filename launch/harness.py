@@ -1,0 +1,267 @@
+"""Check the expert-parallel layer against the single-process one, then time it.
+
+    torchrun --nproc-per-node N launch/harness.py [--preset mixtral] [--tokens 8192]
+    bash launch/run.sh            # every GPU it finds (NCCL), or 2 CPU processes (gloo)
+
+1. Check (fp32, the preset's E / K / routing at reduced D and I): every rank routes its own
+   tokens (a different count per rank, one rank with none when W >= 3, tagged by source rank);
+   outputs and gradients must match the single-process layer on the same weights and the
+   float64 reference.
+2. Time (the preset's full shape, bf16 on GPU): forward and forward+backward, tokens/s, the
+   phases (route, dispatch, experts, combine), the dispatch and combine exchanges next to a raw
+   all_to_all_single of the same bytes, peak memory, and the single-GPU layer on the same
+   tokens per GPU. A table on rank 0, the full JSON under $OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import copy_ceiling_gbs, markdown_table, sync, time_ms, write_json  # noqa: E402
+
+from ep_moe import MoE, MoEConfig  # noqa: E402
+from ep_moe.distributed import group_rank_and_size, init_distributed  # noqa: E402
+from ep_moe.reference import reference_moe  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None,
+                   help="tiny | mixtral | qwen3 | deepseek_v3 (default: mixtral on GPU, tiny on CPU)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per rank (T)")
+    p.add_argument("--dispatcher", default="all_to_all", choices=["all_to_all", "allgather", "both"])
+    p.add_argument("--placement", default="linear", choices=["linear", "round_robin"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES))
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--check-only", action="store_true")
+    p.add_argument("--no-baseline", action="store_true", help="skip the single-GPU layer")
+    p.add_argument("--json", default=None, help="file name under $OUT")
+    return p.parse_args()
+
+
+def log(rank, *msg):
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Check
+# --------------------------------------------------------------------------------------------
+
+def check_tokens(W: int, D: int, device) -> list[torch.Tensor]:
+    """Every rank draws all ranks' tokens from one seed; rank r's are tagged with +r."""
+    gen = torch.Generator().manual_seed(1234)
+    counts = [(37 + 29 * r) % 97 for r in range(W)]
+    if W >= 3:
+        counts[1] = 0  # a rank with no tokens
+    return [(torch.randn(n, D, generator=gen) + r).to(device) for r, n in enumerate(counts)]
+
+
+def check(cfg: MoEConfig, group, device) -> dict:
+    rank, W = group_rank_and_size(group)
+    small = cfg.replace(hidden_size=min(cfg.hidden_size, 128),
+                        intermediate_size=min(cfg.intermediate_size, 64),
+                        shared_intermediate_size=None)
+    torch.manual_seed(0)
+    full = MoE(small, device=device)
+    torch.manual_seed(0)
+    ep = MoE(small, process_group=group, device=device)
+    xs = check_tokens(W, small.hidden_size, device)
+    gen = torch.Generator().manual_seed(99)
+    grads = [torch.randn(x.shape, generator=gen).to(device) for x in xs]
+
+    x = xs[rank].clone().requires_grad_()
+    y = ep(x)
+    y.backward(grads[rank])
+
+    x_all = torch.cat(xs).requires_grad_()
+    y_all, route = full(x_all, return_router_output=True)
+    y_all.backward(torch.cat(grads))
+    params = {k: v.detach() for k, v in full.state_dict().items()}
+    y_ref, _, _ = reference_moe(x_all.detach(), params, small, topk_ids=route.topk_ids)
+
+    start = sum(t.shape[0] for t in xs[:rank])
+    mine = slice(start, start + x.shape[0])
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+    expert_grad = full.experts.gate_up_proj.grad[ep.local_expert_ids]
+    errors = {
+        "out_vs_single": rel(y, y_all[mine]) if x.shape[0] else 0.0,
+        "out_vs_fp64": rel(y, y_ref[mine]) if x.shape[0] else 0.0,
+        "grad_x_vs_single": rel(x.grad, x_all.grad[mine]) if x.shape[0] else 0.0,
+        "grad_experts_vs_single": rel(ep.experts.gate_up_proj.grad, expert_grad),
+    }
+    router_grad = ep.router.weight.grad.clone()
+    if group is not None:
+        dist.all_reduce(router_grad, group=group)  # replicated weights: sum over ranks
+    errors["grad_router_vs_single"] = rel(router_grad, full.router.weight.grad)
+    worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
+    if group is not None:
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    errors = dict(zip(errors, worst.tolist()))
+    bad = {k: v for k, v in errors.items() if not v < 1e-4}  # fp32 vs fp32 / fp64
+    if bad:
+        raise RuntimeError(f"rank {rank}: expert-parallel layer disagrees: {bad}")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Time
+# --------------------------------------------------------------------------------------------
+
+def raw_all_to_all_ms(nbytes: int, group, device, iters) -> float:
+    W = dist.get_world_size(group)
+    n = max(W, nbytes // 2 // W * W)
+    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dist.all_to_all_single(dst, src, group=group), device, iters,
+                   barrier=lambda: dist.barrier(group))
+
+
+def time_layer(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
+    D = layer.config.hidden_size
+    x = torch.randn(T, D, dtype=dtype, device=device)
+    g = torch.randn(T, D, dtype=dtype, device=device)
+    xg = x.clone().requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            layer(x)
+
+    def fwd_bwd():
+        layer(xg).backward(g)
+
+    res = {"fwd_ms": time_ms(fwd, device, iters, barrier=barrier)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    res["fwd_bwd_ms"] = time_ms(fwd_bwd, device, iters, barrier=barrier)
+    if device.type == "cuda":
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    layer.zero_grad(set_to_none=True)
+    return res
+
+
+def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
+    D = layer.config.hidden_size
+    x = torch.randn(T, D, dtype=dtype, device=device)
+    with torch.no_grad():
+        route = layer.router(x)
+        sent = layer.dispatcher.dispatch(x, route.topk_ids, route.topk_weights)
+        partial = layer.compute_experts(sent)
+        res = {
+            "route_ms": time_ms(lambda: layer.router(x), device, iters, barrier=barrier),
+            "dispatch_ms": time_ms(lambda: layer.dispatcher.dispatch(
+                x, route.topk_ids, route.topk_weights), device, iters, barrier=barrier),
+            "experts_ms": time_ms(lambda: layer.compute_experts(sent), device, iters,
+                                  barrier=barrier),
+            "combine_ms": time_ms(lambda: layer.dispatcher.combine(partial, sent.handle),
+                                  device, iters, barrier=barrier),
+        }
+    h = sent.handle
+    row_bytes = D * x.element_size()
+    if hasattr(h, "input_splits"):  # all_to_all: rows this rank sends out and gets back
+        res["rows_sent"], res["rows_received"] = sum(h.input_splits), sum(h.output_splits)
+        res["dispatch_bytes"] = res["rows_sent"] * (row_bytes + 2 * route.topk_ids.shape[1] * 4)
+        res["combine_bytes"] = res["rows_received"] * row_bytes
+    res["local_pairs"] = h.num_local_pairs
+    return res
+
+
+def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
+    rank, W = group_rank_and_size(group)
+    T, iters = args.tokens, args.iters
+    barrier = (lambda: dist.barrier(group)) if group is not None else None
+    out = {"dispatcher": cfg.dispatcher, "W": W, "T_per_rank": T}
+    if not args.no_baseline:
+        torch.manual_seed(0)
+        single = MoE(cfg, device=device, dtype=dtype)
+        base = time_layer(single, T, dtype, device, iters, None)
+        out.update({f"single_{k}": v for k, v in base.items()})
+        del single
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    layer = MoE(cfg, process_group=group, device=device, dtype=dtype)
+    out.update(time_layer(layer, T, dtype, device, iters, barrier))
+    out.update(time_phases(layer, T, dtype, device, iters, barrier))
+    out["tokens_per_s"] = T / out["fwd_ms"] * 1e3
+    out["fwd_bwd_tokens_per_s"] = T / out["fwd_bwd_ms"] * 1e3
+    if not args.no_baseline:
+        out["per_gpu_vs_single_fwd"] = out["single_fwd_ms"] / out["fwd_ms"]
+        out["per_gpu_vs_single_fwd_bwd"] = out["single_fwd_bwd_ms"] / out["fwd_bwd_ms"]
+    if group is not None and "dispatch_bytes" in out:
+        for phase in ("dispatch", "combine"):
+            # the raw exchange is even: give it the ranks' mean bytes, and judge ours by it too
+            mean = torch.tensor([float(out[f"{phase}_bytes"])], device=device)
+            dist.all_reduce(mean, group=group)
+            nbytes = int(mean.item() / W)
+            raw = raw_all_to_all_ms(nbytes, group, device, iters)
+            out[f"{phase}_raw_a2a_ms"] = raw
+            out[f"{phase}_busbw_gbs"] = nbytes * (W - 1) / W / out[f"{phase}_ms"] / 1e6
+            out[f"{phase}_raw_busbw_gbs"] = nbytes * (W - 1) / W / raw / 1e6
+            out[f"{phase}_vs_raw"] = raw / out[f"{phase}_ms"]
+    del layer
+    return out
+
+
+def main():
+    args = parse_args()
+    group = init_distributed()
+    rank, W = group_rank_and_size(group)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    args.preset = args.preset or ("mixtral" if on_gpu else "tiny")
+    args.tokens = args.tokens or (8192 if on_gpu else 64)
+    args.iters = args.iters or (20 if on_gpu else 5)
+    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+    dispatchers = ["all_to_all", "allgather"] if args.dispatcher == "both" else [args.dispatcher]
+    backend = dist.get_backend(group) if group is not None else "none"
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    log(rank, f"# ep_moe harness: W={W} backend={backend} device={name} "
+              f"preset={args.preset} T/rank={args.tokens} dtype={dtype}")
+    report = {"W": W, "backend": backend, "device": name, "preset": args.preset,
+              "torch": torch.__version__, "checks": {}, "runs": []}
+    for kind in dispatchers:
+        cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement)
+        report["checks"][kind] = check(cfg, group, device)
+        log(rank, f"check {kind}: OK " + " ".join(
+            f"{k}={v:.1e}" for k, v in report["checks"][kind].items()))
+    if not args.check_only:
+        if on_gpu:
+            report["copy_ceiling_gbs"] = copy_ceiling_gbs(device)
+        for kind in dispatchers:
+            cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement)
+            run = bench(cfg, args, group, device, dtype)
+            runs = [None] * W
+            if group is not None:
+                dist.all_gather_object(runs, run, group=group)
+            else:
+                runs = [run]
+            report["runs"].append({"dispatcher": kind, "per_rank": runs})
+            if rank == 0:
+                slowest = max(runs, key=lambda r: r["fwd_bwd_ms"])
+                cols = ["dispatcher", "W", "T_per_rank", "fwd_ms", "fwd_bwd_ms", "tokens_per_s",
+                        "route_ms", "dispatch_ms", "experts_ms", "combine_ms",
+                        "dispatch_vs_raw", "combine_vs_raw", "per_gpu_vs_single_fwd",
+                        "per_gpu_vs_single_fwd_bwd", "peak_mem_gib"]
+                print(markdown_table([slowest], [c for c in cols if c in slowest]), flush=True)
+    if rank == 0:
+        path = write_json(args.json or f"harness_{args.preset}_W{W}.json", report)
+        print(f"wrote {path}")
+    if group is not None:
+        dist.barrier(group)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
