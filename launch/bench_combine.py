@@ -101,7 +101,7 @@ def reference(x, w, keep):
 
 
 def eager_combine(x, w, ids, emap, out):
-    """Plain torch, as model code writes it: skipped slots weigh zero (their rows must be finite)."""
+    """Plain torch as model code writes it: skipped slots weigh zero (their rows must be finite)."""
     if emap is not None:
         e = emap.shape[0]
         local = (ids >= 0) & (ids < e) & (emap[ids.long().clamp(0, e - 1)] >= 0)
@@ -281,6 +281,8 @@ def markdown(rows, ceiling, floor, device_name):
     lines.append("")
     lines.append("anchors come from PERF.md (card noted); ours/anchor is informational "
                  "when the card differs. Derived figures use the faster of the two runs.")
+    lines.append("cuda_graph rows replay on the same data, L2-warm: their % of the copy ceiling "
+                 "can pass 100% and says little; compare their us with the launch floor.")
     return "\n".join(lines)
 
 
