@@ -42,24 +42,31 @@ def _slot_rows(
     K: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_MAP: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
-    """For token t: which of its K slots count, their row in `inputs`, their fp32 weight."""
+    """For token t: which of its K slots count, their row in `inputs`, their fp32 weight.
+
+    Weights, ids and row indices are loaded side by side; only the expert-map lookup waits on
+    the ids, so a program pays two dependent load latencies before its row loads, not four.
+    """
     k = tl.arange(0, BLOCK_K)
     slot = t * K + k  # int64: t is
-    keep = k < K
+    in_k = k < K
+    w = tl.load(weights_ptr + slot, mask=in_k, other=0.0)
     if HAS_ROWS:
-        row = tl.load(rows_ptr + slot, mask=keep, other=-1).to(tl.int64)
-        keep = keep & (row >= 0)
+        row = tl.load(rows_ptr + slot, mask=in_k, other=-1).to(tl.int64)
+        keep = in_k & (row >= 0)
     else:
         row = slot
+        keep = in_k
     if HAS_IDS:
-        eid = tl.load(ids_ptr + slot, mask=keep, other=-1).to(tl.int64)
+        eid = tl.load(ids_ptr + slot, mask=in_k, other=-1).to(tl.int64)
         keep = keep & (eid >= 0)
         if HAS_MAP:
             keep = keep & (eid < E)
             local = tl.load(map_ptr + eid, mask=keep, other=-1)
             keep = keep & (local >= 0)
-    # fp32 accumulation: bf16 loses accuracy when summing top-k=8
-    w = tl.load(weights_ptr + slot, mask=keep, other=0.0).to(tl.float32)
+    # fp32 accumulation: bf16 loses accuracy when summing top-k=8. `where`, not a product:
+    # the weight of a skipped slot may be NaN.
+    w = tl.where(keep, w.to(tl.float32), 0.0)
     return keep, row, w
 
 
@@ -72,15 +79,34 @@ def _fused_mul_sum_fwd_kernel(
     # meta-parameters
     K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_MAP: tl.constexpr, HAS_ROWS: tl.constexpr,
+    LOOP: tl.constexpr,
 ):
+    """Program (t, j) writes out[t, j*BLOCK_D : (j+1)*BLOCK_D].
+
+    LOOP=False loads all K slot rows as one (BLOCK_K, BLOCK_D) tile (skipped slots masked);
+    LOOP=True walks only the slots that count, one row at a time, so registers hold one row
+    and occupancy stays high when most slots are skipped (expert map at many ranks).
+    """
     t = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     keep, row, w = _slot_rows(t, weights_ptr, ids_ptr, map_ptr, rows_ptr, E,
                               K, BLOCK_K, HAS_IDS, HAS_MAP, HAS_ROWS)
-    x = tl.load(inputs_ptr + row[:, None] * D + d[None, :],
-                mask=keep[:, None] & d_mask[None, :], other=0.0)
-    acc = tl.sum(x.to(tl.float32) * w[:, None], axis=0)
+    if LOOP:
+        keep_i = keep.to(tl.int32)
+        n_keep = tl.sum(keep_i, axis=0)
+        rank_in_keep = tl.cumsum(keep_i, axis=0) - 1
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in range(0, n_keep):
+            pick = keep & (rank_in_keep == j)
+            r = tl.sum(tl.where(pick, row, 0), axis=0)
+            wj = tl.sum(tl.where(pick, w, 0.0), axis=0)
+            x = tl.load(inputs_ptr + r * D + d, mask=d_mask, other=0.0)
+            acc += wj * x.to(tl.float32)
+    else:
+        x = tl.load(inputs_ptr + row[:, None] * D + d[None, :],
+                    mask=keep[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.sum(x.to(tl.float32) * w[:, None], axis=0)
     tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
@@ -132,6 +158,12 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
 
 
+def _fwd_config(K: int, D: int, has_map: bool) -> tuple[bool, int, int]:
+    """(LOOP, BLOCK_D, num_warps) of the forward kernel."""
+    _, block_d, num_warps = _block_sizes(K, D)
+    return False, block_d, num_warps
+
+
 def _block_sizes(K: int, D: int) -> tuple[int, int, int]:
     """(BLOCK_K, BLOCK_D, num_warps): 16-byte loads per thread for 2-byte dtypes, ~8K elements
     per program so a thread has several independent loads in flight."""
@@ -154,14 +186,15 @@ def _fwd_triton(inputs, weights, topk_ids, expert_map, row_index, out):
     if T == 0 or D == 0:
         return
     E = expert_map.shape[0] if expert_map is not None else 0
-    block_k, block_d, num_warps = _block_sizes(K, D)
+    block_k = triton.next_power_of_2(K)
+    loop, block_d, num_warps = _fwd_config(K, D, expert_map is not None or row_index is not None)
     ids, emap, rows = _slot_args(topk_ids, expert_map, row_index, weights)
     grid = (T, triton.cdiv(D, block_d))
     _fused_mul_sum_fwd_kernel[grid](
         inputs, weights, ids, emap, rows, out, D, E,
         K=K, BLOCK_K=block_k, BLOCK_D=block_d,
         HAS_IDS=topk_ids is not None, HAS_MAP=expert_map is not None,
-        HAS_ROWS=row_index is not None, num_warps=num_warps)
+        HAS_ROWS=row_index is not None, LOOP=loop, num_warps=num_warps)
 
 
 def _bwd_triton(grad_out, inputs, weights, topk_ids, expert_map, row_index,
