@@ -71,6 +71,14 @@ class MoE(nn.Module):
                 self.router.e_score_correction_bias.data.float()
         self.reset_parameters()
 
+    @classmethod
+    def from_hf(cls, block: nn.Module, dtype=None, device=None) -> "MoE":
+        """Single-process `MoE` with the weights of a transformers v5 `MixtralSparseMoeBlock`
+        or `Qwen3MoeSparseMoeBlock` (see `ep_moe.interop`); TypeError for other blocks."""
+        from .interop import moe_from_hf  # lazy: interop imports this module
+
+        return moe_from_hf(block, dtype=dtype, device=device)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Reproducible from the torch seed and independent of W: expert g is drawn from its

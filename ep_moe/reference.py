@@ -37,11 +37,12 @@ def reference_router(x, params: dict, config: MoEConfig,
         if c.use_correction_bias:
             select = select + params["router.e_score_correction_bias"].double()
         if c.num_expert_groups > 1:
-            g = select.view(x.shape[0], c.num_expert_groups, -1)
+            # explicit sizes, not -1: a view of T = 0 rows cannot infer a dimension
+            g = select.view(x.shape[0], c.num_expert_groups, c.num_experts // c.num_expert_groups)
             group_score = g.topk(min(2, g.shape[-1]), -1).values.sum(-1)
             kept = group_score.topk(c.topk_groups, -1).indices
             mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
-            select = g.masked_fill(~mask[..., None], float("-inf")).view(x.shape[0], -1)
+            select = g.masked_fill(~mask[..., None], float("-inf")).view(x.shape[0], c.num_experts)
         topk_ids = select.topk(c.top_k, -1).indices
     w = scores.gather(-1, topk_ids)
     if c.norm_topk_prob:

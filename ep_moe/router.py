@@ -81,11 +81,12 @@ class Router(nn.Module):
         """Keep the `topk_groups` best groups; a group scores the sum of its two best experts."""
         cfg = self.config
         T = select.shape[0]
-        grouped = select.view(T, cfg.num_expert_groups, -1)  # (T, G, E/G)
+        # explicit sizes, not -1: a view of T = 0 rows cannot infer a dimension
+        grouped = select.view(T, cfg.num_expert_groups, cfg.num_experts // cfg.num_expert_groups)
         best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (T, G)
         keep = best.topk(cfg.topk_groups, dim=-1).indices
         group_mask = torch.zeros_like(best, dtype=torch.bool).scatter_(1, keep, True)
-        return grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, -1)
+        return grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, cfg.num_experts)
 
     def _aux_loss(self, logits, scores, counts, T) -> Optional[torch.Tensor]:
         cfg = self.config

@@ -1,0 +1,358 @@
+"""`MoE` forward and backward against the float64 oracle `reference_moe`, plus edge cases,
+determinism, initialisation, config validation and checkpoints (single process).
+
+Shapes are trailing-commented: T tokens, D hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ep_moe import MoE, MoEConfig
+from ep_moe.experts import grouped_mm_supported
+from ep_moe.reference import reference_moe
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Allowed error = TOL[dtype] * max(max|reference|, SCALE_FLOOR) over the tensor compared
+# (outputs and every gradient). Measured worst case over seeds, tiny configs: fp32 4e-7 relative,
+# bf16 1.3e-2, fp16 1.9e-3.
+TOL = {
+    # fp32 storage (2^-24 roundoff) through ~6 roundings and D/I-term sums: 2e-6 is ~30 ulps
+    torch.float32: 5e-6,
+    # a bf16 rounding (2^-8 relative, a full 2^-7 ulp where TRITON_INTERPRET truncates) after
+    # each of gate_up GEMM, activation, gate*up, down GEMM, combine, shared add: 8 * 2^-8
+    torch.bfloat16: 2.0**-5,
+    # the same chain with fp16's 10 mantissa bits: 8 * 2^-11
+    torch.float16: 2.0**-8,
+}
+# Tensors here are O(1) (unit-variance x, init_std 1/sqrt(D)). A gradient that is zero in exact
+# arithmetic (the router's at K=1 with renormalisation: the weight is 1 whatever the logits) comes
+# out as the cancellation noise of O(1) terms, so the scale never drops below 0.1.
+SCALE_FLOOR = 0.1
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def tiny(**changes) -> MoEConfig:
+    # D=16, I=24, E=8, K=2; init_std 1/sqrt(D) puts pre-activations at O(1), so the activation's
+    # non-linearity and the router's choice (not a near-uniform softmax) are exercised
+    return MoEConfig.tiny(init_std=0.25, **changes)
+
+
+def make_inputs(config: MoEConfig, shape=(13,), dtype=torch.float32, seed=0):
+    """(layer, x, grad_y): a layer built after `manual_seed(seed)` (a random correction bias
+    when it has one), x of shape (*shape, D) requiring grad, and an upstream gradient."""
+    torch.manual_seed(seed)
+    moe = MoE(config, device=DEVICE, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1000)
+    if moe.router.e_score_correction_bias is not None:
+        # comparable to the gaps between sigmoid scores, so it changes some selections
+        moe.router.e_score_correction_bias.copy_(torch.rand(config.num_experts, generator=g) / 5)
+    x = torch.randn(*shape, config.hidden_size, generator=g).to(DEVICE, dtype)
+    grad_y = torch.randn(*shape, config.hidden_size, generator=g).to(DEVICE, dtype)
+    return moe, x.requires_grad_(), grad_y
+
+
+def run_layer(moe, x, grad_y):
+    """Forward + backward through the layer: (y, route, x.grad, {param name: grad})."""
+    y, route = moe(x, return_router_output=True)
+    y.backward(grad_y)
+    return y, route, x.grad, {n: p.grad for n, p in moe.named_parameters()}
+
+
+def run_reference(moe, x, grad_y, topk_ids):
+    """The same through `reference_moe` in float64 on the layer's own weights, with the
+    layer's expert choice pinned (fp32 and float64 may order near-ties differently)."""
+    D = moe.config.hidden_size
+    params = {n: p.detach().double().requires_grad_() for n, p in moe.named_parameters()}
+    buffers = {n: b.detach() for n, b in moe.named_buffers()}
+    x64 = x.detach().double().requires_grad_()
+    y, _, _ = reference_moe(x64.reshape(-1, D), {**params, **buffers}, moe.config,
+                            topk_ids=topk_ids)
+    y.backward(grad_y.double().reshape(-1, D))
+    return y.view(x.shape), x64.grad, {n: p.grad for n, p in params.items()}
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual is not None, f"{what}: no value (gradient missing?)"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, SCALE_FLOOR)
+    bound = TOL[dtype] * scale
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"
+
+
+def check_against_reference(moe, x, grad_y, dtype):
+    y, route, gx, grads = run_layer(moe, x, grad_y)
+    assert y.dtype == dtype and y.shape == x.shape
+    y_ref, gx_ref, grads_ref = run_reference(moe, x, grad_y, route.topk_ids)
+    assert_close(y, y_ref, dtype, "output")
+    assert_close(gx, gx_ref, dtype, "x.grad")
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], dtype, f"{name}.grad")
+    return route
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and backward against the reference
+# --------------------------------------------------------------------------------------------
+
+CONFIGS = {
+    "silu_gated": tiny(),  # the default: SwiGLU experts through the grouped GEMM
+    "gelu_gated": tiny(activation="gelu"),  # GEGLU: the other gated activation
+    "relu_plain": tiny(activation="relu", gated=False),  # gate_up_proj holds only I rows
+    "loop": tiny(expert_impl="loop"),  # one GEMM per expert
+    "no_renorm": tiny(norm_topk_prob=False),  # raw softmax weights reach the combine
+    # DeepSeek-style shared MLP of 2 experts (shared I defaults to 2 * I)
+    "shared_deepseek": tiny(num_shared_experts=2),
+    # Qwen2-MoE: one shared MLP of its own size, scaled by sigmoid(x w_g)
+    "shared_qwen2": tiny(num_shared_experts=1, shared_intermediate_size=40,
+                         shared_expert_gate=True),
+    # DeepSeek-V3 routing at toy size: sigmoid scores, 4 groups of 2 with the best 2 kept,
+    # correction bias on selection only, scaled weights, a shared expert
+    "deepseek_v3_like": tiny(score_func="sigmoid", num_expert_groups=4, topk_groups=2,
+                             top_k=3, use_correction_bias=True, routed_scaling_factor=2.5,
+                             num_shared_experts=1),
+    "top1": tiny(top_k=1),  # K=1: one slot per token, the weight renormalises to 1
+    "topE": tiny(top_k=8),  # K=E: every expert sees every token
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_reference_fp32(name):
+    config = CONFIGS[name]
+    moe, x, grad_y = make_inputs(config)
+    route = check_against_reference(moe, x, grad_y, torch.float32)
+    # the selection itself, unpinned, agrees with float64 (no near-ties at this seed)
+    with torch.no_grad():
+        _, ids_ref, _ = reference_moe(x, {**dict(moe.named_parameters()),
+                                          **dict(moe.named_buffers())}, config)
+    assert torch.equal(route.topk_ids, ids_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["silu_gated", "deepseek_v3_like", "shared_qwen2"])
+def test_matches_reference_dtypes(name, dtype):
+    moe, x, grad_y = make_inputs(CONFIGS[name], dtype=dtype)
+    check_against_reference(moe, x, grad_y, dtype)
+
+
+@pytest.mark.parametrize("shape", [
+    (1,),  # T=1: a single token, most experts idle
+    (2, 3),  # (B, S) leading dims are flattened and restored
+    (2, 1, 5),  # three leading dims
+])
+def test_leading_shapes(shape):
+    moe, x, grad_y = make_inputs(tiny(), shape=shape)
+    check_against_reference(moe, x, grad_y, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(0,), (2, 0)])  # T=0: no tokens, as (0, D) and (2, 0, D)
+@pytest.mark.parametrize("name", ["shared_qwen2", "deepseek_v3_like"])  # gated shared; groups
+def test_empty_input(name, shape):
+    moe, x, grad_y = make_inputs(CONFIGS[name], shape=shape)
+    y, route, gx, grads = run_layer(moe, x, grad_y)
+    assert y.shape == x.shape and gx.shape == x.shape
+    y_ref, _, _ = run_reference(moe, x, grad_y, topk_ids=None)  # the oracle takes T=0 too
+    assert y_ref.shape == x.shape
+    assert route.topk_ids.shape == (0, moe.config.top_k)
+    assert torch.equal(route.num_tokens_per_expert,
+                       torch.zeros(moe.config.num_experts, dtype=torch.int64, device=DEVICE))
+    for param, grad in grads.items():  # every parameter gets a (zero) gradient, not None
+        assert grad is not None and torch.equal(grad, torch.zeros_like(grad)), param
+
+
+def test_loop_equals_grouped_mm():
+    # grouped GEMM runs only for dtypes its backend takes: fp32 on CPU, bf16 on CUDA
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    outs = []
+    for impl in ("grouped_mm", "loop"):
+        moe, x, grad_y = make_inputs(tiny(expert_impl=impl), dtype=dtype)
+        if impl == "grouped_mm":  # else this would compare the loop with itself
+            assert grouped_mm_supported(x, moe.experts.gate_up_proj, moe.experts.down_proj)
+        outs.append(run_layer(moe, x, grad_y))
+    (y_a, route_a, gx_a, grads_a), (y_b, route_b, gx_b, grads_b) = outs
+    assert torch.equal(route_a.topk_ids, route_b.topk_ids)
+    assert_close(y_a, y_b, dtype, "output")
+    assert_close(gx_a, gx_b, dtype, "x.grad")
+    for name in grads_a:
+        assert_close(grads_a[name], grads_b[name], dtype, f"{name}.grad")
+
+
+def _steer(moe, x, expert, sign):
+    """Make feature 0 of every token positive and give router row `expert` weight +20*sign on
+    it (all other rows -20*sign): its logit then beats (+) or trails (-) every other by >= 40."""
+    with torch.no_grad():
+        x[..., 0] = x[..., 0].abs() + 1.0
+        moe.router.weight[:, 0] = -20.0 * sign
+        moe.router.weight[expert, 0] = 20.0 * sign
+
+
+def test_all_tokens_to_one_expert():
+    moe, x, grad_y = make_inputs(tiny(top_k=1))
+    _steer(moe, x, expert=5, sign=+1)
+    route = check_against_reference(moe, x, grad_y, torch.float32)
+    expected = torch.zeros(8, dtype=torch.int64, device=DEVICE)
+    expected[5] = x.shape[0]
+    assert torch.equal(route.num_tokens_per_expert, expected)
+    idle = [e for e in range(8) if e != 5]
+    assert not moe.experts.gate_up_proj.grad[idle].any()
+    assert moe.experts.gate_up_proj.grad[5].abs().sum() > 0
+
+
+def test_expert_with_no_tokens():
+    moe, x, grad_y = make_inputs(tiny())
+    _steer(moe, x, expert=2, sign=-1)
+    route = check_against_reference(moe, x, grad_y, torch.float32)
+    assert route.num_tokens_per_expert[2] == 0
+    assert route.num_tokens_per_expert.sum() == x.shape[0] * 2
+    assert not moe.experts.gate_up_proj.grad[2].any()
+    assert not moe.experts.down_proj.grad[2].any()
+
+
+def test_finite_differences_fp32():
+    """Analytic gradients through the Triton combine against central differences. (float64
+    gradcheck cannot run: the kernel takes fp32 / bf16 / fp16 only.)"""
+    moe, x, grad_y = make_inputs(CONFIGS["shared_qwen2"], shape=(5,))
+    _, route, gx, grads = run_layer(moe, x, grad_y)
+    eps = 1e-3
+
+    def loss_and_ids():
+        with torch.no_grad():
+            y, r = moe(x, return_router_output=True)
+        return (y.double() * grad_y.double()).sum().item(), r.topk_ids
+
+    tensors = {"x": (x, gx), **{n: (p, grads[n]) for n, p in moe.named_parameters()}}
+    for name, (tensor, grad) in tensors.items():
+        i = grad.abs().argmax()  # the largest entry: fp32 noise / eps stays well below it
+        with torch.no_grad():
+            flat = tensor.view(-1)
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            up, ids_up = loss_and_ids()
+            flat[i] = orig - eps
+            down, ids_down = loss_and_ids()
+            flat[i] = orig
+        # a routing flip inside +-eps would make the difference meaningless
+        assert torch.equal(ids_up, route.topk_ids) and torch.equal(ids_down, route.topk_ids)
+        fd = (up - down) / (2 * eps)
+        analytic = grad.view(-1)[i].item()
+        assert abs(fd - analytic) <= 1e-2 * abs(analytic), f"{name}: {fd} vs {analytic}"
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism and initialisation
+# --------------------------------------------------------------------------------------------
+
+def test_deterministic():
+    moe, x, grad_y = make_inputs(CONFIGS["deepseek_v3_like"])
+    first = run_layer(moe, x, grad_y)
+    first = (first[0].detach().clone(), first[2].clone(),
+             {n: g.clone() for n, g in first[3].items()})
+    x.grad = None
+    moe.zero_grad(set_to_none=True)
+    y, _, gx, grads = run_layer(moe, x, grad_y)
+    assert torch.equal(y, first[0]) and torch.equal(gx, first[1])
+    for name, grad in grads.items():
+        assert torch.equal(grad, first[2][name]), name
+
+
+def test_reproducible_init():
+    config = CONFIGS["shared_qwen2"]
+    states = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        states.append(MoE(config).state_dict())
+    same, other = states[0], states[2]
+    for name, value in same.items():
+        assert torch.equal(value, states[1][name]), f"{name}: same seed, different init"
+        assert not torch.equal(value, other[name]), f"{name}: different seeds, same init"
+    w13 = same["experts.gate_up_proj"]
+    assert not torch.equal(w13[0], w13[1])  # every expert draws its own weights
+    assert abs(w13.std().item() - config.init_std) < 0.1 * config.init_std
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(score_func="relu"), "score_func"),
+    (dict(activation="tanh"), "activation"),
+    (dict(expert_impl="triton"), "expert_impl"),
+    (dict(placement="random"), "placement"),
+    (dict(dispatcher="nccl"), "dispatcher"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(intermediate_size=2.5), "intermediate_size"),
+    (dict(top_k=True), "top_k"),  # a bool is not a count
+    (dict(top_k=9), "top_k"),  # K > E
+    (dict(num_expert_groups=3), "num_expert_groups"),  # does not divide E=8
+    (dict(num_expert_groups=2, topk_groups=3), "topk_groups"),
+    (dict(num_expert_groups=4, topk_groups=1, top_k=3), "top_k"),  # only 2 experts kept
+    (dict(num_shared_experts=-1), "num_shared_experts"),
+    (dict(num_shared_experts=1, shared_intermediate_size=0), "shared_intermediate_size"),
+    (dict(shared_expert_gate=True), "shared_expert_gate"),  # no shared expert to gate
+    (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
+    (dict(z_loss_coef=-1e-3), "z_loss_coef"),
+    (dict(init_std=-1.0), "init_std"),
+    (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+])
+def test_config_validation(changes, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig.tiny(**changes)
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("tiny", dict(hidden_size=16, num_experts=8, top_k=2)),
+    ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2)),
+    ("qwen3", dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8)),
+    ("deepseek_v3", dict(num_experts=256, top_k=8, score_func="sigmoid", num_expert_groups=8,
+                         topk_groups=4, routed_scaling_factor=2.5, num_shared_experts=1)),
+])
+def test_presets(name, fields):
+    config = MoEConfig.preset(name, aux_loss_coef=0.01)  # configs only: the layers are big
+    for field, value in fields.items():
+        assert getattr(config, field) == value, field
+    assert config.aux_loss_coef == 0.01
+    with pytest.raises(ValueError, match="unknown preset"):
+        MoEConfig.preset(name + "_nope")
+
+
+def test_layer_input_validation():
+    with pytest.raises(TypeError, match="MoEConfig"):
+        MoE(dataclasses.asdict(tiny()))
+    moe = MoE(tiny())
+    with pytest.raises(ValueError, match="hidden_size=16"):
+        moe(torch.randn(3, 17))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def test_state_dict_keys():
+    moe = MoE(CONFIGS["deepseek_v3_like"].replace(shared_expert_gate=True))
+    assert set(moe.state_dict()) == {
+        "router.weight", "router.e_score_correction_bias",
+        "experts.gate_up_proj", "experts.down_proj",
+        "shared_experts.gate_up_proj", "shared_experts.down_proj", "shared_experts.gate"}
+    assert set(MoE(tiny()).state_dict()) == {
+        "router.weight", "experts.gate_up_proj", "experts.down_proj"}
+
+
+def test_load_full_state_dict_round_trip():
+    config = CONFIGS["deepseek_v3_like"]
+    source, x, _ = make_inputs(config, seed=0)
+    target, _, _ = make_inputs(config, seed=1)
+    target.load_full_state_dict(source.full_state_dict())
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    bad = dict(source.state_dict())
+    bad["experts.down_proj"] = bad["experts.down_proj"][:4]
+    with pytest.raises(ValueError, match="experts.down_proj"):
+        target.load_full_state_dict(bad)

@@ -1,0 +1,295 @@
+"""Router features against the float64 `reference_router` and against properties derived by
+hand: score functions, renormalisation, scaling, group-limited top-k, the correction bias,
+training losses, per-expert counts and the bias update.
+
+Shapes are trailing-commented: T tokens, D hidden, E experts, K top-k, G expert groups.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ep_moe import MoE, MoEConfig, Router
+from ep_moe.reference import reference_router
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# fp32 router math against float64: logits sum D=16 fp32 products, then one softmax / sigmoid
+# and a division, each ~2^-24 relative; 1e-6 leaves an order of magnitude.
+RTOL, ATOL = 1e-6, 1e-7
+
+
+def tiny(**changes) -> MoEConfig:
+    # init_std 1/sqrt(D): logits O(1), so the scores are far from uniform and ties are rare
+    return MoEConfig.tiny(init_std=0.25, **changes)
+
+
+def make_inputs(config: MoEConfig, T=32, seed=0):
+    """(router, x (T, D)): router weights from `manual_seed(seed)`, x unit-variance."""
+    torch.manual_seed(seed)
+    router = Router(config).to(DEVICE)
+    router.reset_parameters()
+    g = torch.Generator().manual_seed(seed + 1000)
+    x = torch.randn(T, config.hidden_size, generator=g).to(DEVICE)
+    return router, x
+
+
+def with_config(router, **changes):
+    """A router with the same weights and `changes` to its config."""
+    other = Router(router.config.replace(**changes)).to(DEVICE)
+    other.load_state_dict(router.state_dict())
+    return other
+
+
+def logits64(router, x):
+    return x.double() @ router.weight.detach().double().t()  # (T, E)
+
+
+def params_of(router):
+    params = {"router.weight": router.weight.detach()}
+    if router.e_score_correction_bias is not None:
+        params["router.e_score_correction_bias"] = router.e_score_correction_bias
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# Against the reference
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes", [
+    dict(),  # Mixtral: softmax, renormalised
+    dict(norm_topk_prob=False),  # Qwen3 without renormalisation
+    dict(score_func="sigmoid", routed_scaling_factor=2.5),
+    # DeepSeek-V3 at toy size: 16 experts in 4 groups, best 2 groups kept, K=4, bias
+    dict(num_experts=16, top_k=4, score_func="sigmoid", num_expert_groups=4, topk_groups=2,
+         use_correction_bias=True, routed_scaling_factor=2.5),
+])
+def test_matches_reference(changes):
+    config = tiny(**changes)
+    router, x = make_inputs(config)
+    if router.e_score_correction_bias is not None:
+        router.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, config.num_experts))
+    out = router(x)
+    ids, weights = reference_router(x, params_of(router), config)
+    assert torch.equal(out.topk_ids, ids)
+    assert out.topk_weights.dtype == torch.float32
+    torch.testing.assert_close(out.topk_weights.double(), weights, rtol=RTOL, atol=ATOL)
+
+
+def test_softmax_and_sigmoid():
+    """Both are monotone in the logits, so without groups or bias they pick the same experts
+    (the K largest logits, in order); the weights are the function at those logits."""
+    router, x = make_inputs(tiny(top_k=3, norm_topk_prob=False))
+    logits = logits64(router, x)
+    top = logits.topk(3, dim=-1)
+    expected = {"softmax": logits.softmax(-1).gather(-1, top.indices),
+                "sigmoid": top.values.sigmoid()}
+    for score_func, weights in expected.items():
+        out = with_config(router, score_func=score_func)(x)
+        assert torch.equal(out.topk_ids, top.indices), score_func
+        torch.testing.assert_close(out.topk_weights.double(), weights, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_norm_topk_prob(score_func):
+    router, x = make_inputs(tiny(top_k=3, score_func=score_func, norm_topk_prob=False))
+    raw = router(x).topk_weights
+    normed = with_config(router, norm_topk_prob=True)(x).topk_weights
+    torch.testing.assert_close(normed.sum(-1), torch.ones(x.shape[0], device=DEVICE))
+    torch.testing.assert_close(normed, raw / raw.sum(-1, keepdim=True))
+    if score_func == "softmax":  # 3 of 8 probabilities: strictly less than all the mass
+        assert (raw.sum(-1) < 1 - 1e-3).all()
+
+
+def test_routed_scaling_factor():
+    router, x = make_inputs(tiny(score_func="sigmoid"))
+    plain = router(x)
+    scaled = with_config(router, routed_scaling_factor=2.5)(x)
+    assert torch.equal(scaled.topk_ids, plain.topk_ids)  # selection unchanged
+    torch.testing.assert_close(scaled.topk_weights, 2.5 * plain.topk_weights)
+    torch.testing.assert_close(scaled.topk_weights.sum(-1),
+                               torch.full((x.shape[0],), 2.5, device=DEVICE))
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_group_limited_topk(score_func):
+    E, G, kept, K = 16, 4, 2, 4
+    config = tiny(num_experts=E, top_k=K, score_func=score_func, num_expert_groups=G,
+                  topk_groups=kept)
+    router, x = make_inputs(config, T=64)
+    out = router(x)
+    logits = logits64(router, x)
+    scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+    unlimited = scores.topk(K, -1).indices
+    for t in range(x.shape[0]):
+        # a group scores the sum of its two best experts (DeepSeek-V3), groups are contiguous
+        group_score = [sorted(scores[t, g * E // G:(g + 1) * E // G].tolist())[-2:]
+                       for g in range(G)]
+        ranked = sorted(range(G), key=lambda g: -sum(group_score[g]))
+        best = set(ranked[:kept])
+        chosen = out.topk_ids[t].tolist()
+        assert {e // (E // G) for e in chosen} <= best, (t, chosen, best)
+        # within the kept groups, still the K best scores
+        allowed = [e for e in range(E) if e // (E // G) in best]
+        expected = sorted(allowed, key=lambda e: -scores[t, e].item())[:K]
+        assert chosen == expected, t
+    # the limit matters at this seed: some token's unrestricted top-K leaves the kept groups
+    assert not torch.equal(out.topk_ids, unlimited.to(out.topk_ids.device))
+
+
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_correction_bias_selects_but_does_not_weigh(norm_topk_prob):
+    config = tiny(score_func="sigmoid", use_correction_bias=True, norm_topk_prob=norm_topk_prob)
+    router, x = make_inputs(config)
+    assert "e_score_correction_bias" in dict(router.named_buffers())
+    assert all(p is router.weight for p in router.parameters())  # never trained by gradients
+    plain = router(x)
+    favoured = 5
+    router.e_score_correction_bias[favoured] = 100.0
+    out = router(x)
+    assert (out.topk_ids[:, 0] == favoured).all()  # always chosen, and first
+    assert not torch.equal(out.topk_ids, plain.topk_ids)  # the bias did change selections
+    scores = logits64(router, x).sigmoid()
+    weights = scores.gather(-1, out.topk_ids.cpu())  # unbiased scores of the chosen experts
+    if norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    torch.testing.assert_close(out.topk_weights.double().cpu(), weights, rtol=RTOL, atol=ATOL)
+    assert (out.topk_weights[:, 0] < 1.0).all()  # a weight of 100 + score would show here
+
+
+def test_num_tokens_per_expert():
+    router, x = make_inputs(tiny(top_k=3), T=40)
+    out = router(x)
+    counts = [0] * 8
+    for e in out.topk_ids.flatten().tolist():
+        counts[e] += 1
+    assert out.num_tokens_per_expert.tolist() == counts
+    assert out.num_tokens_per_expert.dtype == torch.int64
+
+
+# --------------------------------------------------------------------------------------------
+# Training losses
+# --------------------------------------------------------------------------------------------
+
+def switch_loss(logits, topk_ids, score_func):
+    """E * sum_e f_e * P_e: f_e share of the T*K slots that chose e, P_e the mean probability
+    of e (sigmoid scores normalised per token)."""
+    T, K = topk_ids.shape
+    E = logits.shape[-1]
+    f = F.one_hot(topk_ids, E).sum((0, 1)).double() / (T * K)
+    probs = logits.softmax(-1) if score_func == "softmax" else \
+        logits.sigmoid() / logits.sigmoid().sum(-1, keepdim=True)
+    return E * (f * probs.mean(0)).sum()
+
+
+def z_loss(logits):
+    return (torch.logsumexp(logits, -1) ** 2).mean()
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("aux_coef, z_coef", [(0.01, 0.0), (0.0, 1e-3), (0.01, 1e-3)])
+def test_aux_loss_value(score_func, aux_coef, z_coef):
+    config = tiny(score_func=score_func, aux_loss_coef=aux_coef, z_loss_coef=z_coef)
+    router, x = make_inputs(config)
+    out = router(x)
+    logits = logits64(router, x)
+    expected = aux_coef * switch_loss(logits, out.topk_ids.cpu(), score_func) \
+        + z_coef * z_loss(logits)
+    assert out.aux_loss.dtype == torch.float32 and out.aux_loss.ndim == 0
+    torch.testing.assert_close(out.aux_loss.double().cpu(), expected, rtol=1e-5, atol=0.0)
+
+
+def test_switch_loss_is_one_with_uniform_probabilities():
+    """P_e = 1/E for all e: E * sum_e f_e / E = sum_e f_e = 1, whatever top-K picks from ties."""
+    router, x = make_inputs(tiny(aux_loss_coef=0.3), T=8)
+    with torch.no_grad():
+        router.weight.zero_()
+    torch.testing.assert_close(router(x).aux_loss.cpu(), torch.tensor(0.3), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("changes, train", [
+    (dict(aux_loss_coef=0.01, z_loss_coef=1e-3), False),  # eval mode: no training losses
+    (dict(), True),  # both coefficients 0
+])
+def test_aux_loss_none(changes, train):
+    router, x = make_inputs(tiny(**changes))
+    router.train(train)
+    assert router(x).aux_loss is None
+
+
+@pytest.mark.parametrize("groups", [1, 4])  # T=0 through the plain and the group-limited path
+def test_no_tokens(groups):
+    config = tiny(aux_loss_coef=0.01, num_expert_groups=groups, topk_groups=min(groups, 2))
+    router, x = make_inputs(config, T=0)
+    out = router(x)
+    assert out.aux_loss is None
+    assert out.topk_ids.shape == out.topk_weights.shape == (0, 2)
+    assert torch.equal(out.num_tokens_per_expert, torch.zeros(8, dtype=torch.int64, device=DEVICE))
+
+
+def test_moe_aux_loss_gradient_reaches_router():
+    """Training with aux_loss_coef > 0 adds d(coef * loss)/d(router.weight) to the router's
+    gradient, through y's backward; nothing else changes."""
+    coef = 2.0  # large, so the difference is far above fp32 noise
+    base = tiny(top_k=2)
+    runs = {}
+    for c in (0.0, coef):
+        torch.manual_seed(0)
+        moe = MoE(base.replace(aux_loss_coef=c), device=DEVICE)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(3, 4, 16, generator=g).to(DEVICE)  # (B, S, D)
+        grad_y = torch.randn(3, 4, 16, generator=g).to(DEVICE)
+        y, route = moe(x, return_router_output=True)
+        assert (route.aux_loss is None) == (c == 0.0)
+        y.backward(grad_y)
+        runs[c] = (moe, y.detach(), route)
+    (plain, y0, _), (aux, y1, route) = runs[0.0], runs[coef]
+    assert torch.equal(y0, y1)
+    for (name, p0), p1 in zip(plain.named_parameters(), aux.parameters()):
+        if name != "router.weight":
+            assert torch.equal(p0.grad, p1.grad), name
+
+    w = aux.router.weight.detach().double().requires_grad_()
+    logits = x.reshape(-1, 16).double() @ w.t()
+    expected = torch.autograd.grad(coef * switch_loss(logits, route.topk_ids, "softmax"), w)[0]
+    diff = aux.router.weight.grad.double() - plain.router.weight.grad.double()
+    # the difference of two fp32 gradients carries their roundoff: ~2^-24 of their size
+    noise = 1e-5 * plain.router.weight.grad.abs().max().item()
+    assert expected.abs().max() > 100 * noise  # the signal is far above that
+    torch.testing.assert_close(diff, expected, rtol=1e-4, atol=noise)
+
+
+# --------------------------------------------------------------------------------------------
+# Correction-bias update
+# --------------------------------------------------------------------------------------------
+
+def test_update_correction_bias_direction():
+    router, _ = make_inputs(tiny(score_func="sigmoid", use_correction_bias=True))
+    counts = torch.tensor([0, 1, 2, 2, 2, 3, 4, 2], device=DEVICE)  # mean 2
+    router.update_correction_bias(counts, rate=0.1)
+    bias = router.e_score_correction_bias
+    assert bias.dtype == torch.float32
+    torch.testing.assert_close(
+        bias.cpu(), torch.tensor([0.1, 0.1, 0.0, 0.0, 0.0, -0.1, -0.1, 0.0]))
+
+
+def test_update_correction_bias_balances_load():
+    """Repeated updates move tokens from an over-loaded expert to the others."""
+    config = tiny(score_func="sigmoid", use_correction_bias=True)
+    router, x = make_inputs(config, T=64)
+    with torch.no_grad():
+        router.weight[3] += 0.5  # expert 3 scores higher on most tokens
+    first = router(x).num_tokens_per_expert
+    for _ in range(50):
+        router.update_correction_bias(router(x).num_tokens_per_expert, rate=0.02)
+    last = router(x).num_tokens_per_expert
+    assert first.max() == first[3]
+    assert last[3] < first[3]
+    assert last.max() - last.min() < first.max() - first.min()
+
+
+def test_update_correction_bias_needs_bias():
+    router, _ = make_inputs(tiny())
+    with pytest.raises(ValueError, match="use_correction_bias"):
+        router.update_correction_bias(torch.ones(8, dtype=torch.int64))
