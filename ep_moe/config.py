@@ -45,6 +45,9 @@ class MoEConfig:
     activation: Activation = "silu"
     gated: bool = True  # act(x w1) * (x w3) when True, act(x w1) when False
     expert_impl: ExpertImpl = "grouped_mm"  # "loop": one GEMM per expert (debugging, old torch)
+    # when a rank computes at most this many rows (decode), run every local expert on every row
+    # with batched GEMMs: each weight is read once and nothing is sorted. 0 turns it off.
+    dense_max_rows: int = 0
 
     # shared experts (always-on MLP added to the routed output)
     num_shared_experts: int = 0  # DeepSeek-V3: 1, Qwen2-MoE: 1
@@ -83,6 +86,9 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) exceeds the experts in the kept groups "
                 f"({eligible} = topk_groups * num_experts / num_expert_groups)")
+        if not isinstance(self.dense_max_rows, int) or self.dense_max_rows < 0:
+            raise ValueError(
+                f"MoEConfig.dense_max_rows must be an int >= 0, got {self.dense_max_rows!r}")
         if self.num_shared_experts < 0:
             raise ValueError(
                 f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")

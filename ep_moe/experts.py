@@ -16,10 +16,11 @@ from .config import MoEConfig
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
-# dtypes each backend's grouped GEMM takes (probed on torch 2.11 CUDA / 2.13 CPU)
+# dtypes each backend's grouped GEMM takes (launch/gpu_probe.py: torch 2.11 on H200 takes all
+# three; torch 2.13 on CPU too)
 _GROUPED_MM_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16),
-    "cuda": (torch.bfloat16,),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
 }
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -81,6 +82,19 @@ class Experts(nn.Module):
             h = activate(h, cfg.activation, cfg.gated)
             return _grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # (P, D)
         return self._loop(x, num_tokens_per_expert)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Every local expert on every row: (R, D) -> (e, R, D).
+
+        For a handful of rows (decode) this reads each weight once through batched GEMMs, with
+        no sort, where a grouped GEMM of a few rows per expert runs far below bandwidth. Costs
+        e/K times the FLOPs the routed rows need, which is free while the weights' bytes
+        dominate.
+        """
+        cfg = self.config
+        h = torch.matmul(x, self.gate_up_proj.transpose(-2, -1))  # (e, R, 2I)
+        h = activate(h, cfg.activation, cfg.gated)
+        return torch.matmul(h, self.down_proj.transpose(-2, -1))  # (e, R, D)
 
     def _loop(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -1,4 +1,4 @@
-"""Sweep the forward combine kernel's configs (LOOP, BLOCK_D, num_warps) over PERF.md's shapes.
+"""Sweep the forward combine kernel's configs (BLOCK_D, num_warps, programs per SM) over PERF.md's shapes.
 
     python launch/sweep_combine.py     # one GPU; picks the heuristic in `_fwd_config`
 
@@ -20,8 +20,9 @@ from common import copy_ceiling_gbs, write_json  # noqa: E402
 import ep_moe.kernels.fused_mul_sum as fms  # noqa: E402
 
 E = 64
-CONFIGS = [(loop, bd, nw) for loop in (False, True)
-           for bd, nw in [(256, 1), (256, 2), (512, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8)]]
+CONFIGS = [fms.FwdConfig(bd, nw, pps)
+           for bd, nw in [(512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8)]
+           for pps in (0, 8, 16, 32)]
 SHAPES = [(4096, 2, 4096), (16384, 2, 4096), (4096, 8, 2048), (16384, 8, 2048), (8192, 8, 7168)]
 
 
@@ -89,7 +90,7 @@ def main():
                 fns = [lambda s=s, o=o: fms._fwd_triton(s[0], s[1], s[2], s[3], None, o)
                        for s, o in zip(sets, outs)]
                 us = graph_time_us(fns)
-                row["configs"][str(cfg or "heuristic")] = {"us": us, "pct": 100 * moved / us / 1e3 / ceiling}
+                row["configs"][str(tuple(cfg)) if cfg else "heuristic"] = {"us": us, "pct": 100 * moved / us / 1e3 / ceiling}
             fms._fwd_config = original
             best = min(row["configs"].items(), key=lambda kv: kv[1]["us"])
             row["best"] = best[0]

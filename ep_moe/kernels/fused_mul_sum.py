@@ -18,8 +18,9 @@ The kernels serve two layouts of the expert outputs:
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -75,39 +76,33 @@ def _fused_mul_sum_fwd_kernel(
     # pointers
     inputs_ptr, weights_ptr, ids_ptr, map_ptr, rows_ptr, out_ptr,
     # sizes
-    D, E,
+    T, D, E, tokens_per_program,
     # meta-parameters
     K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_MAP: tl.constexpr, HAS_ROWS: tl.constexpr,
-    LOOP: tl.constexpr,
 ):
-    """Program (t, j) writes out[t, j*BLOCK_D : (j+1)*BLOCK_D].
+    """Program (i, j) writes columns [j*BLOCK_D, (j+1)*BLOCK_D) of `tokens_per_program` tokens.
 
-    LOOP=False loads all K slot rows as one (BLOCK_K, BLOCK_D) tile (skipped slots masked);
-    LOOP=True walks only the slots that count, one row at a time, so registers hold one row
-    and occupancy stays high when most slots are skipped (expert map at many ranks).
+    A token's K slot rows load as one (BLOCK_K, BLOCK_D) tile, skipped slots masked out. The
+    next token's routing loads while this token's rows are in flight, so the dependent
+    ids -> expert_map -> rows chain costs latency once per program, not once per token.
     """
-    t = tl.program_id(0).to(tl.int64)
+    t_start = tl.program_id(0).to(tl.int64) * tokens_per_program
+    t_end = tl.minimum(t_start + tokens_per_program, T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    keep, row, w = _slot_rows(t, weights_ptr, ids_ptr, map_ptr, rows_ptr, E,
+    keep, row, w = _slot_rows(t_start, weights_ptr, ids_ptr, map_ptr, rows_ptr, E,
                               K, BLOCK_K, HAS_IDS, HAS_MAP, HAS_ROWS)
-    if LOOP:
-        keep_i = keep.to(tl.int32)
-        n_keep = tl.sum(keep_i, axis=0)
-        rank_in_keep = tl.cumsum(keep_i, axis=0) - 1
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(0, n_keep):
-            pick = keep & (rank_in_keep == j)
-            r = tl.sum(tl.where(pick, row, 0), axis=0)
-            wj = tl.sum(tl.where(pick, w, 0.0), axis=0)
-            x = tl.load(inputs_ptr + r * D + d, mask=d_mask, other=0.0)
-            acc += wj * x.to(tl.float32)
-    else:
+    for t in range(t_start, t_end):
         x = tl.load(inputs_ptr + row[:, None] * D + d[None, :],
                     mask=keep[:, None] & d_mask[None, :], other=0.0)
+        t_next = tl.minimum(t + 1, T - 1)  # the last prefetch re-reads a valid token
+        keep_next, row_next, w_next = _slot_rows(t_next, weights_ptr, ids_ptr, map_ptr,
+                                                 rows_ptr, E, K, BLOCK_K, HAS_IDS, HAS_MAP,
+                                                 HAS_ROWS)
         acc = tl.sum(x.to(tl.float32) * w[:, None], axis=0)
-    tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+        tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+        keep, row, w = keep_next, row_next, w_next
 
 
 @triton.jit
@@ -158,10 +153,23 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
 
 
-def _fwd_config(K: int, D: int, has_map: bool) -> tuple[bool, int, int]:
-    """(LOOP, BLOCK_D, num_warps) of the forward kernel."""
+class FwdConfig(NamedTuple):
+    block_d: int
+    num_warps: int
+    programs_per_sm: int  # 0: one token per program; else tokens are packed so about this
+    #                       many programs per multiprocessor cover all of T
+
+
+def _fwd_config(K: int, D: int, has_map: bool) -> FwdConfig:
     _, block_d, num_warps = _block_sizes(K, D)
-    return False, block_d, num_warps
+    return FwdConfig(block_d, num_warps, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _block_sizes(K: int, D: int) -> tuple[int, int, int]:
@@ -187,14 +195,18 @@ def _fwd_triton(inputs, weights, topk_ids, expert_map, row_index, out):
         return
     E = expert_map.shape[0] if expert_map is not None else 0
     block_k = triton.next_power_of_2(K)
-    loop, block_d, num_warps = _fwd_config(K, D, expert_map is not None or row_index is not None)
+    cfg = _fwd_config(K, D, expert_map is not None or row_index is not None)
+    d_blocks = triton.cdiv(D, cfg.block_d)
+    per_program = 1
+    if cfg.programs_per_sm:
+        per_program = max(1, T * d_blocks // (_num_sms(out.device) * cfg.programs_per_sm))
     ids, emap, rows = _slot_args(topk_ids, expert_map, row_index, weights)
-    grid = (T, triton.cdiv(D, block_d))
+    grid = (triton.cdiv(T, per_program), d_blocks)
     _fused_mul_sum_fwd_kernel[grid](
-        inputs, weights, ids, emap, rows, out, D, E,
-        K=K, BLOCK_K=block_k, BLOCK_D=block_d,
+        inputs, weights, ids, emap, rows, out, T, D, E, per_program,
+        K=K, BLOCK_K=block_k, BLOCK_D=cfg.block_d,
         HAS_IDS=topk_ids is not None, HAS_MAP=expert_map is not None,
-        HAS_ROWS=row_index is not None, LOOP=loop, num_warps=num_warps)
+        HAS_ROWS=row_index is not None, num_warps=cfg.num_warps)
 
 
 def _bwd_triton(grad_out, inputs, weights, topk_ids, expert_map, row_index,
