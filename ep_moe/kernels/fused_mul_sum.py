@@ -161,6 +161,10 @@ class FwdConfig(NamedTuple):
 
 
 def _fwd_config(K: int, D: int, has_map: bool) -> FwdConfig:
+    """Picked by launch/sweep_combine.py on an H200 (PERF.md's shapes, W of 1, 2 and 4)."""
+    if has_map:  # most slots skipped: wide rows per thread keep enough bytes in flight
+        block_d = min(triton.next_power_of_2(max(D, 1)), 2048)
+        return FwdConfig(block_d, max(1, min(4, block_d // 512)), 32)
     _, block_d, num_warps = _block_sizes(K, D)
     return FwdConfig(block_d, num_warps, 0)
 
@@ -295,14 +299,32 @@ def _num_cols(inputs: torch.Tensor) -> int:
     return inputs.shape[-1]
 
 
+def _forward(inputs, topk_weights, topk_ids, expert_map, row_index, out=None):
+    if out is None:
+        out = inputs.new_empty(topk_weights.shape[0], _num_cols(inputs))
+    (_fwd_triton if _use_triton(inputs) else _fwd_torch)(
+        inputs, topk_weights, topk_ids, expert_map, row_index, out)
+    return out
+
+
+def _backward_impl(grad_out, inputs, topk_weights, topk_ids, expert_map, row_index,
+                   need_inputs_grad, need_weights_grad):
+    # gathered layout: rows no slot references keep a zero gradient
+    alloc = torch.zeros_like if row_index is not None else torch.empty_like
+    grad_inputs = alloc(inputs) if need_inputs_grad else inputs.new_empty(0)
+    grad_weights = torch.empty_like(topk_weights) if need_weights_grad else \
+        topk_weights.new_empty(0)
+    (_bwd_triton if _use_triton(inputs) else _bwd_torch)(
+        grad_out.contiguous(), inputs, topk_weights, topk_ids, expert_map, row_index,
+        grad_inputs if need_inputs_grad else None, grad_weights if need_weights_grad else None)
+    return grad_inputs, grad_weights
+
+
 @torch.library.custom_op("ep_moe::fused_mul_sum", mutates_args=())
 def _fused_mul_sum_op(inputs: torch.Tensor, topk_weights: torch.Tensor,
                       topk_ids: Optional[torch.Tensor], expert_map: Optional[torch.Tensor],
                       row_index: Optional[torch.Tensor]) -> torch.Tensor:
-    out = inputs.new_empty(topk_weights.shape[0], _num_cols(inputs))
-    (_fwd_triton if _use_triton(inputs) else _fwd_torch)(
-        inputs, topk_weights, topk_ids, expert_map, row_index, out)
-    return out
+    return _forward(inputs, topk_weights, topk_ids, expert_map, row_index)
 
 
 @_fused_mul_sum_op.register_fake
@@ -314,8 +336,7 @@ def _(inputs, topk_weights, topk_ids, expert_map, row_index):
 def _fused_mul_sum_out_op(inputs: torch.Tensor, topk_weights: torch.Tensor,
                           topk_ids: Optional[torch.Tensor], expert_map: Optional[torch.Tensor],
                           row_index: Optional[torch.Tensor], out: torch.Tensor) -> None:
-    (_fwd_triton if _use_triton(inputs) else _fwd_torch)(
-        inputs, topk_weights, topk_ids, expert_map, row_index, out)
+    _forward(inputs, topk_weights, topk_ids, expert_map, row_index, out)
 
 
 @_fused_mul_sum_out_op.register_fake
@@ -329,15 +350,8 @@ def _fused_mul_sum_backward_op(
         topk_ids: Optional[torch.Tensor], expert_map: Optional[torch.Tensor],
         row_index: Optional[torch.Tensor], need_inputs_grad: bool, need_weights_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # gathered layout: rows no slot references keep a zero gradient
-    alloc = torch.zeros_like if row_index is not None else torch.empty_like
-    grad_inputs = alloc(inputs) if need_inputs_grad else inputs.new_empty(0)
-    grad_weights = torch.empty_like(topk_weights) if need_weights_grad else \
-        topk_weights.new_empty(0)
-    (_bwd_triton if _use_triton(inputs) else _bwd_torch)(
-        grad_out.contiguous(), inputs, topk_weights, topk_ids, expert_map, row_index,
-        grad_inputs if need_inputs_grad else None, grad_weights if need_weights_grad else None)
-    return grad_inputs, grad_weights
+    return _backward_impl(grad_out, inputs, topk_weights, topk_ids, expert_map, row_index,
+                          need_inputs_grad, need_weights_grad)
 
 
 @_fused_mul_sum_backward_op.register_fake
@@ -360,6 +374,23 @@ def _backward(ctx, grad_out):
 
 
 _fused_mul_sum_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFusedMulSum(torch.autograd.Function):
+    """The same kernels without the custom-op dispatch, which costs tens of microseconds of
+    host time per call; used outside torch.compile, where nothing needs to trace the op."""
+
+    @staticmethod
+    def forward(ctx, inputs, topk_weights, topk_ids, expert_map, row_index):
+        ctx.save_for_backward(inputs, topk_weights, topk_ids, expert_map, row_index)
+        return _forward(inputs, topk_weights, topk_ids, expert_map, row_index)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, ids, emap, rows = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gw = _backward_impl(grad_out, x, w, ids, emap, rows, need_x, need_w)
+        return (gx if need_x else None), (gw if need_w else None), None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,8 +505,13 @@ def fused_mul_sum_rows(
 def _dispatch(args, outputs):
     inputs, topk_weights = args[0], args[1]
     grad = torch.is_grad_enabled() and (inputs.requires_grad or topk_weights.requires_grad)
+    compiling = torch.compiler.is_compiling()
     if outputs is None:
-        return _fused_mul_sum_op(*args)
+        return _fused_mul_sum_op(*args) if compiling else _EagerFusedMulSum.apply(*args)
+    if not compiling:
+        if grad:
+            return outputs.copy_(_EagerFusedMulSum.apply(*args))
+        return _forward(*args, out=outputs)
     if grad:  # a mutating op cannot carry autograd: compute, then copy (differentiable)
         return outputs.copy_(_fused_mul_sum_op(*args))
     _fused_mul_sum_out_op(*args, outputs)
