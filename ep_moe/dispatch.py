@@ -188,22 +188,24 @@ class AllToAllDispatcher:
         per_rank_pairs = F.pad(pair_counts, (0, 1))[table]  # (W, e_max), padding reads the 0
         send_meta = torch.cat([dest.sum(0, keepdim=True).t(), per_rank_pairs], 1)
         recv_meta = _all_to_all(send_meta, [1] * W, [1] * W, self.group)
+
+        # queued behind the meta exchange, needing no sizes on the host: the send order (by
+        # destination rank, then token: a stable sort of "not sent") and each copy's position
+        flat = dest.t().reshape(-1)  # (W*T)
+        order = torch.sort((~flat).to(torch.uint8), stable=True).indices
+        position = torch.empty(W * T, dtype=torch.int32, device=x.device)
+        position[order] = torch.arange(W * T, dtype=torch.int32, device=x.device)
+        copy_index = torch.where(flat, position, -1).view(W, T).t().contiguous()  # (T, W)
+        routing = _pack_routing(topk_ids, topk_weights)
+
         # host sync: split sizes must be on the CPU for all_to_all_single
         sizes = torch.stack([send_meta[:, 0], recv_meta[:, 0], recv_meta[:, 1:].sum(1)]).cpu()
         input_splits, output_splits = tuple(sizes[0].tolist()), tuple(sizes[1].tolist())
         num_local_pairs = int(sizes[2].sum())
-        num_sent = sum(input_splits)
-
-        # send buffer ordered by destination rank, then token: stable sort of "not sent"
-        flat = dest.t().reshape(-1)  # (W*T)
-        order = torch.sort((~flat).to(torch.uint8), stable=True).indices[:num_sent]
-        copy_index = torch.full((W * T,), -1, dtype=torch.int32, device=x.device)
-        copy_index[order] = torch.arange(num_sent, dtype=torch.int32, device=x.device)
-        copy_index = copy_index.view(W, T).t().contiguous()  # (T, W)
-        send_tokens = order % T if T else order
+        send_tokens = order[:sum(input_splits)] % max(T, 1)
 
         send_x = expand_rows(x, send_tokens, copy_index)
-        send_routing = expand_rows(_pack_routing(topk_ids, topk_weights), send_tokens, copy_index)
+        send_routing = expand_rows(routing, send_tokens, copy_index)
         recv_x = _AllToAll.apply(send_x, output_splits, input_splits, self.group)
         recv_routing = _AllToAll.apply(send_routing, output_splits, input_splits, self.group)
         recv_ids, recv_weights = _unpack_routing(recv_routing, K)

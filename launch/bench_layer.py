@@ -16,7 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_ceiling_gbs, markdown_table, matmul_ceiling_tflops, time_ms, write_json  # noqa: E402
+from common import (copy_ceiling_gbs, markdown_table, matmul_ceiling_tflops, out_dir, time_ms,
+                    write_json)  # noqa: E402
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.reference import reference_moe  # noqa: E402
@@ -62,6 +63,20 @@ def fwd_and_fwd_bwd(module, x, g, device, iters):
     return res
 
 
+def profile_forward(module, x, device, name):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), profile(activities=acts) as prof:
+        for _ in range(3):
+            module(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort_dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(os.path.join(out_dir(), name), "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort_dev, row_limit=30))
+        f.write("\n\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--presets", nargs="+", default=["mixtral", "qwen3"])
@@ -70,6 +85,8 @@ def main():
     p.add_argument("--dense-upto", type=int, default=512,
                    help="also time the dense (every expert on every row) path up to this T")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, fp32")
+    p.add_argument("--profile", nargs="*", type=int, default=[],
+                   help="write torch.profiler tables of our forward at these T under $OUT")
     args = p.parse_args()
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
@@ -131,6 +148,8 @@ def main():
                 "fwd_bwd_speedup_vs_hf": theirs["fwd_bwd_ms"] / mine["fwd_bwd_ms"],
                 "peak_gib": mine.get("peak_extra_gib"), "hf_peak_gib": theirs.get("peak_extra_gib"),
             }
+            if T in args.profile:
+                profile_forward(ours, x, device, f"profile_layer_{preset}_T{T}.txt")
             if T <= args.dense_upto:
                 d = fwd_and_fwd_bwd(dense, x, g, device, args.iters)
                 row.update(dense_fwd_ms=d["fwd_ms"], dense_fwd_bwd_ms=d["fwd_bwd_ms"],

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_ceiling_gbs, markdown_table, sync, time_ms, write_json  # noqa: E402
+from common import copy_ceiling_gbs, markdown_table, out_dir, sync, time_ms, write_json  # noqa: E402
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.distributed import group_rank_and_size, init_distributed  # noqa: E402
@@ -44,6 +46,8 @@ def parse_args():
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--no-baseline", action="store_true", help="skip the single-GPU layer")
     p.add_argument("--json", default=None, help="file name under $OUT")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler tables of a few forwards (rank 0) under $OUT")
     return p.parse_args()
 
 
@@ -151,6 +155,39 @@ def time_layer(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
     return res
 
 
+def host_ms(fn, device, barrier, iters=10) -> float:
+    """Median host time to issue fn() (its host syncs included), the device drained before."""
+    times = []
+    for _ in range(iters):
+        sync(device)
+        if barrier is not None:
+            barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def profile_forward(layer: MoE, T: int, dtype, device, name: str, rank: int) -> None:
+    """torch.profiler over 3 forwards; rank 0 writes the op tables (every rank runs them)."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(T, layer.config.hidden_size, dtype=dtype, device=device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        layer(x)
+        sync(device)
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                layer(x)
+            sync(device)
+    if rank == 0:
+        sort_dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        with open(os.path.join(out_dir(), name), "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort_dev, row_limit=40))
+            f.write("\n\n")
+            f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+
+
 def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
     D = layer.config.hidden_size
     x = torch.randn(T, D, dtype=dtype, device=device)
@@ -167,6 +204,8 @@ def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
             "combine_ms": time_ms(lambda: layer.dispatcher.combine(partial, sent.handle),
                                   device, iters, barrier=barrier),
         }
+        res["dispatch_host_ms"] = host_ms(lambda: layer.dispatcher.dispatch(
+            x, route.topk_ids, route.topk_weights), device, barrier)
     h = sent.handle
     row_bytes = D * x.element_size()
     if hasattr(h, "input_splits"):  # all_to_all: rows this rank sends out and gets back
@@ -210,6 +249,9 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
             out[f"{phase}_busbw_gbs"] = nbytes * (W - 1) / W / out[f"{phase}_ms"] / 1e6
             out[f"{phase}_raw_busbw_gbs"] = nbytes * (W - 1) / W / raw / 1e6
             out[f"{phase}_vs_raw"] = raw / out[f"{phase}_ms"]
+    if args.profile:
+        profile_forward(layer, T, dtype, device,
+                        f"profile_{args.preset}_{cfg.dispatcher}_W{W}.txt", rank)
     del layer
     return out
 
