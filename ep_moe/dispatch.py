@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from .permute import expand_rows, sum_rows
+from .permute import count_ids, expand_rows, sum_rows
 from .placement import ExpertPlacement
 
 
@@ -184,7 +184,7 @@ class AllToAllDispatcher:
         owner, table = self._owner_and_table(x.device)
         dest = torch.zeros(T, W, dtype=torch.bool, device=x.device)
         dest.scatter_(1, owner[topk_ids], True)  # (T, W): rank w needs token t
-        pair_counts = torch.bincount(topk_ids.flatten(), minlength=E)
+        pair_counts = count_ids(topk_ids, E)
         per_rank_pairs = F.pad(pair_counts, (0, 1))[table]  # (W, e_max), padding reads the 0
         send_meta = torch.cat([dest.sum(0, keepdim=True).t(), per_rank_pairs], 1)
         recv_meta = _all_to_all(send_meta, [1] * W, [1] * W, self.group)
@@ -231,7 +231,7 @@ class AllGatherDispatcher:
         T, K = topk_ids.shape
         E = self.placement.num_experts
         counts = torch.cat([torch.tensor([T], device=x.device),
-                            torch.bincount(topk_ids.flatten(), minlength=E)])
+                            count_ids(topk_ids, E)])
         all_counts = counts.new_empty(self.world_size * (1 + E))
         dist.all_gather_into_tensor(all_counts, counts, group=self.group)
         all_counts = all_counts.view(self.world_size, 1 + E)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .kernels.activation import fused_activation_available, gated_activation
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -27,8 +28,10 @@ _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
 def activate(h: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
-    """(P, 2I) -> (P, I) for gated `act(gate) * up`; (P, I) -> (P, I) otherwise."""
+    """(..., 2I) -> (..., I) for gated `act(gate) * up`; (..., I) -> (..., I) otherwise."""
     act = _ACTIVATIONS[activation]
+    if gated and h.ndim == 2 and fused_activation_available(h):
+        return gated_activation(h, activation)
     if not gated:
         return act(h)
     gate, up = h.chunk(2, dim=-1)

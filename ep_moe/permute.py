@@ -15,6 +15,17 @@ import torch
 from .kernels import fused_mul_sum_rows
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int64 occurrences of each id in [0, n) among `ids` (any shape).
+
+    Not `torch.bincount`: on CUDA it reads max(ids) back to the host, a hidden sync per call.
+    Integer atomics add in any order to the same result, so this stays deterministic.
+    """
+    flat = ids.reshape(-1).long()
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+
+
 @dataclass(frozen=True)
 class ExpertSort:
     """(token, slot) pairs whose expert is local, sorted by local expert.
@@ -43,7 +54,7 @@ def sort_by_expert(local_ids: torch.Tensor, num_local_experts: int,
     order = torch.sort(key, stable=True).indices[:num_pairs]
     row_index = torch.full((T * K,), -1, dtype=torch.int32, device=flat.device)
     row_index[order] = torch.arange(num_pairs, dtype=torch.int32, device=flat.device)
-    counts = torch.bincount(key, minlength=num_local_experts + 1)[:num_local_experts]
+    counts = count_ids(key, num_local_experts + 1)[:num_local_experts]
     return ExpertSort(order // K, row_index.view(T, K), counts)
 
 

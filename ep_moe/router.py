@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .permute import count_ids
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Router(nn.Module):
             topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             topk_weights = topk_weights * cfg.routed_scaling_factor
-        counts = torch.bincount(topk_ids.flatten(), minlength=cfg.num_experts)
+        counts = count_ids(topk_ids, cfg.num_experts)
         aux = self._aux_loss(logits, scores, counts, x.shape[0]) if self.training else None
         return RouterOutput(topk_ids, topk_weights, counts, aux)
 

@@ -1,0 +1,121 @@
+"""Fused gated activation: `act(h[:, :I]) * h[:, I:]` for the (P, 2I) gate/up GEMM output.
+
+Eager torch reads the strided gate half, writes act(gate), reads it back with the up half and
+writes the product: five passes over (P, I). This reads gate and up once and writes once, in
+fp32 internally, and its backward writes (P, 2I) gradients in one pass from the saved input,
+so the (P, I) act(gate) buffer is never kept for autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_mul_sum import _use_triton
+
+ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _act_and_grad(gate, ACT: tl.constexpr):
+    """fp32 act(gate) and d act / d gate."""
+    if ACT == 0:  # silu
+        s = tl.sigmoid(gate)
+        return gate * s, s + gate * s * (1.0 - s)
+    elif ACT == 1:  # gelu, exact (erf) form, as torch's default
+        cdf = 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327
+        return gate * cdf, cdf + gate * pdf
+    else:  # relu
+        pos = gate > 0.0
+        return tl.where(pos, gate, 0.0), tl.where(pos, 1.0, 0.0)
+
+
+@triton.jit
+def _gated_act_fwd_kernel(
+    # pointers
+    h_ptr, out_ptr,
+    # sizes
+    I,
+    # meta-parameters
+    ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < I
+    gate = tl.load(h_ptr + row * 2 * I + col, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + row * 2 * I + I + col, mask=mask, other=0.0).to(tl.float32)
+    act, _ = _act_and_grad(gate, ACT)
+    tl.store(out_ptr + row * I + col, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_act_bwd_kernel(
+    # pointers
+    h_ptr, grad_out_ptr, grad_h_ptr,
+    # sizes
+    I,
+    # meta-parameters
+    ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < I
+    gate = tl.load(h_ptr + row * 2 * I + col, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + row * 2 * I + I + col, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_out_ptr + row * I + col, mask=mask, other=0.0).to(tl.float32)
+    act, dact = _act_and_grad(gate, ACT)
+    dtype = grad_h_ptr.dtype.element_ty
+    tl.store(grad_h_ptr + row * 2 * I + col, (g * up * dact).to(dtype), mask=mask)
+    tl.store(grad_h_ptr + row * 2 * I + I + col, (g * act).to(dtype), mask=mask)
+
+
+def _launch_config(I: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(I, 1)), 2048)
+    return block, max(1, min(8, block // 256))
+
+
+class _GatedActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, activation):
+        P, I = h.shape[0], h.shape[1] // 2
+        out = h.new_empty(P, I)
+        if P and I:
+            block, warps = _launch_config(I)
+            _gated_act_fwd_kernel[(P, triton.cdiv(I, block))](
+                h, out, I, ACT=ACTIVATIONS[activation], BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(h)
+        ctx.activation = activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (h,) = ctx.saved_tensors
+        P, I = h.shape[0], h.shape[1] // 2
+        grad_h = torch.empty_like(h)
+        if P and I:
+            block, warps = _launch_config(I)
+            _gated_act_bwd_kernel[(P, triton.cdiv(I, block))](
+                h, grad_out.contiguous(), grad_h, I, ACT=ACTIVATIONS[ctx.activation],
+                BLOCK=block, num_warps=warps)
+        return grad_h, None
+
+
+def gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """(P, 2I) contiguous [gate | up] -> (P, I) `act(gate) * up` in h's dtype.
+
+    Triton on CUDA (and on CPU under TRITON_INTERPRET=1); the caller falls back to torch
+    elsewhere and inside torch.compile, which fuses the eager ops itself.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if h.ndim != 2 or h.shape[1] % 2:
+        raise ValueError(f"h must be (P, 2I), got shape {tuple(h.shape)}")
+    return _GatedActivation.apply(h.contiguous(), activation)
+
+
+def fused_activation_available(h: torch.Tensor) -> bool:
+    return _use_triton(h) and not torch.compiler.is_compiling()
