@@ -13,6 +13,12 @@ Placement = Literal["linear", "round_robin"]
 Dispatcher = Literal["all_to_all", "allgather"]
 
 
+# Model presets run batches of at most this many rows per rank through every local expert:
+# on an H200 that beat the grouped GEMM at 16 and 64 tokens for both the Mixtral and Qwen3
+# shapes, and lost at 512 (launch/bench_layer.py).
+_DECODE_ROWS = 64
+
+
 def _choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {value!r}")
@@ -122,20 +128,20 @@ class MoEConfig:
 
     @classmethod
     def mixtral_8x7b(cls, **changes) -> "MoEConfig":
-        return cls(hidden_size=4096, intermediate_size=14336, num_experts=8,
-                   top_k=2).replace(**changes)
+        return cls(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2,
+                   dense_max_rows=_DECODE_ROWS).replace(**changes)
 
     @classmethod
     def qwen3_30b_a3b(cls, **changes) -> "MoEConfig":
-        return cls(hidden_size=2048, intermediate_size=768, num_experts=128,
-                   top_k=8).replace(**changes)
+        return cls(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8,
+                   dense_max_rows=_DECODE_ROWS).replace(**changes)
 
     @classmethod
     def deepseek_v3(cls, **changes) -> "MoEConfig":
         return cls(hidden_size=7168, intermediate_size=2048, num_experts=256, top_k=8,
                    score_func="sigmoid", num_expert_groups=8, topk_groups=4,
                    use_correction_bias=True, routed_scaling_factor=2.5,
-                   num_shared_experts=1).replace(**changes)
+                   num_shared_experts=1, dense_max_rows=_DECODE_ROWS).replace(**changes)
 
     @classmethod
     def preset(cls, name: str, **changes) -> "MoEConfig":

@@ -83,7 +83,8 @@ def main():
     p.add_argument("--tokens", nargs="+", type=int, default=[16, 512, 4096, 16384])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--dense-upto", type=int, default=512,
-                   help="also time the dense (every expert on every row) path up to this T")
+                   help="also time the dense (every expert on every row) path up to this T "
+                        "(ours takes it up to the preset's dense_max_rows)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, fp32")
     p.add_argument("--profile", nargs="*", type=int, default=[],
                    help="write torch.profiler tables of our forward at these T under $OUT")
@@ -110,9 +111,10 @@ def main():
             torch.nn.init.normal_(prm, std=cfg.init_std)
         block = block.to(device=device, dtype=dtype)
         ours = MoE.from_hf(block).to(device=device, dtype=dtype)
+        ours.config = ours.config.replace(dense_max_rows=cfg.dense_max_rows)  # as the preset
         dense = MoE.from_hf(block).to(device=device, dtype=dtype)
         dense.config = dense.config.replace(dense_max_rows=1 << 30)  # every T through .dense
-        D, I, E, K = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.top_k
+        D, I, K = cfg.hidden_size, cfg.intermediate_size, cfg.top_k
         for T in args.tokens:
             x = torch.randn(1, T, D, device=device, dtype=dtype)
             g = torch.randn(1, T, D, device=device, dtype=dtype)
