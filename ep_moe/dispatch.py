@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from .permute import count_ids, sum_rows
+from .permute import count_ids, expand_rows, sum_rows
 from .placement import ExpertPlacement
 
 
@@ -88,54 +88,6 @@ class _ReduceScatter(torch.autograd.Function):
         out = grad.new_empty(dist.get_world_size(ctx.group) * grad.shape[0], *grad.shape[1:])
         dist.all_gather_into_tensor(out, grad, group=ctx.group)
         return out, None
-
-
-def _pack_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, A) and (N, B) fp32 -> (N, bytes) uint8 rows [a | pad | b], b 4-byte aligned."""
-    a_bytes = a.contiguous().view(torch.uint8)
-    pad = a_bytes.new_zeros(a.shape[0], -a_bytes.shape[1] % 4)
-    return torch.cat([a_bytes, pad, b.float().contiguous().view(torch.uint8)], dim=1)
-
-
-def _unpack_rows(rows: torch.Tensor, dtype, a_cols: int):
-    """Inverse of `_pack_rows`: strided (N, A) of dtype and (N, B) fp32 views of `rows`."""
-    a_bytes = a_cols * torch.empty((), dtype=dtype).element_size()
-    b_start = a_bytes + (-a_bytes % 4)
-    return rows[:, :a_bytes].view(dtype), rows[:, b_start:].view(torch.float32)
-
-
-class _DispatchExchange(torch.autograd.Function):
-    """Token rows and their routing to the expert ranks in one all-to-all.
-
-    The routing (weights and ids, 2K fp32) rides as extra bytes of each row, so a dispatch
-    costs one collective rather than two. Forward: gather each token once per destination
-    rank (rows ordered by rank, then token), exchange. Backward, the reverse exchange of both
-    gradients, then each token sums its copies in rank order (deterministic).
-    """
-
-    @staticmethod
-    def forward(ctx, x, routing, send_tokens, copy_index, output_splits, input_splits, group):
-        ctx.save_for_backward(copy_index)
-        ctx.meta = (x.dtype, x.shape[1], output_splits, input_splits, group)
-        send = _pack_rows(x, routing)[send_tokens]
-        recv = _all_to_all(send, output_splits, input_splits, group)
-        return _unpack_rows(recv, x.dtype, x.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad_x, grad_routing):
-        (copy_index,) = ctx.saved_tensors
-        dtype, D, output_splits, input_splits, group = ctx.meta
-        if grad_x is None:
-            grad_x = torch.zeros(sum(output_splits), D, dtype=dtype, device=copy_index.device)
-        no_routing_grad = grad_routing is None
-        if no_routing_grad:
-            grad_routing = torch.zeros(grad_x.shape[0], 0, device=grad_x.device)
-        back = _all_to_all(_pack_rows(grad_x, grad_routing), input_splits, output_splits, group)
-        grad_send_x, grad_send_routing = _unpack_rows(back, dtype, D)
-        grad_routing = None if no_routing_grad else \
-            sum_rows(grad_send_routing.contiguous(), copy_index)
-        return (sum_rows(grad_send_x.contiguous(), copy_index), grad_routing,
-                None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,8 +204,10 @@ class AllToAllDispatcher:
         num_local_pairs = int(sizes[2].sum())
         send_tokens = order[:sum(input_splits)] % max(T, 1)
 
-        recv_x, recv_routing = _DispatchExchange.apply(
-            x, routing, send_tokens, copy_index, output_splits, input_splits, self.group)
+        send_x = expand_rows(x, send_tokens, copy_index)
+        send_routing = expand_rows(routing, send_tokens, copy_index)
+        recv_x = _AllToAll.apply(send_x, output_splits, input_splits, self.group)
+        recv_routing = _AllToAll.apply(send_routing, output_splits, input_splits, self.group)
         recv_ids, recv_weights = _unpack_routing(recv_routing, K)
         handle = AllToAllHandle(T, num_local_pairs, copy_index, input_splits, output_splits)
         return Dispatched(recv_x, recv_ids, recv_weights, handle)
