@@ -210,6 +210,24 @@ def test_matches_reference(impl, T, K, D, dtype):
     check(case, g, *RUN[impl](case, g))
 
 
+@pytest.mark.skipif(not fms._use_triton(torch.empty(0, device=DEVICE)),
+                    reason="Triton path needs TRITON_INTERPRET=1 on CPU, or a GPU")
+@pytest.mark.parametrize("config", [
+    fms.FwdConfig(64, 1, 0),  # one token per program: no prefetch, D split in 64-wide blocks
+    fms.FwdConfig(64, 1, 1),  # several tokens per program with routing prefetch; the last
+    #                           program gets fewer tokens than the others
+    fms.FwdConfig(256, 2, 2),
+], ids=str)
+@pytest.mark.parametrize("routing", ["none", "map"])
+@pytest.mark.parametrize("gathered", [False, True], ids=["dense", "gathered"])
+def test_pinned_forward_configs(monkeypatch, config, routing, gathered):
+    monkeypatch.setattr(fms, "_fwd_config", lambda K, D, has_map: config)
+    T, K, D = 13, 3, 150
+    case = make_inputs(T, K, D, torch.float32, routing=routing, gathered=gathered)
+    g = grad_out_for(case, T, D)
+    check(case, g, *run_public(case, g))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("routing", ["none", "ids", "map", "skip_all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

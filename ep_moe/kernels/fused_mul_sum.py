@@ -80,6 +80,7 @@ def _fused_mul_sum_fwd_kernel(
     # meta-parameters
     K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_MAP: tl.constexpr, HAS_ROWS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Program (i, j) writes columns [j*BLOCK_D, (j+1)*BLOCK_D) of `tokens_per_program` tokens.
 
@@ -93,16 +94,22 @@ def _fused_mul_sum_fwd_kernel(
     d_mask = d < D
     keep, row, w = _slot_rows(t_start, weights_ptr, ids_ptr, map_ptr, rows_ptr, E,
                               K, BLOCK_K, HAS_IDS, HAS_MAP, HAS_ROWS)
-    for t in range(t_start, t_end):
+    if PREFETCH:
+        for t in range(t_start, t_end):
+            x = tl.load(inputs_ptr + row[:, None] * D + d[None, :],
+                        mask=keep[:, None] & d_mask[None, :], other=0.0)
+            t_next = tl.minimum(t + 1, T - 1)  # the last prefetch re-reads a valid token
+            keep_next, row_next, w_next = _slot_rows(t_next, weights_ptr, ids_ptr, map_ptr,
+                                                     rows_ptr, E, K, BLOCK_K, HAS_IDS,
+                                                     HAS_MAP, HAS_ROWS)
+            acc = tl.sum(x.to(tl.float32) * w[:, None], axis=0)
+            tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+            keep, row, w = keep_next, row_next, w_next
+    else:  # one token per program: nothing to prefetch
         x = tl.load(inputs_ptr + row[:, None] * D + d[None, :],
                     mask=keep[:, None] & d_mask[None, :], other=0.0)
-        t_next = tl.minimum(t + 1, T - 1)  # the last prefetch re-reads a valid token
-        keep_next, row_next, w_next = _slot_rows(t_next, weights_ptr, ids_ptr, map_ptr,
-                                                 rows_ptr, E, K, BLOCK_K, HAS_IDS, HAS_MAP,
-                                                 HAS_ROWS)
         acc = tl.sum(x.to(tl.float32) * w[:, None], axis=0)
-        tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
-        keep, row, w = keep_next, row_next, w_next
+        tl.store(out_ptr + t_start * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -161,10 +168,14 @@ class FwdConfig(NamedTuple):
 
 
 def _fwd_config(K: int, D: int, has_map: bool) -> FwdConfig:
-    """Picked by launch/sweep_combine.py on an H200 (PERF.md's shapes, W of 1, 2 and 4)."""
-    if has_map:  # most slots skipped: wide rows per thread keep enough bytes in flight
+    """Picked by launch/sweep_combine.py on an H200 (PERF.md's shapes at W of 1, 2 and 4;
+    launch/results/h200/sweep_combine.json)."""
+    if has_map and D <= 4096:  # most slots skipped: wide rows per thread and several tokens
+        # per program keep enough bytes in flight behind the ids -> map -> rows chain
         block_d = min(triton.next_power_of_2(max(D, 1)), 2048)
         return FwdConfig(block_d, max(1, min(4, block_d // 512)), 32)
+    if has_map:  # long rows (D = 7168): one token per program, narrow tiles, many programs
+        return FwdConfig(512, 2, 0)
     _, block_d, num_warps = _block_sizes(K, D)
     return FwdConfig(block_d, num_warps, 0)
 
@@ -210,7 +221,7 @@ def _fwd_triton(inputs, weights, topk_ids, expert_map, row_index, out):
         inputs, weights, ids, emap, rows, out, T, D, E, per_program,
         K=K, BLOCK_K=block_k, BLOCK_D=cfg.block_d,
         HAS_IDS=topk_ids is not None, HAS_MAP=expert_map is not None,
-        HAS_ROWS=row_index is not None, num_warps=cfg.num_warps)
+        HAS_ROWS=row_index is not None, PREFETCH=per_program > 1, num_warps=cfg.num_warps)
 
 
 def _bwd_triton(grad_out, inputs, weights, topk_ids, expert_map, row_index,
