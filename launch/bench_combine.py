@@ -300,6 +300,8 @@ def markdown(rows, ceiling, floor, device_name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=None, metavar="T,K,D,W",
+                        help="run just these rows (bf16), e.g. 8192,8,7168,4")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny shapes on the CPU: exercises the correctness path only")
     args = parser.parse_args(argv)
@@ -318,7 +320,11 @@ def main(argv=None):
     ceiling = copy_ceiling_gbs(device)
     floor = launch_floor_us(device)
     rows = []
-    for T, K, D, W, dtype in (smoke_rows() if args.cpu_smoke else gpu_rows()):
+    shapes = smoke_rows() if args.cpu_smoke else gpu_rows()
+    if args.only is not None:
+        wanted = {tuple(int(v) for v in r.split(",")) for r in args.only}
+        shapes = [r for r in shapes if r[:4] in wanted and r[4] == torch.bfloat16]
+    for T, K, D, W, dtype in shapes:
         rows.append(run_row(T, K, D, W, dtype, device, ceiling, gen))
         print(f"checked and timed (T={T}, K={K}, D={D}, W={W}, {dtype}): "
               f"{min(rows[-1]['ours_us']):.1f} us", flush=True)
