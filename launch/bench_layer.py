@@ -16,8 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (copy_ceiling_gbs, markdown_table, matmul_ceiling_tflops, out_dir, time_ms,
-                    write_json)  # noqa: E402
+from common import (copy_ceiling_gbs, markdown_table, matmul_ceiling_tflops, out_dir,
+                    time_fwd_and_fwd_bwd, write_json)  # noqa: E402
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.reference import reference_moe  # noqa: E402
@@ -40,27 +40,6 @@ def hf_block(preset: str, cfg: MoEConfig):
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def fwd_and_fwd_bwd(module, x, g, device, iters):
-    xg = x.clone().requires_grad_()
-
-    def fwd():
-        with torch.no_grad():
-            module(x)
-
-    def fwd_bwd():
-        module(xg).backward(g)
-
-    res = {"fwd_ms": time_ms(fwd, device, iters)}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    res["fwd_bwd_ms"] = time_ms(fwd_bwd, device, iters)
-    if device.type == "cuda":
-        res["peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-    module.zero_grad(set_to_none=True)
-    return res
 
 
 def profile_forward(module, x, device, name):
@@ -137,8 +116,8 @@ def main():
             weight_bytes = hit * 3 * D * I * 2
             floor_fwd = max(flops / mm_tflops / 1e9, weight_bytes / copy_gbs / 1e6)
             floor_fb = max(3 * flops / mm_tflops / 1e9, 3 * weight_bytes / copy_gbs / 1e6)
-            mine = fwd_and_fwd_bwd(ours, x, g, device, args.iters)
-            theirs = fwd_and_fwd_bwd(block, x, g, device, args.iters)
+            mine = time_fwd_and_fwd_bwd(ours, x, g, device, args.iters)
+            theirs = time_fwd_and_fwd_bwd(block, x, g, device, args.iters)
             row = {
                 "preset": preset, "T": T, "err_vs_fp64": err_ref, "hf_err_vs_fp64": err_hf_ref,
                 "fwd_ms": mine["fwd_ms"], "fwd_floor_ms": floor_fwd,
@@ -153,7 +132,7 @@ def main():
             if T in args.profile:
                 profile_forward(ours, x, device, f"profile_layer_{preset}_T{T}.txt")
             if T <= args.dense_upto:
-                d = fwd_and_fwd_bwd(dense, x, g, device, args.iters)
+                d = time_fwd_and_fwd_bwd(dense, x, g, device, args.iters)
                 row.update(dense_fwd_ms=d["fwd_ms"], dense_fwd_bwd_ms=d["fwd_bwd_ms"],
                            dense_fwd_vs_floor=d["fwd_ms"] / floor_fwd)
             report["rows"].append(row)

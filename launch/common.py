@@ -52,6 +52,30 @@ def time_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3, barrier=
     return statistics.median(times)
 
 
+def time_fwd_and_fwd_bwd(module, x, g, device, iters, barrier=None) -> dict:
+    """Median forward (no grad) and forward+backward ms of module(x), with peak device memory
+    of the forward+backward: absolute, and above what was allocated before it."""
+    xg = x.clone().requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd():
+        module(xg).backward(g)
+
+    res = {"fwd_ms": time_ms(fwd, device, iters, barrier=barrier)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    res["fwd_bwd_ms"] = time_ms(fwd_bwd, device, iters, barrier=barrier)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        res["peak_mem_gib"], res["peak_extra_gib"] = peak / 2**30, (peak - base) / 2**30
+    module.zero_grad(set_to_none=True)
+    return res
+
+
 def copy_ceiling_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy, bytes read + written per second (GB/s)."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()

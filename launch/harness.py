@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_ceiling_gbs, markdown_table, out_dir, sync, time_ms, write_json  # noqa: E402
+from common import (copy_ceiling_gbs, markdown_table, out_dir, sync, time_fwd_and_fwd_bwd,
+                    time_ms, write_json)  # noqa: E402
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.distributed import group_rank_and_size, init_distributed  # noqa: E402
@@ -136,22 +137,8 @@ def time_layer(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
     D = layer.config.hidden_size
     x = torch.randn(T, D, dtype=dtype, device=device)
     g = torch.randn(T, D, dtype=dtype, device=device)
-    xg = x.clone().requires_grad_()
-
-    def fwd():
-        with torch.no_grad():
-            layer(x)
-
-    def fwd_bwd():
-        layer(xg).backward(g)
-
-    res = {"fwd_ms": time_ms(fwd, device, iters, barrier=barrier)}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    res["fwd_bwd_ms"] = time_ms(fwd_bwd, device, iters, barrier=barrier)
-    if device.type == "cuda":
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    layer.zero_grad(set_to_none=True)
+    res = time_fwd_and_fwd_bwd(layer, x, g, device, iters, barrier)
+    res.pop("peak_extra_gib", None)
     return res
 
 

@@ -15,8 +15,6 @@ import triton.language as tl
 from .fused_mul_sum import _use_triton
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
 
 
 @triton.jit
@@ -35,6 +33,17 @@ def _act_and_grad(gate, ACT: tl.constexpr):
 
 
 @triton.jit
+def _load_gate_up(h_ptr, I, BLOCK: tl.constexpr):
+    """This program's row and columns, and their fp32 gate and up values."""
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < I
+    gate = tl.load(h_ptr + row * 2 * I + col, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + row * 2 * I + I + col, mask=mask, other=0.0).to(tl.float32)
+    return row, col, mask, gate, up
+
+
+@triton.jit
 def _gated_act_fwd_kernel(
     # pointers
     h_ptr, out_ptr,
@@ -43,11 +52,7 @@ def _gated_act_fwd_kernel(
     # meta-parameters
     ACT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = col < I
-    gate = tl.load(h_ptr + row * 2 * I + col, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_ptr + row * 2 * I + I + col, mask=mask, other=0.0).to(tl.float32)
+    row, col, mask, gate, up = _load_gate_up(h_ptr, I, BLOCK)
     act, _ = _act_and_grad(gate, ACT)
     tl.store(out_ptr + row * I + col, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -61,11 +66,7 @@ def _gated_act_bwd_kernel(
     # meta-parameters
     ACT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = col < I
-    gate = tl.load(h_ptr + row * 2 * I + col, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_ptr + row * 2 * I + I + col, mask=mask, other=0.0).to(tl.float32)
+    row, col, mask, gate, up = _load_gate_up(h_ptr, I, BLOCK)
     g = tl.load(grad_out_ptr + row * I + col, mask=mask, other=0.0).to(tl.float32)
     act, dact = _act_and_grad(gate, ACT)
     dtype = grad_h_ptr.dtype.element_ty
