@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -95,9 +96,18 @@ class MoEConfig:
         if not isinstance(self.dense_max_rows, int) or self.dense_max_rows < 0:
             raise ValueError(
                 f"MoEConfig.dense_max_rows must be an int >= 0, got {self.dense_max_rows!r}")
-        if self.num_shared_experts < 0:
+        if not isinstance(self.num_shared_experts, int) or isinstance(self.num_shared_experts, bool) \
+                or self.num_shared_experts < 0:
             raise ValueError(
-                f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
+                f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+        for name in ("norm_topk_prob", "use_correction_bias", "gated", "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("aux_loss_coef", "z_loss_coef", "init_std", "routed_scaling_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+                    not math.isfinite(value):
+                raise ValueError(f"MoEConfig.{name} must be a finite number, got {value!r}")
         if self.shared_intermediate_size is not None:
             _positive_int("shared_intermediate_size", self.shared_intermediate_size)
         if self.shared_expert_gate and self.num_shared_experts == 0:

@@ -21,16 +21,18 @@ _EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
 
 
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on the output whose backward also seeds d(aux_loss) = 1, so the router's
-    training losses reach the gradients through `loss.backward()` with nothing to wire up."""
+    """Identity on the output whose backward also seeds d(aux_loss) = scale, so the router's
+    training losses reach the gradients through `loss.backward()` with nothing to wire up.
+    The seed cannot see how the main loss was scaled: that is `MoE.aux_loss_grad_scale`."""
 
     @staticmethod
-    def forward(ctx, y, aux_loss):
+    def forward(ctx, y, aux_loss, scale):
+        ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, torch.ones((), dtype=torch.float32, device=grad.device)
+        return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
 
 
 class MoE(nn.Module):
@@ -65,10 +67,11 @@ class MoE(nn.Module):
         self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
         self.dispatcher = make_dispatcher(config.dispatcher, self.placement, process_group,
                                           self.rank)
+        # multiplies the aux-loss gradient attached to the output: set it to whatever scales the
+        # main loss (AMP loss scale, 1 / gradient-accumulation steps), and do not also add
+        # `route.aux_loss` to the loss, or it counts twice
+        self.aux_loss_grad_scale = 1.0
         self.to(device=device, dtype=dtype)
-        if self.router.e_score_correction_bias is not None:  # selection bias stays fp32
-            self.router.e_score_correction_bias.data = \
-                self.router.e_score_correction_bias.data.float()
         self.reset_parameters()
 
     @classmethod
@@ -90,6 +93,8 @@ class MoE(nn.Module):
             self.shared_experts.reset_parameters()
         std = self.config.init_std
         device = self.experts.gate_up_proj.device
+        if device.type == "meta":  # deferred init: to_empty(), then reset_parameters() again
+            return
         for local, g in enumerate(self.local_expert_ids):
             gen = torch.Generator(device=device).manual_seed(base_seed + g)
             self.experts.gate_up_proj[local].normal_(0.0, std, generator=gen)
@@ -102,15 +107,21 @@ class MoE(nn.Module):
         token counts, aux loss). In training, the aux loss's gradient is attached to `y`.
         """
         D = self.config.hidden_size
-        if x.shape[-1] != D:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim == 0 or x.shape[-1] != D:
             raise ValueError(f"x must have last dim hidden_size={D}, got shape {tuple(x.shape)}")
+        weight = self.experts.gate_up_proj
+        if x.dtype != weight.dtype or x.device != weight.device:
+            raise ValueError(f"x must match the layer's parameters ({weight.dtype} on "
+                             f"{weight.device}), got {x.dtype} on {x.device}")
         x_TD = x.reshape(-1, D)
         route = self.router(x_TD)
         y_TD = self._routed(x_TD, route)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if route.aux_loss is not None and torch.is_grad_enabled():
-            y_TD = _AttachAuxLoss.apply(y_TD, route.aux_loss)
+            y_TD = _AttachAuxLoss.apply(y_TD, route.aux_loss, self.aux_loss_grad_scale)
         y = y_TD.view(x.shape)
         return (y, route) if return_router_output else y
 

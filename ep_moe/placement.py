@@ -21,6 +21,10 @@ class ExpertPlacement:
     kind: str = "linear"
 
     def __post_init__(self) -> None:
+        for name in ("num_experts", "world_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ExpertPlacement.{name} must be a positive int, got {value!r}")
         if self.world_size > self.num_experts:
             raise ValueError(
                 f"expert parallelism needs at least one expert per rank: got "

@@ -49,6 +49,15 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        bias = self.e_score_correction_bias
+        if bias is not None and bias.dtype != torch.float32:
+            # the selection bias stays fp32 under .to(dtype) / .bfloat16(): updates of 1e-3
+            # vanish in bf16 once the bias passes 0.5
+            self.e_score_correction_bias = bias.float()
+        return self
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.config.init_std)
         if self.e_score_correction_bias is not None:
@@ -114,5 +123,10 @@ class Router(nn.Module):
         """
         if self.e_score_correction_bias is None:
             raise ValueError("update_correction_bias needs MoEConfig.use_correction_bias=True")
-        load = num_tokens_per_expert.float()
+        E = self.config.num_experts
+        if not isinstance(num_tokens_per_expert, torch.Tensor) or \
+                tuple(num_tokens_per_expert.shape) != (E,):
+            raise ValueError(f"num_tokens_per_expert must be a tensor of shape ({E},), got "
+                             f"{getattr(num_tokens_per_expert, 'shape', type(num_tokens_per_expert))}")
+        load = num_tokens_per_expert.float().to(self.e_score_correction_bias.device)
         self.e_score_correction_bias += rate * torch.sign(load.mean() - load)

@@ -208,6 +208,9 @@ def _fwd_triton(inputs, weights, topk_ids, expert_map, row_index, out):
     D = out.shape[1]
     if T == 0 or D == 0:
         return
+    if K == 0:  # no slots: every token gets zeros
+        out.zero_()
+        return
     E = expert_map.shape[0] if expert_map is not None else 0
     block_k = triton.next_power_of_2(K)
     cfg = _fwd_config(K, D, expert_map is not None or row_index is not None)
@@ -228,7 +231,7 @@ def _bwd_triton(grad_out, inputs, weights, topk_ids, expert_map, row_index,
                 grad_inputs, grad_weights):
     T, K = weights.shape
     D = grad_out.shape[1]
-    if T == 0:
+    if T == 0 or K == 0:  # K = 0: both gradients are empty
         return
     if D == 0:
         if grad_weights is not None:
