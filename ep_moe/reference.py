@@ -12,20 +12,6 @@ from .config import MoEConfig
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
-def reference_combine(inputs, topk_weights, topk_ids=None, expert_map=None):
-    """float64 `sum_k w[t,k] * inputs[t,k]` over the slots that count (see moe_fused_mul_sum)."""
-    keep = torch.ones(topk_weights.shape, dtype=torch.bool, device=inputs.device)
-    if topk_ids is not None:
-        keep &= topk_ids >= 0
-        if expert_map is not None:
-            E = expert_map.shape[0]
-            in_range = keep & (topk_ids < E)
-            keep = in_range & (expert_map[topk_ids.clamp(0, max(E - 1, 0))] >= 0)
-    x = torch.where(keep[..., None], inputs.double(), 0.0)
-    w = torch.where(keep, topk_weights.double(), 0.0)
-    return (x * w[..., None]).sum(1)
-
-
 def reference_router(x, params: dict, config: MoEConfig,
                      topk_ids: Optional[torch.Tensor] = None):
     """float64 routing: returns (topk_ids (T, K), topk_weights (T, K) float64)."""
