@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 Activation = Literal["silu", "gelu", "relu"]
-ExpertImpl = Literal["grouped_mm", "loop"]
+ExpertImpl = Literal["auto", "grouped_mm", "loop"]
 Placement = Literal["linear", "round_robin"]
 Dispatcher = Literal["all_to_all", "allgather"]
 
@@ -51,7 +51,10 @@ class MoEConfig:
     # experts
     activation: Activation = "silu"
     gated: bool = True  # act(x w1) * (x w3) when True, act(x w1) when False
-    expert_impl: ExpertImpl = "grouped_mm"  # "loop": one GEMM per expert (debugging, old torch)
+    # auto: Triton grouped GEMMs (gather and activation fused) for forwards that need no
+    # gradient, torch's grouped GEMM otherwise; grouped_mm: always torch's; loop: one GEMM per
+    # expert (debugging, old torch)
+    expert_impl: ExpertImpl = "auto"
     # when a rank computes at most this many rows (decode), run every local expert on every row
     # with batched GEMMs: each weight is read once and nothing is sorted. 0 turns it off.
     dense_max_rows: int = 0
@@ -77,7 +80,7 @@ class MoEConfig:
                 f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
         _choice("score_func", self.score_func, ("softmax", "sigmoid"))
         _choice("activation", self.activation, ("silu", "gelu", "relu"))
-        _choice("expert_impl", self.expert_impl, ("grouped_mm", "loop"))
+        _choice("expert_impl", self.expert_impl, ("auto", "grouped_mm", "loop"))
         _choice("placement", self.placement, ("linear", "round_robin"))
         _choice("dispatcher", self.dispatcher, ("all_to_all", "allgather"))
         if self.num_experts % self.num_expert_groups:

@@ -14,6 +14,8 @@ from torch import nn
 
 from .config import MoEConfig
 from .kernels.activation import fused_activation_available, gated_activation
+from .kernels.fused_mul_sum import _use_triton
+from .kernels.grouped_gemm import grouped_gemm
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -23,6 +25,11 @@ _GROUPED_MM_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.bfloat16, torch.float16),
 }
+
+# Up to this many rows per local expert (mean) the Triton path is faster; above it torch's
+# grouped GEMM is (launch/sweep_gemm.py, H200: 0.57-0.84x torch's time at <= 128 rows per
+# expert, equal at 256, 1.2x at 1024 on the Mixtral shape).
+FUSED_MAX_ROWS_PER_EXPERT = 256
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -81,12 +88,44 @@ class Experts(nn.Module):
             h = activate(F.linear(x, self.gate_up_proj[0]), cfg.activation, cfg.gated)
             return F.linear(h, self.down_proj[0])
         w13, w2 = self.gate_up_proj, self.down_proj
-        if cfg.expert_impl == "grouped_mm" and grouped_mm_supported(x, w13, w2):
+        if cfg.expert_impl != "loop" and grouped_mm_supported(x, w13, w2):
             offs = torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)
             h = _grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # (P, 2I)
             h = activate(h, cfg.activation, cfg.gated)
             return _grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # (P, D)
         return self._loop(x, num_tokens_per_expert)
+
+    def fused_forward_supported(self, x: torch.Tensor, num_pairs: int) -> bool:
+        """Whether `fused_forward` runs for `num_pairs` routed rows: nothing needs a gradient
+        (inference), Triton is there, not inside torch.compile (which traces torch's grouped
+        GEMM instead), and few enough rows per expert that it beats torch's grouped GEMM."""
+        if self.config.expert_impl != "auto" or not _use_triton(x):
+            return False
+        if num_pairs > FUSED_MAX_ROWS_PER_EXPERT * max(self.num_local_experts, 1):
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        needs_grad = x.requires_grad or self.gate_up_proj.requires_grad or \
+            self.down_proj.requires_grad
+        return not (torch.is_grad_enabled() and needs_grad)
+
+    def fused_forward(self, x: torch.Tensor, source_rows: torch.Tensor,
+                      num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Inference forward straight from the token rows, no autograd.
+
+        Args:
+            x: (R, D) token rows, in any order.
+            source_rows: (P,) int row of x for each expert-sorted pair.
+            num_tokens_per_expert: (e,) int pairs per local expert, summing to P.
+
+        Returns:
+            (P, D) expert outputs in sorted order; the (P, D) sorted copy of x and the (P, 2I)
+            pre-activation are never materialised.
+        """
+        cfg = self.config
+        h = grouped_gemm(x, self.gate_up_proj, num_tokens_per_expert, a_rows=source_rows,
+                         activation=cfg.activation, gated=cfg.gated)  # (P, I)
+        return grouped_gemm(h, self.down_proj, num_tokens_per_expert)  # (P, D)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Every local expert on every row: (R, D) -> (e, R, D).

@@ -1,0 +1,258 @@
+"""Grouped expert GEMMs in Triton, for the forward pass without autograd (inference).
+
+`out[p] = a[rows[p]] @ w[expert(p)].T` over rows sorted by expert, where `expert(p)` comes from
+the per-expert row counts (e,) on the device: no host sync, so the layer's forward stays
+capturable in a CUDA graph. Two fusions that torch's grouped GEMM cannot do:
+- the expand: with `a_rows` the A tile is gathered from the token rows, so the (P, D) copy of
+  the expert-sorted tokens is never written;
+- the gated activation: the gate and up tiles of one program share their A tile and the
+  epilogue writes `act(gate) * up` (P, I), so the (P, 2I) pre-activation never reaches memory.
+
+The tile schedule: expert i owns `ceil(count_i / BLOCK_M)` row blocks, laid end to end; a
+program finds its expert by comparing its block number with the cumulative block counts, which
+it sums itself from the (e,) counts: no torch op runs before the launch.
+Programs are launched for the upper bound `ceil(P / BLOCK_M) + e` and those past the last
+block return at once. Row tiles of one group of GROUP_M blocks sweep all column tiles before
+the next group starts, so the A rows stay in L2 while the weights stream.
+
+Only used where nothing needs a gradient: training keeps torch's grouped GEMM, whose backward
+torch provides.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import ACTIVATIONS, _act_and_grad
+from .fused_mul_sum import _INTERPRET, _use_triton
+
+GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Triton kernel
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # the CPU interpreter multiplies bf16 tiles wrongly (triton 3.9): go through fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if IEEE:  # fp32 operands: full fp32 products, not tf32's 10-bit mantissa
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    # pointers
+    a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr,
+    # sizes
+    N, K, num_experts, num_pid_m, up_offset,
+    # strides (the last dim of a, w and out is contiguous)
+    stride_am, stride_we, stride_wn, stride_om,
+    # meta-parameters
+    GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+    EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped order: GROUP_M row blocks sweep every column tile before the next group
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+
+    # which expert owns row block pid_m: the row and block counts are read and summed here (a
+    # vector of E_POW2 lanes), so the launcher runs no torch ops before the kernel
+    e = tl.arange(0, E_POW2)
+    counts = tl.load(counts_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_ends = tl.cumsum(blocks, 0)
+    expert = tl.sum((block_ends <= pid_m).to(tl.int32))  # empty experts count as passed
+    if expert >= num_experts:
+        return  # past the last block: the grid is an upper bound
+    mine = e == expert
+    row_end = tl.sum(tl.where(mine, tl.cumsum(counts, 0), 0))
+    row_begin = row_end - tl.sum(tl.where(mine, counts, 0))
+    first_block = tl.sum(tl.where(mine, block_ends - blocks, 0))
+
+    rows = row_begin + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    if GATHER:
+        a_row = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        a_row = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
+    # (BLOCK_K, BLOCK_N) tile of w[expert].T; w is (e, N', K) with K contiguous
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+              + cols[None, :].to(tl.int64) * stride_wn + ks[:, None])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = ks < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, w, acc, IEEE, UPCAST)
+        if GATED:
+            up_ptrs = w_ptrs + up_offset * stride_wn
+            if EVEN_K:
+                w_up = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                w_up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_ACT:
+        acc, _ = _act_and_grad(acc, ACT)
+        if GATED:
+            acc = acc * acc_up
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Configs and launcher
+# --------------------------------------------------------------------------------------------
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2) -> GemmConfig:
+    """Tile sizes by the mean rows per expert (launch/sweep_gemm.py, H200, bf16, Mixtral and
+    Qwen3 shapes; each within 4% of the best candidate where the sweep ranked them).
+
+    Few rows per expert: the weights' bytes bound the time, so short row tiles keep every weight
+    tile read about once; many rows: the FLOPs do, so 128-row tiles for the tensor cores.
+    4-byte dtypes get fewer pipeline stages (then shorter K tiles) until the buffers fit.
+    """
+    if rows_per_expert <= 8:
+        cfg = GemmConfig(16, 128, 128, 1, 4, 3)
+    elif rows_per_expert <= 64:
+        cfg = GemmConfig(64, 128, 64, 4, 4, 4)
+    elif gated or rows_per_expert <= 128:
+        cfg = GemmConfig(128, 128, 64, 8, 8, 3)
+    else:
+        cfg = GemmConfig(128, 256, 64, 8, 8, 3)
+    while _shared_bytes(cfg, gated, element_size) > _SHARED_BUDGET:
+        if cfg.num_stages > 2:
+            cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+        else:
+            cfg = cfg._replace(block_k=cfg.block_k // 2)
+    return cfg
+
+
+# shared memory the pipelined A and W tiles may take: under the 227 KiB a Hopper block gets,
+# with a little room for what Triton adds
+_SHARED_BUDGET = 220 * 1024
+
+
+def _shared_bytes(cfg: GemmConfig, gated: bool, element_size: int) -> int:
+    w_tiles = 2 if gated else 1
+    per_stage = (cfg.block_m + w_tiles * cfg.block_n) * cfg.block_k * element_size
+    return (cfg.num_stages - 1) * per_stage  # Triton buffers num_stages - 1 tiles ahead
+
+
+def _check(name: str, t: torch.Tensor, ndim: int, dtypes) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.Tensor,
+                 a_rows: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                 gated: bool = True, config: Optional[GemmConfig] = None) -> torch.Tensor:
+    """Per-expert `a_sorted @ w[i].T`, optionally gathering rows and applying an activation.
+
+    Args:
+        a: (M, K) rows, contiguous last dim, float32 / float16 / bfloat16.
+        w: (e, N, K) per-expert weights (K contiguous), a's dtype. With a gated `activation`
+            the rows [0, N/2) are the gate and [N/2, N) the up projection.
+        num_tokens_per_expert: (e,) int32/int64 on a's device: rows of each expert, in order.
+            They must sum to P, the number of output rows (device data: not checked here,
+            which would cost a host sync; rows past their sum would be left unwritten).
+        a_rows: optional (P,) int32/int64: sorted row p reads a[a_rows[p]] (the expand fused
+            into the load). Without it, row p reads a[p] and M must be >= P.
+        activation: None, or "silu" / "gelu" / "relu": `act(gate) * up` when `gated`, else
+            `act(h)`.
+        config: tile sizes; default `gemm_config(P / e, gated, a.element_size())`.
+
+    Returns:
+        (P, N) — (P, N/2) with a gated `activation` — in a's dtype, fp32 accumulation (fp32
+        inputs multiply in full fp32, not tf32). P is read on the host from `a_rows` or M, never
+        from the counts.
+    """
+    _check("a", a, 2, GEMM_DTYPES)
+    _check("w", w, 3, GEMM_DTYPES)
+    _check("num_tokens_per_expert", num_tokens_per_expert, 1, (torch.int32, torch.int64))
+    if w.dtype != a.dtype:
+        raise TypeError(f"w must have a's dtype {a.dtype}, got {w.dtype}")
+    if w.shape[2] != a.shape[1]:
+        raise ValueError(f"w must be (e, N, K={a.shape[1]}), got shape {tuple(w.shape)}")
+    num_experts, n_total, k_dim = w.shape
+    if num_tokens_per_expert.shape[0] != num_experts:
+        raise ValueError(f"num_tokens_per_expert must be ({num_experts},), got shape "
+                         f"{tuple(num_tokens_per_expert.shape)}")
+    if a_rows is not None:
+        _check("a_rows", a_rows, 1, (torch.int32, torch.int64))
+    for name, t in (("w", w), ("num_tokens_per_expert", num_tokens_per_expert),
+                    ("a_rows", a_rows)):
+        if t is not None and t.device != a.device:
+            raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
+    if activation is not None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got "
+                             f"{activation!r}")
+        if gated and n_total % 2:
+            raise ValueError(f"w must have an even N (gate | up) with activation, got {n_total}")
+    if a.stride(1) != 1 or w.stride(2) != 1:
+        raise ValueError("a and w must have a contiguous last dim, got strides "
+                         f"{a.stride()} and {w.stride()}")
+    num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    gated = gated and activation is not None
+    n_out = n_total // 2 if gated else n_total
+    out = a.new_empty(num_rows, n_out)
+    if num_rows == 0 or n_out == 0:
+        return out
+    if k_dim == 0:
+        return out.zero_()  # an empty product, and act(0) * 0 = 0
+    if not _use_triton(a):
+        raise RuntimeError("grouped_gemm runs through Triton: needs a CUDA tensor, or a CPU "
+                           "tensor with TRITON_INTERPRET=1")
+    cfg = config or gemm_config(num_rows / num_experts, gated, a.element_size())
+    num_pid_m = triton.cdiv(num_rows, cfg.block_m) + num_experts  # upper bound on row blocks
+    grid = (num_pid_m * triton.cdiv(n_out, cfg.block_n),)
+    _grouped_gemm_kernel[grid](
+        a, a_rows if a_rows is not None else a, w, out, num_tokens_per_expert,
+        n_out, k_dim, num_experts, num_pid_m, n_out,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        GATHER=a_rows is not None, HAS_ACT=activation is not None, GATED=gated,
+        ACT=ACTIVATIONS[activation or "silu"], EVEN_K=k_dim % cfg.block_k == 0,
+        IEEE=a.dtype == torch.float32, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
+        E_POW2=triton.next_power_of_2(num_experts),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out

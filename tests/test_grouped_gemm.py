@@ -1,0 +1,479 @@
+"""Triton grouped expert GEMM (`grouped_gemm`) against a float64 loop over experts, and the
+layer's inference path that runs through it (`expert_impl="auto"` under no_grad).
+
+Shapes are written as (counts, K, N): `counts` the rows of each of the e experts (P = their
+sum), K the inner dim, N the rows of each expert's weight (2I, gate | up, when gated). Pinned
+small configs keep the CPU interpreter fast (tl.dot there needs block dims >= 16); the default
+config runs on its own cases.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ep_moe import MoE, MoEConfig
+from ep_moe import experts as experts_module
+from ep_moe.kernels import grouped_gemm as gg
+from ep_moe.kernels.grouped_gemm import GemmConfig, _shared_bytes, gemm_config, grouped_gemm
+from ep_moe.reference import reference_moe
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_RUNS = gg._use_triton(torch.empty(0, device=DEVICE))
+needs_triton = pytest.mark.skipif(
+    not TRITON_RUNS, reason="the Triton path needs CUDA or TRITON_INTERPRET=1")
+
+# Allowed error = rtol * |ref| + atol + ACCUM_RTOL * bound, where `bound` carries the sums of
+# |terms| of the fp32 GEMM sums through the epilogue (see `reference`). Every dtype accumulates
+# in fp32: bf16 / fp16 products are exact in fp32, fp32 operands multiply in IEEE fp32 (not
+# tf32, whose 10-bit mantissa would be ~1e-3 off and fail here), so the dtype only sets the
+# rounding of the stored output.
+TOL = {  # dtype of a, w and the output: (rtol, atol)
+    # fp32 output stored as is: 1e-5 leaves room for the fp32 sigmoid / erf / exp (a few ulps)
+    torch.float32: (1e-5, 0.0),
+    torch.float16: (2.0**-11, 2.0**-24),  # half an ulp of 10 mantissa bits; subnormal step 2^-24
+    # 7 stored mantissa bits: half an ulp on GPU (round to nearest even), a full ulp under
+    # TRITON_INTERPRET, whose fp32->bf16 cast truncates
+    torch.bfloat16: (2.0**-7 if gg._INTERPRET else 2.0**-8, 0.0),
+}
+# fp32 accumulation in another order than float64: worst case K * 2^-24 of the |terms| sum,
+# 1e-5 covers K <= 168 outright (K <= 64 on CPU); random-sign roundings grow as sqrt(K) * 2^-24,
+# far below it at the GPU case's K = 512
+ACCUM_RTOL = 1e-5
+SLOPE = 1.13  # max |act'| over the reals (gelu 1.129, silu 1.100, relu 1): error through act
+
+ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}  # F.gelu: the exact (erf) form
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (activation, gated): no epilogue; the three gated (act(gate) * up); the three plain act(h)
+MODES = [(None, True), ("silu", True), ("gelu", True), ("relu", True),
+         ("silu", False), ("gelu", False), ("relu", False)]
+MODE_IDS = ["none", "silu_gated", "gelu_gated", "relu_gated", "silu", "gelu", "relu"]
+
+SMALL = GemmConfig(16, 16, 16, 1, 4, 2)  # smallest tiles tl.dot takes: most blocks per shape
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and the float64 reference
+# --------------------------------------------------------------------------------------------
+
+class Case(NamedTuple):
+    a: torch.Tensor                  # (M, K): M = P without a_rows
+    w: torch.Tensor                  # (e, N, K)
+    counts: torch.Tensor             # (e,) rows per expert, summing to P
+    a_rows: Optional[torch.Tensor]   # (P,) row of a for each sorted row, or None
+
+
+def make_inputs(counts, K, N, dtype=torch.float32, *, gather=False, strided=False,
+                counts_dtype=torch.int64, rows_dtype=torch.int64, seed=0) -> Case:
+    """Random a and w with O(1) GEMM outputs (w scaled by 1/sqrt(K)), NaN where nothing may
+    be read.
+
+    gather: a has about P/2 rows and `a_rows` picks them in random order, repeating rows;
+    rows it never picks (at least one) are NaN. strided: a and w are views of buffers with
+    NaN columns past K, so a's row stride and w's N stride exceed K.
+    """
+    g = torch.Generator().manual_seed(seed)
+    e, P = len(counts), sum(counts)
+    M = P // 2 + 2 if gather else P
+    a_rows = None
+    a = torch.randn(M, K, generator=g)
+    w = torch.randn(e, N, K, generator=g) / max(K, 1) ** 0.5
+    if gather:
+        perm = torch.randperm(M, generator=g)
+        readable = perm[: M - 1]  # row perm[M - 1] is never read
+        a_rows = readable[torch.randint(0, M - 1, (P,), generator=g)]
+        unread = torch.ones(M, dtype=torch.bool)
+        unread[a_rows] = False
+        a[unread] = float("nan")
+        a_rows = a_rows.to(rows_dtype).to(DEVICE)
+    a, w = a.to(DEVICE, dtype), w.to(DEVICE, dtype)
+    if strided:  # views taken after the cast, which would copy them contiguous
+        a = torch.cat([a, a.new_full((M, 5), float("nan"))], 1)[:, :K]
+        w = torch.cat([w, w.new_full((e, N, 3), float("nan"))], 2)[..., :K]
+    return Case(a, w, torch.tensor(counts, dtype=counts_dtype, device=DEVICE), a_rows)
+
+
+def reference(case: Case, activation=None, gated=True):
+    """float64 `out_i = act(rows_i @ w[i].T)` per expert, and the error bound of the fp32 sums.
+
+    Returns (out (P, N or N/2), bound): bound is sum_k |a w| for each output, carried through
+    the epilogue to first order, |d(act(g) u)| <= SLOPE |dg| |u| + |act(g)| |du|.
+    """
+    rows = case.a.double()
+    if case.a_rows is not None:
+        rows = rows[case.a_rows.long()]
+    assert rows.shape[0] == int(case.counts.sum()), "counts must sum to P"
+    outs, bounds = [], []
+    for i, x in enumerate(rows.split(case.counts.tolist())):
+        w = case.w[i].double()
+        h, h_abs = x @ w.T, x.abs() @ w.abs().T
+        if activation is None:
+            y, bound = h, h_abs
+        elif gated:
+            (gate, up), (gate_abs, up_abs) = h.chunk(2, -1), h_abs.chunk(2, -1)
+            act = ACTS[activation](gate)
+            y, bound = act * up, SLOPE * gate_abs * up.abs() + act.abs() * up_abs
+        else:
+            y, bound = ACTS[activation](h), SLOPE * h_abs
+        outs.append(y)
+        bounds.append(bound)
+    return torch.cat(outs), torch.cat(bounds)
+
+
+def assert_close_to(got, ref, bound, dtype):
+    assert got.shape == ref.shape, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert got.dtype == dtype, f"dtype {got.dtype} != {dtype}"
+    assert torch.isfinite(got).all(), f"{int((~torch.isfinite(got)).sum())} non-finite"
+    err = (got.double() - ref).abs()
+    rtol, atol = TOL[dtype]
+    bad = err > rtol * ref.abs() + atol + ACCUM_RTOL * bound
+    assert not bad.any(), (f"{int(bad.sum())}/{bad.numel()} elements off, first at "
+                           f"{tuple(bad.nonzero()[0].tolist())}, worst error "
+                           f"{float(err.max()):.3g}")
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """NaN-fill the output `grouped_gemm` allocates, so an element it fails to write shows up
+    as non-finite; returns the list of tensors so poisoned."""
+    poisoned = []
+    new_empty = torch.Tensor.new_empty
+
+    def nan_empty(self, *size, **kwargs):
+        out = new_empty(self, *size, **kwargs)
+        if out.is_floating_point():
+            poisoned.append(out.fill_(float("nan")))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_empty)
+    return poisoned
+
+
+def check(case: Case, activation=None, gated=True, config=None):
+    out = grouped_gemm(case.a, case.w, case.counts, case.a_rows, activation, gated, config)
+    ref, bound = reference(case, activation, gated)
+    assert_close_to(out, ref, bound, case.a.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Against the reference
+# --------------------------------------------------------------------------------------------
+
+SHAPES = [
+    ([5, 0, 19, 0], 32, 32),        # empty experts in the middle and at the end; 19 > BLOCK_M:
+    #                                 two row blocks, the second of 3 rows
+    ([0, 0, 7, 9], 40, 48),         # leading empty experts; K=40 = 2.5 BLOCK_K: masked K tail
+    ([0, 37, 0], 16, 20),           # all rows to the middle expert, 3 blocks; K = BLOCK_K
+    #                                 (unmasked K loop); N/2 = 10 below BLOCK_N
+    ([23], 1, 34),                  # e=1 (E_POW2 = 1); K=1, one masked K step; N/2 = 17 is one
+    #                                 past BLOCK_N
+    ([3, 1, 4, 1, 5, 9], 24, 64),   # e=6 not a power of two; rows of several experts share
+    #                                 nothing though each is below one block
+    ([0, 0, 0], 16, 32),            # P=0: (0, N) out, nothing launched
+    ([4, 0, 3], 0, 32),             # K=0: an empty product, zeros
+]
+SHAPE_IDS = ["empty_mid_end", "empty_lead_k40", "one_expert", "e1_k1", "e6", "p0", "k0"]
+
+
+@needs_triton
+@pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("counts,K,N", SHAPES, ids=SHAPE_IDS)
+def test_matches_reference(poisoned_outputs, counts, K, N, dtype, gather):
+    case = make_inputs(counts, K, N, dtype, gather=gather)
+    out = check(case, "silu", True, SMALL)
+    assert out.shape == (sum(counts), N // 2)
+
+
+@needs_triton
+@pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation,gated", MODES, ids=MODE_IDS)
+def test_activations(poisoned_outputs, activation, gated, dtype, gather):
+    # e=4 with an empty expert, 20 rows in 2 blocks, masked K tail, N/2 = 24 past BLOCK_N
+    case = make_inputs([6, 0, 20, 3], 40, 48, dtype, gather=gather, seed=1)
+    out = check(case, activation, gated, SMALL)
+    assert out.shape == (29, 24 if gated and activation else 48)
+
+
+@needs_triton
+@pytest.mark.parametrize("activation,gated", [(None, True), ("relu", False)],
+                         ids=["none_gated_ignored", "relu"])
+def test_odd_n_without_gating(poisoned_outputs, activation, gated):
+    # N=33 is fine when nothing splits it: no activation (gated then means nothing), or plain
+    case = make_inputs([6, 9], 24, 33, gather=True)
+    assert check(case, activation, gated, SMALL).shape == (15, 33)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [
+    SMALL,                               # one row block per group: plain row-major order
+    GemmConfig(16, 32, 32, 2, 4, 2),     # groups of 2 row blocks; N/2 = 48: a half column tile
+    GemmConfig(32, 16, 16, 3, 4, 2),     # BLOCK_M=32 above some experts' counts; 3 does not
+    #                                      divide the row blocks: a short last group
+    GemmConfig(16, 16, 64, 8, 4, 2),     # BLOCK_K=64 > K: one masked step; GROUP_M > blocks
+], ids=str)
+@pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
+def test_pinned_configs(poisoned_outputs, config, gather):
+    # 70 rows: 45 in one expert (several row blocks), empty experts first and last
+    case = make_inputs([0, 45, 3, 0, 22, 0], 40, 96, torch.float32, gather=gather, seed=2)
+    check(case, "gelu", True, config)
+    check(case, None, True, config)  # N = 96: 6 / 3 / 2 column tiles
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("counts,gated", [  # rows per expert across gemm_config's brackets
+    ([5, 7, 0, 3], True),        # 3.75 rows per expert, an idle expert: short row tiles
+    ([30, 50], True),            # 40 rows per expert
+    ([130, 0, 170], False),      # 100 rows per expert, an idle one between
+    ([150, 160], True),          # 155 rows per expert, gated
+    ([150, 160], False),         # the same, not gated: the widest column tiles
+], ids=["few_rows", "mid_rows", "more_rows_empty", "many_rows_gated", "many_rows_plain"])
+def test_default_config(poisoned_outputs, counts, gated, dtype):
+    case = make_inputs(counts, 40, 48, dtype, gather=True, seed=3)
+    out = check(case, "silu", gated)
+    # what config=None stands for (4-byte dtypes may get fewer stages or shorter K tiles)
+    pinned = gemm_config(sum(counts) / len(counts), gated, case.a.element_size())
+    assert torch.equal(out, grouped_gemm(case.a, case.w, case.counts, case.a_rows, "silu",
+                                         gated, pinned))
+
+
+@needs_triton
+def test_strided_operands(poisoned_outputs):
+    # a's row stride K+5 and w's N stride K+3, NaN beyond K: only K columns may be read
+    for counts, K in (([4, 17, 0], 40), ([9, 3], 32)):  # masked K tail; unmasked (EVEN_K)
+        for gather in (False, True):
+            case = make_inputs(counts, K, 32, torch.bfloat16, gather=gather, strided=True)
+            assert case.a.stride(0) == K + 5 and case.w.stride(1) == K + 3
+            check(case, "silu", True, SMALL)
+
+
+@needs_triton
+def test_every_output_element_written(poisoned_outputs):
+    """The output comes from `new_empty`, NaN-filled here: every element must be overwritten,
+    including rows of a partial last block and columns of a partial last tile."""
+    case = make_inputs([0, 19, 0, 14], 24, 36, torch.bfloat16, gather=True)
+    out = check(case, "relu", False, SMALL)  # relu: many exact zeros, which garbage could match
+    assert poisoned_outputs and out.data_ptr() == poisoned_outputs[-1].data_ptr(), \
+        "grouped_gemm no longer allocates its output with new_empty: update poisoned_outputs"
+
+
+@needs_triton
+@pytest.mark.parametrize("counts_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("rows_dtype", [torch.int32, torch.int64], ids=str)
+def test_index_dtypes(poisoned_outputs, counts_dtype, rows_dtype):
+    case = make_inputs([7, 0, 18], 24, 32, gather=True, counts_dtype=counts_dtype,
+                       rows_dtype=rows_dtype)
+    check(case, "silu", True, SMALL)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [None, GemmConfig(16, 32, 32, 2, 4, 2)], ids=str)
+def test_deterministic(config):
+    case = make_inputs([0, 21, 5, 30], 40, 64, torch.bfloat16, gather=True)
+    first = grouped_gemm(case.a, case.w, case.counts, case.a_rows, "silu", config=config)
+    second = grouped_gemm(case.a, case.w, case.counts, case.a_rows, "silu", config=config)
+    assert torch.equal(first, second)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+def _bad_inputs(change):
+    """Valid (a, w, counts, a_rows, activation) with one argument made invalid."""
+    a = torch.randn(6, 8)
+    args = dict(a=a, w=torch.randn(2, 8, 8), num_tokens_per_expert=torch.tensor([2, 4]),
+                a_rows=None, activation="silu")
+    return {**args, **change(args)}
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda x: dict(a=x["a"][None]), ValueError, r"^a must be 2-D"),
+    (lambda x: dict(a=x["a"].tolist()), TypeError, r"^a must be a torch.Tensor"),
+    (lambda x: dict(w=x["w"][0]), ValueError, r"^w must be 3-D"),
+    (lambda x: dict(w=x["w"].half()), TypeError, r"^w must have a's dtype"),
+    (lambda x: dict(a=x["a"].int(), w=x["w"].int()), TypeError, r"^a must have dtype"),
+    (lambda x: dict(a=x["a"].double(), w=x["w"].double()), TypeError, r"^a must have dtype"),
+    (lambda x: dict(w=x["w"][..., :7]), ValueError, r"^w must be \(e, N, K=8\)"),
+    (lambda x: dict(num_tokens_per_expert=x["num_tokens_per_expert"][None]), ValueError,
+     r"^num_tokens_per_expert must be 1-D"),
+    (lambda x: dict(num_tokens_per_expert=torch.tensor([6])), ValueError,
+     r"^num_tokens_per_expert must be \(2,\)"),
+    (lambda x: dict(num_tokens_per_expert=torch.tensor([2.0, 4.0])), TypeError,
+     r"^num_tokens_per_expert must have dtype"),
+    (lambda x: dict(a_rows=torch.zeros(6)), TypeError, r"^a_rows must have dtype"),
+    (lambda x: dict(a_rows=torch.zeros(6, 1, dtype=torch.int64)), ValueError,
+     r"^a_rows must be 1-D"),
+    (lambda x: dict(activation="tanh"), ValueError, r"^activation must be None or one of"),
+    (lambda x: dict(w=torch.randn(2, 7, 8)), ValueError, r"^w must have an even N"),
+    (lambda x: dict(a=torch.randn(8, 8).t()), ValueError, r"^a and w must have a contiguous"),
+    (lambda x: dict(w=torch.randn(2, 8, 8).transpose(1, 2)), ValueError,
+     r"^a and w must have a contiguous"),
+], ids=["a_3d", "a_list", "w_2d", "w_dtype", "a_int32", "a_float64", "w_K", "counts_2d",
+        "counts_len", "counts_float", "a_rows_float", "a_rows_2d", "activation", "odd_N",
+        "a_strided_K", "w_strided_K"])
+def test_validation(change, error, match):
+    args = _bad_inputs(change)
+    with pytest.raises(error, match=match):
+        grouped_gemm(**args)
+
+
+def test_needs_triton(monkeypatch):
+    monkeypatch.setattr(gg, "_use_triton", lambda t: False)  # a CPU without the interpreter
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        grouped_gemm(**_bad_inputs(lambda x: {}))
+
+
+# --------------------------------------------------------------------------------------------
+# On a GPU, at a real-ish shape
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_real_shape(dtype):
+    # e=8, D=512, I=256 (w13 of 2I=512 rows), P=300 gathered from 152 tokens with one idle
+    # expert; default config (38 rows per expert: the middle one); fp32 checks IEEE, not tf32
+    counts = [40, 0, 61, 17, 55, 33, 70, 24]
+    case = make_inputs(counts, 512, 512, dtype, gather=True, seed=4)
+    assert case.a.is_cuda
+    check(case, "silu", True)
+
+
+# --------------------------------------------------------------------------------------------
+# The layer: expert_impl="auto" takes the fused path when nothing needs a gradient
+# --------------------------------------------------------------------------------------------
+
+# Allowed error = LAYER_TOL[dtype] * max(max|reference|, 0.1), as in test_layer.py: the chain
+# gate_up GEMM + activation, down GEMM, combine rounds the output a few times
+LAYER_TOL = {
+    torch.float32: 5e-6,  # ~30 fp32 ulps of O(1) values through a few roundings and sums
+    # a bf16 rounding (a full 2^-7 ulp where TRITON_INTERPRET truncates) after each of the
+    # fused GEMM + activation, down GEMM and combine, with slack: 8 * 2^-8
+    torch.bfloat16: 2.0**-5,
+}
+LAYER_CONFIGS = {
+    "silu_gated": dict(),                              # SwiGLU: the gated epilogue
+    "gelu_plain": dict(activation="gelu", gated=False),  # plain act(h): gate_up holds I rows
+}
+
+
+def layer_config(**changes) -> MoEConfig:
+    # tiny: D=16, I=24, E=8, K=2; init_std 1/sqrt(D) gives O(1) pre-activations; dense_max_rows
+    # 0 keeps the sorted path, the only one through grouped_gemm
+    return MoEConfig.preset("tiny").replace(init_std=0.25, dense_max_rows=0, **changes)
+
+
+def make_layer(config: MoEConfig, dtype=torch.float32, T=13, seed=0):
+    torch.manual_seed(seed)
+    moe = MoE(config, device=DEVICE, dtype=dtype)
+    x = torch.randn(T, config.hidden_size, generator=torch.Generator().manual_seed(seed + 1))
+    return moe, x.to(DEVICE, dtype)
+
+
+@pytest.fixture
+def gemm_calls(monkeypatch):
+    """Counts the calls of `grouped_gemm` made by the experts module."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("activation"))
+        return grouped_gemm(*args, **kwargs)
+
+    monkeypatch.setattr(experts_module, "grouped_gemm", counting)
+    return calls
+
+
+def layer_reference(moe, x, topk_ids):
+    params = {n: p.detach() for n, p in moe.named_parameters()}
+    params.update(dict(moe.named_buffers()))
+    y, _, _ = reference_moe(x.double(), params, moe.config, topk_ids=topk_ids)
+    return y
+
+
+def assert_layer_close(actual, expected, dtype, scale_tol=1.0):
+    assert actual.shape == expected.shape and torch.isfinite(actual).all()
+    err = (actual.double() - expected.double()).abs().max().item()
+    bound = scale_tol * LAYER_TOL[dtype] * max(expected.abs().max().item(), 0.1)
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g} ({dtype})"
+
+
+@needs_triton
+@pytest.mark.parametrize("grad_enabled,params_grad,x_grad,expected", [
+    (False, True, False, 2),   # no_grad: inference, the fused path (gate_up, then down)
+    (True, True, False, 0),    # training: torch's grouped GEMM, which has a backward
+    (True, False, True, 0),    # frozen experts but a gradient wanted for x
+    (True, False, False, 2),   # grad mode on but nothing requires grad: fused
+], ids=["no_grad", "train", "x_grad", "frozen"])
+def test_layer_takes_fused_path(gemm_calls, grad_enabled, params_grad, x_grad, expected):
+    moe, x = make_layer(layer_config())
+    moe.requires_grad_(params_grad)
+    x.requires_grad_(x_grad)
+    with torch.set_grad_enabled(grad_enabled):
+        for forward in (1, 2):
+            y = moe(x)
+            assert len(gemm_calls) == expected * forward, gemm_calls
+    assert y.requires_grad == (grad_enabled and (params_grad or x_grad))
+    if expected:
+        assert gemm_calls[:2] == ["silu", None]  # gate_up with the activation, then down
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_layer_other_impls_skip_fused_path(gemm_calls, impl):
+    moe, x = make_layer(layer_config(expert_impl=impl))
+    with torch.no_grad():
+        moe(x)
+    assert gemm_calls == []
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(LAYER_CONFIGS))
+def test_layer_fused_matches_reference(gemm_calls, name, dtype):
+    moe, x = make_layer(layer_config(**LAYER_CONFIGS[name]), dtype)
+    with torch.no_grad():
+        y, route = moe(x, return_router_output=True)
+    assert len(gemm_calls) == 2 and y.dtype == dtype
+    assert_layer_close(y, layer_reference(moe, x, route.topk_ids), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(LAYER_CONFIGS))
+def test_layer_fused_matches_grouped_mm(gemm_calls, name, dtype):
+    outputs = []
+    for impl in ("auto", "grouped_mm"):  # same seed: the same weights and tokens
+        moe, x = make_layer(layer_config(expert_impl=impl, **LAYER_CONFIGS[name]), dtype)
+        with torch.no_grad():
+            outputs.append(moe(x, return_router_output=True))
+    (y_fused, route_fused), (y_torch, route_torch) = outputs
+    assert len(gemm_calls) == 2  # the auto layer only
+    assert torch.equal(route_fused.topk_ids, route_torch.topk_ids)
+    # each is within LAYER_TOL of float64, so within twice that of each other
+    assert_layer_close(y_fused, y_torch, dtype, scale_tol=2.0)
+
+
+@needs_triton
+def test_layer_fused_no_tokens(gemm_calls):
+    moe, x = make_layer(layer_config(), T=0)  # T=0: P=0 rows through both GEMMs
+    with torch.no_grad():
+        y = moe(x)
+    assert y.shape == (0, 16) and len(gemm_calls) == 2
+
+
+@pytest.mark.parametrize("rows_per_expert", [1, 8, 40, 100, 500])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_default_config_fits_shared_memory(rows_per_expert, gated, element_size):
+    # fp32 tiles at the bf16 stage counts needed 240-272 KiB: Triton refused them on an H200
+    cfg = gemm_config(rows_per_expert, gated, element_size)
+    assert _shared_bytes(cfg, gated, element_size) <= 227 * 1024
+    if element_size == 2:  # the bf16 configs are the swept ones, untouched by the fitting
+        assert cfg.num_stages >= 3
