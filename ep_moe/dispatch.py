@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
+from .kernels.dispatch_layout import dispatch_layout
 from .permute import count_ids, expand_rows, sum_rows
 from .placement import ExpertPlacement
 
@@ -182,34 +183,28 @@ class AllToAllDispatcher:
         T, K = topk_ids.shape
         W, E = self.world_size, self.placement.num_experts
         owner, table = self._owner_and_table(x.device)
-        dest = torch.zeros(T, W, dtype=torch.bool, device=x.device)
-        dest.scatter_(1, owner[topk_ids], True)  # (T, W): rank w needs token t
+        # one kernel: copies per rank, each copy's send row, each send row's token
+        layout = dispatch_layout(topk_ids, owner, W)
         pair_counts = count_ids(topk_ids, E)
         per_rank_pairs = F.pad(pair_counts, (0, 1))[table]  # (W, e_max), padding reads the 0
-        send_meta = torch.cat([dest.sum(0, keepdim=True).t(), per_rank_pairs], 1)
+        send_meta = torch.cat([layout.send_counts[:, None].long(), per_rank_pairs], 1)
         recv_meta = _all_to_all(send_meta, [1] * W, [1] * W, self.group)
-
-        # queued behind the meta exchange, needing no sizes on the host: the send order (by
-        # destination rank, then token: a stable sort of "not sent") and each copy's position
-        flat = dest.t().reshape(-1)  # (W*T)
-        order = torch.sort((~flat).to(torch.uint8), stable=True).indices
-        position = torch.empty(W * T, dtype=torch.int32, device=x.device)
-        position[order] = torch.arange(W * T, dtype=torch.int32, device=x.device)
-        copy_index = torch.where(flat, position, -1).view(W, T).t().contiguous()  # (T, W)
-        routing = _pack_routing(topk_ids, topk_weights)
+        routing = _pack_routing(topk_ids, topk_weights)  # queued behind the meta exchange
 
         # host sync: split sizes must be on the CPU for all_to_all_single
         sizes = torch.stack([send_meta[:, 0], recv_meta[:, 0], recv_meta[:, 1:].sum(1)]).cpu()
         input_splits, output_splits = tuple(sizes[0].tolist()), tuple(sizes[1].tolist())
         num_local_pairs = int(sizes[2].sum())
-        send_tokens = order[:sum(input_splits)] % max(T, 1)
+        send_tokens = layout.send_tokens[:sum(input_splits)]
 
-        send_x = expand_rows(x, send_tokens, copy_index)
-        send_routing = expand_rows(routing, send_tokens, copy_index)
+        # the token rows first: their exchange starts while the routing is still gathered
+        send_x = expand_rows(x, send_tokens, layout.copy_index)
         recv_x = _AllToAll.apply(send_x, output_splits, input_splits, self.group)
+        send_routing = expand_rows(routing, send_tokens, layout.copy_index)
         recv_routing = _AllToAll.apply(send_routing, output_splits, input_splits, self.group)
         recv_ids, recv_weights = _unpack_routing(recv_routing, K)
-        handle = AllToAllHandle(T, num_local_pairs, copy_index, input_splits, output_splits)
+        handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
+                                output_splits)
         return Dispatched(recv_x, recv_ids, recv_weights, handle)
 
     def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
