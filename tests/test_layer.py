@@ -21,8 +21,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # (outputs and every gradient). Measured worst case over seeds, tiny configs: fp32 4e-7 relative,
 # bf16 1.3e-2, fp16 1.9e-3.
 TOL = {
-    # fp32 storage (2^-24 roundoff) through ~6 roundings and D/I-term sums: 2e-6 is ~30 ulps
-    torch.float32: 5e-6,
+    # fp32 storage (2^-24 roundoff) through ~6 roundings and D/I-term sums: 5e-6 is ~80 ulps;
+    # CUDA GEMMs split and re-add K differently (an expert gradient was 5.7e-6 off on an H200)
+    torch.float32: 2e-5 if DEVICE.type == "cuda" else 5e-6,
     # a bf16 rounding (2^-8 relative, a full 2^-7 ulp where TRITON_INTERPRET truncates) after
     # each of gate_up GEMM, activation, gate*up, down GEMM, combine, shared add: 8 * 2^-8
     torch.bfloat16: 2.0**-5,

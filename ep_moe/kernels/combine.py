@@ -206,7 +206,9 @@ def _dispatch(args, outputs):
     grad = torch.is_grad_enabled() and (inputs.requires_grad or topk_weights.requires_grad)
     compiling = torch.compiler.is_compiling()
     if outputs is None:
-        return _fused_mul_sum_op(*args) if compiling else _EagerFusedMulSum.apply(*args)
+        if compiling:
+            return _fused_mul_sum_op(*args)
+        return _EagerFusedMulSum.apply(*args) if grad else _forward(*args)
     if not compiling:
         if grad:
             return outputs.copy_(_EagerFusedMulSum.apply(*args))
