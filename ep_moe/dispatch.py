@@ -181,20 +181,19 @@ class AllToAllDispatcher:
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
         T, K = topk_ids.shape
-        W, E = self.world_size, self.placement.num_experts
+        W = self.world_size
         owner, table = self._owner_and_table(x.device)
-        # one kernel: copies per rank, each copy's send row, each send row's token
-        layout = dispatch_layout(topk_ids, owner, W)
-        pair_counts = count_ids(topk_ids, E)
-        per_rank_pairs = F.pad(pair_counts, (0, 1))[table]  # (W, e_max), padding reads the 0
-        send_meta = torch.cat([layout.send_counts[:, None].long(), per_rank_pairs], 1)
+        # two kernels: copies per rank, pairs per expert, each copy's send row, each row's token
+        layout = dispatch_layout(topk_ids, owner, table)
+        send_meta = layout.send_meta  # (W, 1 + e_max)
         recv_meta = _all_to_all(send_meta, [1] * W, [1] * W, self.group)
         routing = _pack_routing(topk_ids, topk_weights)  # queued behind the meta exchange
 
         # host sync: split sizes must be on the CPU for all_to_all_single
-        sizes = torch.stack([send_meta[:, 0], recv_meta[:, 0], recv_meta[:, 1:].sum(1)]).cpu()
-        input_splits, output_splits = tuple(sizes[0].tolist()), tuple(sizes[1].tolist())
-        num_local_pairs = int(sizes[2].sum())
+        meta = torch.cat([send_meta, recv_meta]).tolist()
+        input_splits = tuple(row[0] for row in meta[:W])
+        output_splits = tuple(row[0] for row in meta[W:])
+        num_local_pairs = sum(sum(row[1:]) for row in meta[W:])
         send_tokens = layout.send_tokens[:sum(input_splits)]
 
         # the token rows first: their exchange starts while the routing is still gathered

@@ -16,7 +16,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def brute_force(topk_ids, owner, W):
-    """Send rows grouped by rank, tokens in order; copy_index[t, w] the row of (t, w)."""
+    """Send rows grouped by rank, tokens in order; copy_index[t, w] the row of (t, w); the
+    send metadata: copies per rank, then pairs per expert of that rank (padded with 0)."""
     T, E = topk_ids.shape[0], owner.shape[0]
     copy_index = torch.full((T, W), -1, dtype=torch.int32)
     tokens = []
@@ -25,8 +26,32 @@ def brute_force(topk_ids, owner, W):
             if any(0 <= e < E and owner[e] == w for e in topk_ids[t].tolist()):
                 copy_index[t, w] = len(tokens)
                 tokens.append(t)
-    counts = (copy_index >= 0).sum(0).to(torch.int32)
-    return counts, copy_index, torch.tensor(tokens, dtype=torch.int64)
+    per_rank = [[e for e in range(E) if owner[e] == w] for w in range(W)]
+    e_max = max(len(p) for p in per_rank)
+    meta = torch.zeros(W, 1 + e_max, dtype=torch.int64)
+    meta[:, 0] = (copy_index >= 0).sum(0)
+    flat = [e for e in topk_ids.reshape(-1).tolist() if 0 <= e < E]
+    for w, experts in enumerate(per_rank):
+        for j, e in enumerate(experts):
+            meta[w, 1 + j] = flat.count(e)
+    return meta, copy_index, torch.tensor(tokens, dtype=torch.int64)
+
+
+def make_table(owner, W):
+    """(W, e_max) experts of each rank, padded with E: ExpertPlacement's layout."""
+    E = owner.shape[0]
+    per_rank = [[e for e in range(E) if owner[e] == w] for w in range(W)]
+    e_max = max(len(p) for p in per_rank)
+    return torch.tensor([p + [E] * (e_max - len(p)) for p in per_rank], dtype=torch.int64)
+
+
+def layout(impl, ids, owner, W):
+    table = make_table(owner, W)
+    if impl == "torch":
+        return _layout_torch(ids, owner, table)
+    if not _use_triton(ids.to(DEVICE)):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    return dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE))
 
 
 def routed_ids(T, K, E, seed):
@@ -42,6 +67,7 @@ CASES = [  # (T, K, E, W, owner)
     (600, 2, 8, 2, "linear"),      # several token blocks: the earlier blocks' counts add up
     (300, 8, 128, 8, "round_robin"),  # Qwen3-like: most tokens go to every rank
     (50, 3, 5, 5, "linear"),       # one expert per rank
+    (700, 8, 256, 3, "linear"),    # DeepSeek-V3-like E = 256 over 3 ranks (uneven): ~22 blocks
     (0, 2, 8, 2, "linear"),        # a rank with no tokens
 ]
 
@@ -54,15 +80,10 @@ def make_owner(E, W, kind):
 @pytest.mark.parametrize("impl", ["kernel", "torch"])
 def test_matches_brute_force(T, K, E, W, kind, impl):
     ids, owner = routed_ids(T, K, E, seed=T + K), make_owner(E, W, kind)
-    counts, copy_index, tokens = brute_force(ids, owner, W)
-    if impl == "kernel":
-        if not _use_triton(ids.to(DEVICE)):
-            pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
-        got = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), W)
-    else:
-        got = _layout_torch(ids, owner, W)
-    S = int(counts.sum())
-    assert torch.equal(got.send_counts.cpu(), counts)
+    meta, copy_index, tokens = brute_force(ids, owner, W)
+    got = layout(impl, ids, owner, W)
+    S = int(meta[:, 0].sum())
+    assert torch.equal(got.send_meta.cpu(), meta)
     assert torch.equal(got.copy_index.cpu(), copy_index)
     assert got.send_tokens.shape == (W * T,)
     assert torch.equal(got.send_tokens[:S].cpu(), tokens)
@@ -73,33 +94,31 @@ def test_out_of_range_ids_send_nothing(impl):
     # -1 (padding) and ids >= E must neither send a copy nor index the owner table
     ids = torch.tensor([[0, -1], [9, 3], [-5, 100], [2, 2]])
     owner = torch.tensor([0, 1, 1, 0])
-    counts, copy_index, tokens = brute_force(ids, owner, 2)
-    if impl == "kernel":
-        if not _use_triton(ids.to(DEVICE)):
-            pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
-        got = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), 2)
-    else:
-        got = _layout_torch(ids, owner, 2)
+    meta, copy_index, tokens = brute_force(ids, owner, 2)
+    got = layout(impl, ids, owner, 2)
     assert torch.equal(got.copy_index.cpu(), copy_index)
     assert copy_index[2].tolist() == [-1, -1]
-    assert torch.equal(got.send_tokens[:int(counts.sum())].cpu(), tokens)
+    assert torch.equal(got.send_tokens[:int(meta[:, 0].sum())].cpu(), tokens)
+    assert torch.equal(got.send_meta.cpu(), meta)  # the out-of-range ids counted nowhere
 
 
 def test_int32_ids_and_owner():
     ids, owner = routed_ids(40, 2, 8, seed=1), make_owner(8, 2, "linear")
-    a = dispatch_layout(ids.to(DEVICE, torch.int32), owner.to(DEVICE, torch.int32), 2)
+    table = make_table(owner, 2).to(DEVICE)
+    a = dispatch_layout(ids.to(DEVICE, torch.int32), owner.to(DEVICE, torch.int32), table)
     b = brute_force(ids, owner, 2)
-    assert torch.equal(a.copy_index.cpu(), b[1])
+    assert torch.equal(a.copy_index.cpu(), b[1]) and torch.equal(a.send_meta.cpu(), b[0])
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda ids, owner: (ids[0], owner, 2), "topk_ids"),             # 1-D ids
-    (lambda ids, owner: (ids.float(), owner, 2), "topk_ids"),        # float ids
-    (lambda ids, owner: (ids, owner[None], 2), "owner"),             # 2-D owner
-    (lambda ids, owner: (ids, owner, 0), "world_size"),              # no ranks
-    (lambda ids, owner: (ids, owner.to("meta"), 2), "owner"),        # another device
+    (lambda ids, owner, table: (ids[0], owner, table), "topk_ids"),        # 1-D ids
+    (lambda ids, owner, table: (ids.float(), owner, table), "topk_ids"),   # float ids
+    (lambda ids, owner, table: (ids, owner[None], table), "owner"),        # 2-D owner
+    (lambda ids, owner, table: (ids, owner, table[0]), "table"),           # 1-D table
+    (lambda ids, owner, table: (ids, owner, table[:0]), "table"),          # no ranks
+    (lambda ids, owner, table: (ids, owner.to("meta"), table), "owner"),   # another device
 ])
 def test_validation(bad, match):
     ids, owner = routed_ids(4, 2, 8, seed=0), make_owner(8, 2, "linear")
     with pytest.raises(ValueError, match=match):
-        dispatch_layout(*bad(ids, owner))
+        dispatch_layout(*bad(ids, owner, make_table(owner, 2)))

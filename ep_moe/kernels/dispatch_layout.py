@@ -19,12 +19,14 @@ from .fused_mul_sum import _use_triton
 
 
 class SendLayout(NamedTuple):
-    """send_counts: (W,) int32 copies for each rank.
+    """send_meta: (W, 1 + e_max) int64; row w = [copies sent to rank w, then the (token, slot)
+        pairs of each of w's experts in `table` order, 0 on padding]: the message each rank
+        sends ahead of the tokens.
     copy_index: (T, W) int32 row of token t's copy for rank w in the send buffer, -1 if none.
-    send_tokens: (W*T,) int64; the first sum(send_counts) entries name the token of each send
-        row, the rest are unused."""
+    send_tokens: (W*T,) int64; the first sum(send_meta[:, 0]) entries name the token of each
+        send row, the rest are unused."""
 
-    send_counts: torch.Tensor
+    send_meta: torch.Tensor
     copy_index: torch.Tensor
     send_tokens: torch.Tensor
 
@@ -47,30 +49,43 @@ def _destinations(ids_ptr, owner_ptr, t0, T, K, E,
 @triton.jit
 def _count_kernel(
     # pointers
-    ids_ptr, owner_ptr, block_counts_ptr,
+    ids_ptr, owner_ptr, block_counts_ptr, pairs_ptr,
     # sizes
     T, K, E, W,
     # meta-parameters
-    K_POW2: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+    K_POW2: tl.constexpr, W_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Copies per rank among this program's BLOCK_T tokens -> block_counts[pid, :]."""
+    """Copies per rank among this program's BLOCK_T tokens -> block_counts[pid, :], and its
+    (token, slot) pairs per expert added into pairs (E,) (integer atomics: any order gives
+    the same sums)."""
     pid = tl.program_id(0)
     w = tl.arange(0, W_POW2)
-    dest = _destinations(ids_ptr, owner_ptr, pid * BLOCK_T, T, K, E, K_POW2, W_POW2, BLOCK_T)
+    t0 = pid * BLOCK_T
+    dest = _destinations(ids_ptr, owner_ptr, t0, T, K, E, K_POW2, W_POW2, BLOCK_T)
     tl.store(block_counts_ptr + pid * W + w, tl.sum(dest, axis=0), mask=w < W)
+    t = t0 + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, E_POW2)
+    pairs = tl.zeros((E_POW2,), dtype=tl.int32)
+    for k in range(0, K):
+        ids = tl.load(ids_ptr + t.to(tl.int64) * K + k, mask=t < T, other=-1)
+        pairs += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    tl.atomic_add(pairs_ptr + e, pairs, mask=(e < E) & (pairs > 0))
 
 
 @triton.jit
 def _place_kernel(
     # pointers
-    ids_ptr, owner_ptr, block_counts_ptr, send_counts_ptr, copy_index_ptr, send_tokens_ptr,
+    ids_ptr, owner_ptr, block_counts_ptr, pairs_ptr, table_ptr, send_meta_ptr, copy_index_ptr,
+    send_tokens_ptr,
     # sizes
-    T, K, E, W, num_blocks,
+    T, K, E, W, num_blocks, e_max,
     # meta-parameters
     K_POW2: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, NB_POW2: tl.constexpr,
+    EMAX_POW2: tl.constexpr,
 ):
     """Row of each copy = start of its rank's block + copies for that rank in earlier token
-    blocks + earlier tokens of this block; and the token of each send row."""
+    blocks + earlier tokens of this block; the token of each send row; and (program 0) the
+    send metadata: copies and pairs per local expert of each rank."""
     pid = tl.program_id(0)
     w = tl.arange(0, W_POW2)
     b = tl.arange(0, NB_POW2)
@@ -79,8 +94,14 @@ def _place_kernel(
     totals = tl.sum(counts, axis=0)  # (W_POW2,) copies per rank
     earlier = tl.sum(tl.where(b[:, None] < pid, counts, 0), axis=0)
     first_row = tl.cumsum(totals, 0) - totals + earlier
-    if pid == 0:
-        tl.store(send_counts_ptr + w, totals, mask=w < W)
+    if pid == 0:  # send_meta[w] = [copies for w, pairs for w's experts (table order)]
+        j = tl.arange(0, EMAX_POW2)
+        in_table = (w[:, None] < W) & (j[None, :] < e_max)
+        experts = tl.load(table_ptr + w[:, None] * e_max + j[None, :], mask=in_table, other=E)
+        pairs = tl.load(pairs_ptr + experts, mask=in_table & (experts < E), other=0)
+        row = send_meta_ptr + w[:, None] * (1 + e_max)
+        tl.store(row + 1 + j[None, :], pairs.to(tl.int64), mask=in_table)
+        tl.store(send_meta_ptr + w * (1 + e_max), totals.to(tl.int64), mask=w < W)
     t0 = pid * BLOCK_T
     dest = _destinations(ids_ptr, owner_ptr, t0, T, K, E, K_POW2, W_POW2, BLOCK_T)
     row = first_row[None, :] + tl.cumsum(dest, 0) - 1  # (BLOCK_T, W_POW2)
@@ -92,10 +113,12 @@ def _place_kernel(
     tl.store(send_tokens_ptr + row.to(tl.int64), t_2d.to(tl.int64), mask=in_t & (dest > 0))
 
 
-def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor, W: int) -> SendLayout:
-    T, E = topk_ids.shape[0], owner.shape[0]
+def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor,
+                  table: torch.Tensor) -> SendLayout:
+    T, E, W = topk_ids.shape[0], owner.shape[0], table.shape[0]
     valid = (topk_ids >= 0) & (topk_ids < E)
-    ranks = torch.where(valid, owner[topk_ids.clamp(0, max(E - 1, 0))], W)  # W: a dump column
+    ids = topk_ids.clamp(0, max(E - 1, 0))
+    ranks = torch.where(valid, owner[ids], W)  # W: a dump column
     dest = torch.zeros(T, W + 1, dtype=torch.int32, device=topk_ids.device)
     dest = dest.scatter_(1, ranks, 1)[:, :W]  # (T, W)
     position = dest.cumsum(0, dtype=torch.int32)  # 1-based row among rank w's copies
@@ -106,16 +129,23 @@ def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor, W: int) -> SendLa
     dump = torch.where(dest > 0, copy_index, W * T).long()
     tokens = torch.arange(T, device=topk_ids.device)[:, None].expand(T, W)
     send_tokens.scatter_(0, dump.reshape(-1), tokens.reshape(-1))
-    return SendLayout(counts, copy_index, send_tokens[:W * T])
+    pairs = torch.zeros(E + 1, dtype=torch.int64, device=topk_ids.device)  # E: padding / dump
+    pairs.scatter_add_(0, torch.where(valid, ids, E).reshape(-1),
+                       torch.ones(topk_ids.numel(), dtype=torch.int64, device=ids.device))
+    pairs[E] = 0
+    send_meta = torch.cat([counts[:, None].long(), pairs[table]], 1)
+    return SendLayout(send_meta, copy_index, send_tokens[:W * T])
 
 
-def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor, world_size: int) -> SendLayout:
-    """Where each token's copies go in an all-to-all send buffer.
+def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
+                    table: torch.Tensor) -> SendLayout:
+    """Where each token's copies go in an all-to-all send buffer, and what to tell each rank.
 
     Args:
         topk_ids: (T, K) int32/int64 global expert ids; ids outside [0, E) send nothing.
         owner: (E,) int32/int64 rank that owns each expert, on topk_ids' device.
-        world_size: W.
+        table: (W, e_max) int64 global experts of each rank, padded with E (as
+            `ExpertPlacement.padded_local_experts`), on topk_ids' device.
 
     Returns:
         SendLayout (see its fields). Device-side only: nothing is read back to the host.
@@ -123,29 +153,34 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor, world_size: int
     if topk_ids.ndim != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids must be (T, K) int32/int64, got {tuple(topk_ids.shape)} "
                          f"{topk_ids.dtype}")
-    if owner.ndim != 1 or owner.device != topk_ids.device:
-        raise ValueError(f"owner must be (E,) on {topk_ids.device}, got "
-                         f"{tuple(owner.shape)} on {owner.device}")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    for name, t, ndim in (("owner", owner, 1), ("table", table, 2)):
+        if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.device != topk_ids.device:
+            raise ValueError(f"{name} must be a {ndim}-D tensor on {topk_ids.device}, got "
+                             f"{getattr(t, 'shape', type(t))} on {getattr(t, 'device', None)}")
+    if table.shape[0] < 1:
+        raise ValueError(f"table must have a row per rank (W >= 1), got {tuple(table.shape)}")
     T, K = topk_ids.shape
     if not _use_triton(topk_ids) or T == 0:
-        return _layout_torch(topk_ids, owner, world_size)
-    dev = topk_ids.device
-    k_pow2, w_pow2 = triton.next_power_of_2(max(K, 1)), triton.next_power_of_2(world_size)
-    # tokens per program: the (BLOCK_T, K, W) tile stays small, and at most 1024 blocks so
-    # every program can sum the earlier blocks' counts itself
-    block_t = max(16, min(256, 4096 // (k_pow2 * w_pow2)), triton.next_power_of_2(T) // 1024)
+        return _layout_torch(topk_ids, owner, table)
+    dev, E, (W, e_max) = topk_ids.device, owner.shape[0], table.shape
+    k_pow2, w_pow2 = triton.next_power_of_2(max(K, 1)), triton.next_power_of_2(W)
+    e_pow2 = triton.next_power_of_2(max(E, 1))
+    # tokens per program: the (BLOCK_T, K, W) and (BLOCK_T, E) tiles stay small, and at most
+    # 1024 blocks so every program can sum the earlier blocks' counts itself
+    block_t = max(16, min(256, 8192 // max(k_pow2 * w_pow2, e_pow2)),
+                  triton.next_power_of_2(T) // 1024)
     num_blocks = triton.cdiv(T, block_t)
-    block_counts = torch.empty(num_blocks, world_size, dtype=torch.int32, device=dev)
-    counts = torch.empty(world_size, dtype=torch.int32, device=dev)
-    copy_index = torch.empty(T, world_size, dtype=torch.int32, device=dev)
-    send_tokens = torch.empty(world_size * T, dtype=torch.int64, device=dev)
+    block_counts = torch.empty(num_blocks, W, dtype=torch.int32, device=dev)
+    pairs = torch.zeros(E, dtype=torch.int32, device=dev)
+    send_meta = torch.empty(W, 1 + e_max, dtype=torch.int64, device=dev)
+    copy_index = torch.empty(T, W, dtype=torch.int32, device=dev)
+    send_tokens = torch.empty(W * T, dtype=torch.int64, device=dev)
     ids = topk_ids.contiguous()
     meta = dict(K_POW2=k_pow2, W_POW2=w_pow2, BLOCK_T=block_t, num_warps=4)
-    _count_kernel[(num_blocks,)](ids, owner, block_counts, T, K, owner.shape[0], world_size,
-                                 **meta)
-    _place_kernel[(num_blocks,)](ids, owner, block_counts, counts, copy_index, send_tokens,
-                                 T, K, owner.shape[0], world_size, num_blocks,
-                                 NB_POW2=triton.next_power_of_2(num_blocks), **meta)
-    return SendLayout(counts, copy_index, send_tokens)
+    _count_kernel[(num_blocks,)](ids, owner, block_counts, pairs, T, K, E, W,
+                                 E_POW2=e_pow2, **meta)
+    _place_kernel[(num_blocks,)](ids, owner, block_counts, pairs, table.contiguous(), send_meta,
+                                 copy_index, send_tokens, T, K, E, W, num_blocks, e_max,
+                                 NB_POW2=triton.next_power_of_2(num_blocks),
+                                 EMAX_POW2=triton.next_power_of_2(max(e_max, 1)), **meta)
+    return SendLayout(send_meta, copy_index, send_tokens)
