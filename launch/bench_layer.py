@@ -16,8 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (copy_ceiling_gbs, markdown_table, matmul_ceiling_tflops, out_dir,
-                    time_fwd_and_fwd_bwd, write_json)  # noqa: E402
+from common import (copy_ceiling_gbs, graph_time_us, markdown_table,  # noqa: E402
+                    matmul_ceiling_tflops, out_dir, time_fwd_and_fwd_bwd, write_json)
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.reference import reference_moe  # noqa: E402
@@ -91,8 +91,14 @@ def main():
         block = block.to(device=device, dtype=dtype)
         ours = MoE.from_hf(block).to(device=device, dtype=dtype)
         ours.config = ours.config.replace(dense_max_rows=cfg.dense_max_rows)  # as the preset
-        dense = MoE.from_hf(block).to(device=device, dtype=dtype)
-        dense.config = dense.config.replace(dense_max_rows=1 << 30)  # every T through .dense
+        dense = MoE.from_hf(block, dtype=dtype, device=device)
+        for m in (dense, dense.experts):  # every T through .dense (torch's batched GEMMs)
+            m.config = m.config.replace(expert_impl="grouped_mm", dense_max_rows=1 << 30)
+        # torch's grouped GEMM in the forward too (what the Triton inference path replaces)
+        torch_gemm = MoE.from_hf(block, dtype=dtype, device=device)
+        for m in (torch_gemm, torch_gemm.experts):
+            m.config = m.config.replace(expert_impl="grouped_mm",
+                                        dense_max_rows=cfg.dense_max_rows)
         D, I, K = cfg.hidden_size, cfg.intermediate_size, cfg.top_k
         for T in args.tokens:
             x = torch.randn(1, T, D, device=device, dtype=dtype)
@@ -118,6 +124,9 @@ def main():
             floor_fb = max(3 * flops / mm_tflops / 1e9, 3 * weight_bytes / copy_gbs / 1e6)
             mine = time_fwd_and_fwd_bwd(ours, x, g, device, args.iters)
             theirs = time_fwd_and_fwd_bwd(block, x, g, device, args.iters)
+            with torch.no_grad():
+                err_tg = rel(torch_gemm(x)[0, :n], y_ref)
+            tg_ms = time_fwd_and_fwd_bwd(torch_gemm, x, g, device, args.iters)["fwd_ms"]
             row = {
                 "preset": preset, "T": T, "err_vs_fp64": err_ref, "hf_err_vs_fp64": err_hf_ref,
                 "fwd_ms": mine["fwd_ms"], "fwd_floor_ms": floor_fwd,
@@ -128,7 +137,18 @@ def main():
                 "hf_fwd_bwd_ms": theirs["fwd_bwd_ms"],
                 "fwd_bwd_speedup_vs_hf": theirs["fwd_bwd_ms"] / mine["fwd_bwd_ms"],
                 "peak_gib": mine.get("peak_extra_gib"), "hf_peak_gib": theirs.get("peak_extra_gib"),
+                "torch_gemm_fwd_ms": tg_ms, "torch_gemm_err_vs_fp64": err_tg,
             }
+            if device.type == "cuda":
+                # CUDA-graph replay: the GPU's time alone, as decode loops run the layer
+                def fwd(m):
+                    with torch.no_grad():
+                        m(x)
+                calls = 2 if T >= 4096 else 10
+                row["fwd_graph_ms"] = graph_time_us([lambda: fwd(ours)], calls, 20) / 1e3
+                row["fwd_graph_vs_floor"] = row["fwd_graph_ms"] / floor_fwd
+                row["torch_gemm_fwd_graph_ms"] = graph_time_us([lambda: fwd(torch_gemm)],
+                                                               calls, 20) / 1e3
             if T in args.profile:
                 profile_forward(ours, x, device, f"profile_layer_{preset}_T{T}.txt")
             if T <= args.dense_upto:
@@ -138,11 +158,13 @@ def main():
             report["rows"].append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items()), flush=True)
-        del block, ours, dense
+        del block, ours, dense, torch_gemm
         if device.type == "cuda":
             torch.cuda.empty_cache()
     write_json("bench_layer.json", report)
-    cols = ["preset", "T", "fwd_ms", "fwd_vs_floor", "fwd_tflops", "hf_fwd_ms", "fwd_speedup_vs_hf",
+    cols = ["preset", "T", "fwd_ms", "fwd_vs_floor", "fwd_graph_ms", "fwd_graph_vs_floor",
+            "torch_gemm_fwd_ms", "torch_gemm_fwd_graph_ms", "fwd_tflops", "hf_fwd_ms",
+            "fwd_speedup_vs_hf",
             "fwd_bwd_ms", "fwd_bwd_vs_floor", "hf_fwd_bwd_ms", "fwd_bwd_speedup_vs_hf",
             "peak_gib", "hf_peak_gib", "dense_fwd_ms", "dense_fwd_bwd_ms"]
     print(markdown_table(report["rows"], cols))

@@ -76,6 +76,30 @@ def time_fwd_and_fwd_bwd(module, x, g, device, iters, barrier=None) -> dict:
     return res
 
 
+def graph_time_us(fns, calls=12, replays=30):
+    """Median per call of a graph that cycles through `fns` (one per input set)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def copy_ceiling_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy, bytes read + written per second (GB/s)."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()

@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_ceiling_gbs, write_json  # noqa: E402
+from common import copy_ceiling_gbs, graph_time_us, write_json  # noqa: E402
 
 import ep_moe.kernels.fused_mul_sum as fms  # noqa: E402
 
@@ -24,30 +24,6 @@ CONFIGS = [fms.FwdConfig(bd, nw, pps)
            for bd, nw in [(512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8)]
            for pps in (0, 8, 16, 32)]
 SHAPES = [(4096, 2, 4096), (16384, 2, 4096), (4096, 8, 2048), (16384, 8, 2048), (8192, 8, 7168)]
-
-
-def graph_time_us(fns, calls=12, replays=30):
-    """Median per call of a graph that cycles through `fns` (one per input set)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def inputs(T, K, D, W, dev, n_sets=4):

@@ -43,7 +43,8 @@ def with_config(router, **changes):
 
 
 def logits64(router, x):
-    return x.double() @ router.weight.detach().double().t()  # (T, E)
+    # on the CPU: the expectations below are built there, against `.cpu()` of the outputs
+    return (x.double() @ router.weight.detach().double().t()).cpu()  # (T, E)
 
 
 def params_of(router):
@@ -87,8 +88,9 @@ def test_softmax_and_sigmoid():
                 "sigmoid": top.values.sigmoid()}
     for score_func, weights in expected.items():
         out = with_config(router, score_func=score_func)(x)
-        assert torch.equal(out.topk_ids, top.indices), score_func
-        torch.testing.assert_close(out.topk_weights.double(), weights, rtol=RTOL, atol=ATOL)
+        assert torch.equal(out.topk_ids.cpu(), top.indices), score_func
+        torch.testing.assert_close(out.topk_weights.double().cpu(), weights, rtol=RTOL,
+                                   atol=ATOL)
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
