@@ -133,7 +133,10 @@ class MoE(nn.Module):
         """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots
         whose expert is local (the harness times this phase on its own)."""
         ids = sent.topk_ids  # (R, K) global ids, -1 on padding rows
-        local_ids = torch.where(ids >= 0, self.expert_map[ids.clamp(min=0)], -1)
+        if self.world_size == 1:  # the router's own ids: all valid, and local ids = global
+            local_ids = ids
+        else:
+            local_ids = torch.where(ids >= 0, self.expert_map[ids.clamp(min=0)], -1)
         R, num_pairs = sent.x.shape[0], sent.handle.num_local_pairs
         fused = self.experts.fused_forward_supported(sent.x, num_pairs)
         if not fused and 0 < R <= self.config.dense_max_rows:

@@ -49,10 +49,14 @@ def sort_by_expert(local_ids: torch.Tensor, num_local_experts: int,
     """
     T, K = local_ids.shape
     flat = local_ids.reshape(-1)
-    key = torch.where(flat >= 0, flat, num_local_experts)
+    every_slot = num_pairs == T * K  # all local (one rank): no -1 to move last, none to skip
+    key = flat if every_slot else torch.where(flat >= 0, flat, num_local_experts)
     # stable: pairs of one expert keep token order, so the result is deterministic
     order = torch.sort(key, stable=True).indices[:num_pairs]
-    row_index = torch.full((T * K,), -1, dtype=torch.int32, device=flat.device)
+    if every_slot:  # every entry is written just below
+        row_index = torch.empty(T * K, dtype=torch.int32, device=flat.device)
+    else:
+        row_index = torch.full((T * K,), -1, dtype=torch.int32, device=flat.device)
     row_index[order] = torch.arange(num_pairs, dtype=torch.int32, device=flat.device)
     counts = count_ids(key, num_local_experts + 1)[:num_local_experts]
     return ExpertSort(order // K, row_index.view(T, K), counts)
