@@ -55,8 +55,9 @@ class MoEConfig:
     # gradient, torch's grouped GEMM otherwise; grouped_mm: always torch's; loop: one GEMM per
     # expert (debugging, old torch)
     expert_impl: ExpertImpl = "auto"
-    # when a rank computes at most this many rows (decode), run every local expert on every row
-    # with batched GEMMs: each weight is read once and nothing is sorted. 0 turns it off.
+    # when a rank computes at most this many rows and the forward needs gradients (the Triton
+    # inference path takes precedence otherwise), run every local expert on every row with
+    # batched GEMMs: each weight is read once and nothing is sorted. 0 turns it off.
     dense_max_rows: int = 0
 
     # shared experts (always-on MLP added to the routed output)

@@ -123,6 +123,8 @@ class Experts(nn.Module):
             pre-activation are never materialised.
         """
         cfg = self.config
+        if x.stride(-1) != 1:  # the kernel reads rows with a stride, elements contiguously
+            x = x.contiguous()
         h = grouped_gemm(x, self.gate_up_proj, num_tokens_per_expert, a_rows=source_rows,
                          activation=cfg.activation, gated=cfg.gated)  # (P, I)
         return grouped_gemm(h, self.down_proj, num_tokens_per_expert)  # (P, D)

@@ -287,6 +287,14 @@ def check_match(case: Case, group, seed: int) -> list[str]:
         if not torch.equal(first, again):
             fails.append(f"{what}: second forward/backward is not bitwise equal to the first")
 
+    # inference: no autograd, so the Triton grouped GEMMs run on every rank (and on no rank
+    # for a rank that received nothing); against the single-process no-grad forward
+    with torch.no_grad():
+        y_inf = sharded(x_all[rows])
+        y_inf_full = full(x_all)
+    fails += _compare("no-grad output", y_inf, y_inf_full[rows], dtype)
+    fails += _compare("no-grad output vs training forward", y_inf, y.detach(), dtype)
+
     gathered = sharded.full_state_dict()
     for name, ref in full.state_dict().items():
         if name not in gathered or not torch.equal(gathered[name], ref):

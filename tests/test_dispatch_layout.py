@@ -117,8 +117,19 @@ def test_int32_ids_and_owner():
     (lambda ids, owner, table: (ids, owner, table[0]), "table"),           # 1-D table
     (lambda ids, owner, table: (ids, owner, table[:0]), "table"),          # no ranks
     (lambda ids, owner, table: (ids, owner.to("meta"), table), "owner"),   # another device
+    (lambda ids, owner, table: (ids, owner.float(), table), "owner"),      # float owner
+    (lambda ids, owner, table: (ids, owner, table.float()), "table"),      # float table
 ])
 def test_validation(bad, match):
     ids, owner = routed_ids(4, 2, 8, seed=0), make_owner(8, 2, "linear")
     with pytest.raises(ValueError, match=match):
         dispatch_layout(*bad(ids, owner, make_table(owner, 2)))
+
+
+def test_strided_owner():
+    # owner as a column of a wider buffer: read through its stride, not as if contiguous
+    ids, owner = routed_ids(40, 2, 8, seed=3), make_owner(8, 2, "round_robin")
+    wide = torch.stack([owner, 1 - owner], 1)
+    got = layout("kernel", ids, wide[:, 0], 2)
+    meta, copy_index, _ = brute_force(ids, owner, 2)
+    assert torch.equal(got.copy_index.cpu(), copy_index) and torch.equal(got.send_meta.cpu(), meta)

@@ -477,3 +477,88 @@ def test_default_config_fits_shared_memory(rows_per_expert, gated, element_size)
     assert _shared_bytes(cfg, gated, element_size) <= 227 * 1024
     if element_size == 2:  # the bf16 configs are the swept ones, untouched by the fitting
         assert cfg.num_stages >= 3
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs that break the layer's invariants: never memory outside the tensors
+# --------------------------------------------------------------------------------------------
+
+@needs_triton
+def test_counts_past_p_write_nothing_outside():
+    # counts sum to 40 for 30 output rows: rows past 30 are cut; the first 30 are right
+    case = make_inputs([10, 7, 13], 32, 32, torch.float32, gather=True, seed=5)
+    P = 30
+    rows = case.a_rows[:P].contiguous()
+    big = torch.tensor([10, 7, 23], device=case.a.device)
+    out = grouped_gemm(case.a, case.w, big, rows, "silu", True, SMALL)
+    assert out.shape == (P, 16)
+    a64, w64 = case.a.double(), case.w.double()
+    parts = []
+    for i, (lo, hi) in enumerate([(0, 10), (10, 17), (17, P)]):
+        h = a64[rows[lo:hi]] @ w64[i].t()
+        parts.append(F.silu(h[:, :16]) * h[:, 16:])
+    torch.testing.assert_close(out.double(), torch.cat(parts), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_negative_count_counts_as_zero():
+    a = torch.randn(12, 32, device=DEVICE)
+    w = torch.randn(3, 16, 32, device=DEVICE)
+    counts = torch.tensor([-5, 12, 0], device=DEVICE)
+    out = grouped_gemm(a, w, counts, config=SMALL)
+    torch.testing.assert_close(out.double(), a.double() @ w[1].double().t(), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_out_of_range_a_rows_read_zeros():
+    a = torch.randn(8, 32, device=DEVICE)
+    w = torch.randn(1, 16, 32, device=DEVICE)
+    rows = torch.tensor([0, 8, -3, 7, 100], device=DEVICE)  # 8, -3, 100 are outside a
+    out = grouped_gemm(a, w, torch.tensor([5], device=DEVICE), rows, config=SMALL)
+    ref = a.double()[[0, 0, 0, 7, 0]] @ w[0].double().t()
+    ref[[1, 2, 4]] = 0.0
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_strided_index_tensors():
+    # a_rows and the counts as strided views: the launcher makes them contiguous
+    case = make_inputs([5, 9, 4], 32, 32, torch.float32, gather=True, seed=7)
+    rows2 = torch.stack([case.a_rows, torch.full_like(case.a_rows, 10**6)], 1)
+    counts2 = torch.stack([case.counts, torch.full_like(case.counts, 10**6)], 1)
+    plain = grouped_gemm(case.a, case.w, case.counts, case.a_rows, "silu", True, SMALL)
+    strided = grouped_gemm(case.a, case.w, counts2[:, 0], rows2[:, 0], "silu", True, SMALL)
+    assert torch.equal(plain, strided)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(config=GemmConfig(12, 16, 16, 1, 4, 2)), ValueError, "block_m"),   # not a power of 2
+    (dict(config=GemmConfig(16, 16, 16, 0, 4, 2)), ValueError, "group_m"),   # no row group
+    (dict(config=(16, 16, 16, 1, 4, 2)), TypeError, "config"),               # a plain tuple
+])
+def test_config_validation(kwargs, exc, match):
+    a, w = torch.randn(4, 16), torch.randn(2, 16, 16)
+    with pytest.raises(exc, match=match):
+        grouped_gemm(a, w, torch.tensor([2, 2]), **kwargs)
+
+
+def test_no_experts_for_rows():
+    with pytest.raises(ValueError, match="at least one expert"):
+        grouped_gemm(torch.randn(4, 16), torch.randn(0, 16, 16), torch.zeros(0, dtype=torch.int64),
+                     a_rows=torch.tensor([0, 1]))
+
+
+def test_rows_of_an_empty_a():
+    with pytest.raises(ValueError, match="a_rows"):
+        grouped_gemm(torch.randn(0, 16), torch.randn(1, 16, 16), torch.tensor([2]),
+                     a_rows=torch.tensor([0, 1]))
+
+
+def test_layer_fused_path_with_transposed_input():
+    # x whose last dim is strided: the fused path makes it contiguous (grad mode never cared)
+    moe = MoE(MoEConfig.preset("tiny").replace(dense_max_rows=0), device=DEVICE)
+    x = torch.randn(moe.config.hidden_size, 10, device=DEVICE).t()
+    assert x.stride(-1) != 1
+    with torch.no_grad():
+        y = moe(x)
+    torch.testing.assert_close(y, moe(x.contiguous()).detach(), rtol=1e-5, atol=1e-6)

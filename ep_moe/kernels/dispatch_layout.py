@@ -98,7 +98,8 @@ def _place_kernel(
         j = tl.arange(0, EMAX_POW2)
         in_table = (w[:, None] < W) & (j[None, :] < e_max)
         experts = tl.load(table_ptr + w[:, None] * e_max + j[None, :], mask=in_table, other=E)
-        pairs = tl.load(pairs_ptr + experts, mask=in_table & (experts < E), other=0)
+        pairs = tl.load(pairs_ptr + experts, mask=in_table & (experts >= 0) & (experts < E),
+                        other=0)
         row = send_meta_ptr + w[:, None] * (1 + e_max)
         tl.store(row + 1 + j[None, :], pairs.to(tl.int64), mask=in_table)
         tl.store(send_meta_ptr + w * (1 + e_max), totals.to(tl.int64), mask=w < W)
@@ -143,7 +144,7 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
 
     Args:
         topk_ids: (T, K) int32/int64 global expert ids; ids outside [0, E) send nothing.
-        owner: (E,) int32/int64 rank that owns each expert, on topk_ids' device.
+        owner: (E,) int32/int64 rank in [0, W) that owns each expert, on topk_ids' device.
         table: (W, e_max) int64 global experts of each rank, padded with E (as
             `ExpertPlacement.padded_local_experts`), on topk_ids' device.
 
@@ -157,6 +158,8 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
         if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.device != topk_ids.device:
             raise ValueError(f"{name} must be a {ndim}-D tensor on {topk_ids.device}, got "
                              f"{getattr(t, 'shape', type(t))} on {getattr(t, 'device', None)}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32/int64, got {t.dtype}")
     if table.shape[0] < 1:
         raise ValueError(f"table must have a row per rank (W >= 1), got {tuple(table.shape)}")
     T, K = topk_ids.shape
@@ -169,13 +172,15 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
     # 1024 blocks so every program can sum the earlier blocks' counts itself
     block_t = max(16, min(256, 8192 // max(k_pow2 * w_pow2, e_pow2)),
                   triton.next_power_of_2(T) // 1024)
+    if block_t * max(k_pow2 * w_pow2, e_pow2) > 1 << 17:  # millions of tokens: tiles too big
+        return _layout_torch(topk_ids, owner, table)
     num_blocks = triton.cdiv(T, block_t)
     block_counts = torch.empty(num_blocks, W, dtype=torch.int32, device=dev)
     pairs = torch.zeros(E, dtype=torch.int32, device=dev)
     send_meta = torch.empty(W, 1 + e_max, dtype=torch.int64, device=dev)
     copy_index = torch.empty(T, W, dtype=torch.int32, device=dev)
     send_tokens = torch.empty(W * T, dtype=torch.int64, device=dev)
-    ids = topk_ids.contiguous()
+    ids, owner = topk_ids.contiguous(), owner.contiguous()
     meta = dict(K_POW2=k_pow2, W_POW2=w_pow2, BLOCK_T=block_t, num_warps=4)
     _count_kernel[(num_blocks,)](ids, owner, block_counts, pairs, T, K, E, W,
                                  E_POW2=e_pow2, **meta)

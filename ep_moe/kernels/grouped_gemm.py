@@ -51,7 +51,7 @@ def _grouped_gemm_kernel(
     # pointers
     a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr,
     # sizes
-    N, K, num_experts, num_pid_m, up_offset,
+    N, K, num_experts, num_pid_m, up_offset, num_rows, num_a_rows,
     # strides (the last dim of a, w and out is contiguous)
     stride_am, stride_we, stride_wn, stride_om,
     # meta-parameters
@@ -72,6 +72,7 @@ def _grouped_gemm_kernel(
     # vector of E_POW2 lanes), so the launcher runs no torch ops before the kernel
     e = tl.arange(0, E_POW2)
     counts = tl.load(counts_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
+    counts = tl.maximum(counts, 0)  # a negative count must not move other experts' rows
     blocks = (counts + BLOCK_M - 1) // BLOCK_M
     block_ends = tl.cumsum(blocks, 0)
     expert = tl.sum((block_ends <= pid_m).to(tl.int32))  # empty experts count as passed
@@ -83,11 +84,14 @@ def _grouped_gemm_kernel(
     first_block = tl.sum(tl.where(mine, block_ends - blocks, 0))
 
     rows = row_begin + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
+    # counts summing past the P output rows must not write past them (device data: no check)
+    row_ok = (rows < row_end) & (rows < num_rows)
     if GATHER:
         a_row = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        a_ok = row_ok & (a_row >= 0) & (a_row < num_a_rows)  # a bad index reads nothing
     else:
         a_row = rows.to(tl.int64)
+        a_ok = row_ok
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -100,15 +104,15 @@ def _grouped_gemm_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             k_ok = ks < K - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _dot(a, w, acc, IEEE, UPCAST)
         if GATED:
-            up_ptrs = w_ptrs + up_offset * stride_wn
+            up_ptrs = w_ptrs + up_offset.to(tl.int64) * stride_wn
             if EVEN_K:
                 w_up = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
             else:
@@ -173,6 +177,19 @@ def _shared_bytes(cfg: GemmConfig, gated: bool, element_size: int) -> int:
     return (cfg.num_stages - 1) * per_stage  # Triton buffers num_stages - 1 tiles ahead
 
 
+def _check_config(cfg) -> None:
+    if not isinstance(cfg, GemmConfig):
+        raise TypeError(f"config must be a GemmConfig, got {type(cfg).__name__}")
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= 16, got {v!r}")
+    for name in ("group_m", "num_warps", "num_stages"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.{name} must be an int >= 1, got {v!r}")
+
+
 def _check(name: str, t: torch.Tensor, ndim: int, dtypes) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -193,9 +210,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
             the rows [0, N/2) are the gate and [N/2, N) the up projection.
         num_tokens_per_expert: (e,) int32/int64 on a's device: rows of each expert, in order.
             They must sum to P, the number of output rows (device data: not checked here,
-            which would cost a host sync; rows past their sum would be left unwritten).
+            which would cost a host sync). Rows past their sum are left unwritten; counts past
+            P are cut at P (nothing is written outside the output); negative counts count 0.
         a_rows: optional (P,) int32/int64: sorted row p reads a[a_rows[p]] (the expand fused
-            into the load). Without it, row p reads a[p] and M must be >= P.
+            into the load; an index outside [0, M) reads zeros, never memory outside a).
+            Without it, row p reads a[p] and P = M.
         activation: None, or "silu" / "gelu" / "relu": `act(gate) * up` when `gated`, else
             `act(h)`.
         config: tile sizes; default `gemm_config(P / e, gated, a.element_size())`.
@@ -218,6 +237,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
                          f"{tuple(num_tokens_per_expert.shape)}")
     if a_rows is not None:
         _check("a_rows", a_rows, 1, (torch.int32, torch.int64))
+        if a.shape[0] == 0 and a_rows.shape[0] > 0:
+            raise ValueError(f"a_rows selects {a_rows.shape[0]} rows of an empty a")
     for name, t in (("w", w), ("num_tokens_per_expert", num_tokens_per_expert),
                     ("a_rows", a_rows)):
         if t is not None and t.device != a.device:
@@ -239,6 +260,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
         return out
     if k_dim == 0:
         return out.zero_()  # an empty product, and act(0) * 0 = 0
+    if num_experts == 0:
+        raise ValueError(f"w must hold at least one expert for {num_rows} rows, got shape "
+                         f"{tuple(w.shape)}")
+    if config is not None:
+        _check_config(config)
     if not _use_triton(a):
         raise RuntimeError("grouped_gemm runs through Triton: needs a CUDA tensor, or a CPU "
                            "tensor with TRITON_INTERPRET=1")
@@ -246,8 +272,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     num_pid_m = triton.cdiv(num_rows, cfg.block_m) + num_experts  # upper bound on row blocks
     grid = (num_pid_m * triton.cdiv(n_out, cfg.block_n),)
     _grouped_gemm_kernel[grid](
-        a, a_rows if a_rows is not None else a, w, out, num_tokens_per_expert,
-        n_out, k_dim, num_experts, num_pid_m, n_out,
+        a, a_rows.contiguous() if a_rows is not None else a, w, out,
+        num_tokens_per_expert.contiguous(),
+        n_out, k_dim, num_experts, num_pid_m, n_out, num_rows, a.shape[0],
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         GATHER=a_rows is not None, HAS_ACT=activation is not None, GATED=gated,
         ACT=ACTIVATIONS[activation or "silu"], EVEN_K=k_dim % cfg.block_k == 0,
