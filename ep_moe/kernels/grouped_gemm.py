@@ -51,7 +51,7 @@ def _grouped_gemm_kernel(
     # pointers
     a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr,
     # sizes
-    N, K, num_experts, num_pid_m, up_offset, num_rows, num_a_rows,
+    N, K, num_experts, num_pid_m, up_elems, num_rows, num_a_rows,
     # strides (the last dim of a, w and out is contiguous)
     stride_am, stride_we, stride_wn, stride_om,
     # meta-parameters
@@ -112,7 +112,7 @@ def _grouped_gemm_kernel(
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _dot(a, w, acc, IEEE, UPCAST)
         if GATED:
-            up_ptrs = w_ptrs + up_offset.to(tl.int64) * stride_wn
+            up_ptrs = w_ptrs + up_elems  # the up rows: N rows further, counted on the host
             if EVEN_K:
                 w_up = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
             else:
@@ -274,7 +274,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     _grouped_gemm_kernel[grid](
         a, a_rows.contiguous() if a_rows is not None else a, w, out,
         num_tokens_per_expert.contiguous(),
-        n_out, k_dim, num_experts, num_pid_m, n_out, num_rows, a.shape[0],
+        n_out, k_dim, num_experts, num_pid_m, n_out * w.stride(1), num_rows, a.shape[0],
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         GATHER=a_rows is not None, HAS_ACT=activation is not None, GATED=gated,
         ACT=ACTIVATIONS[activation or "silu"], EVEN_K=k_dim % cfg.block_k == 0,
