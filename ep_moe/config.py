@@ -68,13 +68,19 @@ class MoEConfig:
     # expert parallelism
     placement: Placement = "linear"  # linear: contiguous blocks of experts per rank
     dispatcher: Dispatcher = "all_to_all"  # allgather: cheaper for tiny batches
+    # all_to_all forward pipeline: a rank's tokens go in this many chunks, so that one chunk's
+    # exchanges overlap another chunk's expert GEMMs (1: no pipeline). A rank splits only when
+    # every chunk gets at least dispatch_chunk_min_tokens tokens; small batches stay whole.
+    dispatch_chunks: int = 2
+    dispatch_chunk_min_tokens: int = 1024
 
     # init
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k",
-                     "num_expert_groups", "topk_groups"):
+                     "num_expert_groups", "topk_groups", "dispatch_chunks",
+                     "dispatch_chunk_min_tokens"):
             _positive_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(

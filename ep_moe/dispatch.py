@@ -4,9 +4,12 @@ The only module that moves activations between ranks. Three dispatchers share on
 
     dispatched = dispatcher.dispatch(x, topk_ids, topk_weights)   # rows this rank computes
     y = dispatcher.combine(partial, dispatched.handle)             # (T, D) on the home rank
+    y = dispatcher.run(x, topk_ids, topk_weights, compute)         # both, compute in between
 
 `partial` (R, D) holds, per received row, the weighted sum over the row's slots whose expert is
-local. The handle is a frozen dataclass: nothing per call is kept on the dispatcher.
+local. The handle is a frozen dataclass: nothing per call is kept on the dispatcher. `run`
+is what the layer calls: the all-to-all dispatcher pipelines it over chunks of the tokens so
+that exchanges overlap expert GEMMs.
 
 Every collective here is differentiable: the backward of a dispatch all-to-all is the reverse
 all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
@@ -22,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from .kernels.dispatch_layout import dispatch_layout
-from .permute import count_ids, expand_rows, sum_rows
+from .kernels.dispatch_layout import dispatch_layout, gather_send_rows
+from .permute import count_ids, sum_rows
 from .placement import ExpertPlacement
 
 
@@ -31,25 +34,63 @@ from .placement import ExpertPlacement
 # Differentiable collectives
 # --------------------------------------------------------------------------------------------
 
-def _all_to_all(x, output_splits, input_splits, group):
+def _all_to_all(x, output_splits, input_splits, group, works=None):
+    """Uneven all-to-all of rows. With a `works` list it is asynchronous: the Work is appended
+    and the caller must `wait()` it before reading the result (on NCCL a stream wait, not a
+    host block)."""
     out = x.new_empty(sum(output_splits), *x.shape[1:])
-    dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
-                           group=group)
+    work = dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
+                                  group=group, async_op=works is not None)
+    if works is not None:
+        works.append(work)
     return out
 
 
-class _AllToAll(torch.autograd.Function):
-    """Uneven all-to-all of rows; the backward sends the gradients back the way they came."""
+class _SendRows(torch.autograd.Function):
+    """The send buffers (token rows, and their routing as fp32 [weights, ids]), filled before
+    the host sync, travel to the expert ranks; asynchronous (see `_all_to_all`).
+
+    Backward: the reverse all-to-all brings the gradients of the copies home and each token
+    sums its copies in rank order (deterministic); the weights' gradient is the first K routing
+    columns. x and topk_weights are inputs only so that their gradients land there."""
 
     @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
+    def forward(ctx, x, topk_weights, send_x, send_routing, copy_index, splits, group, works):
+        output_splits, input_splits = splits
+        ctx.save_for_backward(copy_index)
+        ctx.splits, ctx.group, ctx.dtypes = splits, group, (x.dtype, topk_weights.dtype)
+        recv_x = _all_to_all(send_x, output_splits, input_splits, group, works)
+        recv_routing = _all_to_all(send_routing, output_splits, input_splits, group, works)
+        return recv_x, recv_routing
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_routing):
+        (copy_index,) = ctx.saved_tensors
+        output_splits, input_splits = ctx.splits
+        K = grad_routing.shape[1] // 2
+        grads = []
+        for i, grad in enumerate((grad_x, grad_routing[:, :K])):
+            if ctx.needs_input_grad[i]:
+                back = _all_to_all(grad, input_splits, output_splits, ctx.group)
+                grads.append(sum_rows(back, copy_index).to(ctx.dtypes[i]))
+            else:
+                grads.append(None)
+        return (*grads, None, None, None, None, None, None)
+
+
+class _ReturnRows(torch.autograd.Function):
+    """Partial rows travel back to their tokens' home ranks, asynchronously (see
+    `_all_to_all`); backward: the reverse all-to-all of their gradients."""
+
+    @staticmethod
+    def forward(ctx, partial, output_splits, input_splits, group, works):
         ctx.splits, ctx.group = (output_splits, input_splits), group
-        return _all_to_all(x, output_splits, input_splits, group)
+        return _all_to_all(partial, output_splits, input_splits, group, works)
 
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        return _all_to_all(grad, input_splits, output_splits, ctx.group), None, None, None
+        return _all_to_all(grad, input_splits, output_splits, ctx.group), None, None, None, None
 
 
 class _AllGather(torch.autograd.Function):
@@ -150,7 +191,15 @@ def _unpack_routing(routing, K):
 # Dispatchers
 # --------------------------------------------------------------------------------------------
 
-class LocalDispatcher:
+class _Sequential:
+    """`run` for the dispatchers without a pipeline: dispatch, compute, combine."""
+
+    def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
+        sent = self.dispatch(x, topk_ids, topk_weights)
+        return self.combine(compute(sent), sent.handle)
+
+
+class LocalDispatcher(_Sequential):
     """One rank owns every expert: rows are the tokens themselves."""
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
@@ -161,16 +210,41 @@ class LocalDispatcher:
         return partial
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """One chunk's rows on their way to the expert ranks: wait on `works`, then read."""
+
+    recv_x: torch.Tensor
+    recv_routing: torch.Tensor
+    works: list
+    handle: AllToAllHandle
+
+
+def chunk_bounds(T: int, chunks: int, min_tokens: int) -> list[tuple[int, int]]:
+    """Token slices of the pipeline: `chunks` near-equal ones when each gets at least
+    `min_tokens`, else every token in the first and the others empty."""
+    if chunks == 1 or T < chunks * min_tokens:
+        return [(0, T)] + [(T, T)] * (chunks - 1)
+    step = -(-T // chunks)
+    return [(min(c * step, T), min((c + 1) * step, T)) for c in range(chunks)]
+
+
 class AllToAllDispatcher:
     """Each token travels once to every rank that owns at least one of its K experts.
 
     The expert rank reduces the token's local slots into one partial row, which travels back;
     the home rank adds a token's partials in rank order (deterministic).
+
+    `run` pipelines the forward over `chunks` slices of the tokens: after one host sync every
+    chunk's rows are on their way, chunk c's experts run while chunk c + 1's rows travel, and
+    chunk c's partials travel home while chunk c + 1's experts run.
     """
 
-    def __init__(self, placement: ExpertPlacement, group: ProcessGroup):
+    def __init__(self, placement: ExpertPlacement, group: ProcessGroup, chunks: int = 1,
+                 chunk_min_tokens: int = 1):
         self.placement, self.group = placement, group
         self.world_size = placement.world_size
+        self.chunks, self.chunk_min_tokens = chunks, chunk_min_tokens
         self._tables: dict = {}
 
     def _owner_and_table(self, device):
@@ -180,38 +254,87 @@ class AllToAllDispatcher:
         return self._tables[device]
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
-        T, K = topk_ids.shape
-        W = self.world_size
-        owner, table = self._owner_and_table(x.device)
-        # two kernels: copies per rank, pairs per expert, each copy's send row, each row's token
-        layout = dispatch_layout(topk_ids, owner, table)
-        send_meta = layout.send_meta  # (W, 1 + e_max)
-        recv_meta = _all_to_all(send_meta, [1] * W, [1] * W, self.group)
-        routing = _pack_routing(topk_ids, topk_weights)  # queued behind the meta exchange
-
-        # host sync: split sizes must be on the CPU for all_to_all_single
-        meta = torch.cat([send_meta, recv_meta]).tolist()
-        input_splits = tuple(row[0] for row in meta[:W])
-        output_splits = tuple(row[0] for row in meta[W:])
-        num_local_pairs = sum(sum(row[1:]) for row in meta[W:])
-        send_tokens = layout.send_tokens[:sum(input_splits)]
-
-        # the token rows first: their exchange starts while the routing is still gathered
-        send_x = expand_rows(x, send_tokens, layout.copy_index)
-        recv_x = _AllToAll.apply(send_x, output_splits, input_splits, self.group)
-        send_routing = expand_rows(routing, send_tokens, layout.copy_index)
-        recv_routing = _AllToAll.apply(send_routing, output_splits, input_splits, self.group)
-        recv_ids, recv_weights = _unpack_routing(recv_routing, K)
-        handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
-                                output_splits)
-        return Dispatched(recv_x, recv_ids, recv_weights, handle)
+        return self._arrive(self._send(x, topk_ids, topk_weights, chunks=1)[0])
 
     def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
-        back = _AllToAll.apply(partial, handle.input_splits, handle.output_splits, self.group)
+        works = []
+        back = _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
+                                 self.group, works)
+        return self._sum_home(back, works, handle)
+
+    def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
+        returning = []
+        for chunk in self._send(x, topk_ids, topk_weights, self.chunks):
+            sent = self._arrive(chunk)
+            works = []
+            back = _ReturnRows.apply(compute(sent), sent.handle.input_splits,
+                                     sent.handle.output_splits, self.group, works)
+            returning.append((back, works, sent.handle))
+        ys = [self._sum_home(*r) for r in returning]
+        return ys[0] if len(ys) == 1 else torch.cat(ys)
+
+    def _send(self, x, topk_ids, topk_weights, chunks: int) -> list[_InFlight]:
+        """Start the exchange of every chunk that any rank has tokens in."""
+        T, K = topk_ids.shape
+        W, D = self.world_size, x.shape[1]
+        owner, table = self._owner_and_table(x.device)
+        cols = 2 + table.shape[1]  # [copies, tokens, pairs per local expert]
+        bounds = chunk_bounds(T, chunks, self.chunk_min_tokens)
+        layouts = [dispatch_layout(topk_ids[a:b], owner, table) if b > a else None
+                   for a, b in bounds]
+        send_meta = torch.cat([
+            lay.send_meta if lay is not None else
+            torch.zeros(W, cols, dtype=torch.int64, device=x.device) for lay in layouts], 1)
+        meta_works = []
+        recv_meta = _all_to_all(send_meta, [1] * W, [1] * W, self.group, meta_works)
+        # the send buffers fill while the metadata travels
+        buffers = [gather_send_rows(x[a:b], topk_weights[a:b], topk_ids[a:b], lay)
+                   if lay is not None else None for (a, b), lay in zip(bounds, layouts)]
+        meta_works[0].wait()
+        # host sync: split sizes must be on the CPU for all_to_all_single
+        sent, received = torch.cat([send_meta, recv_meta]).view(2, W, chunks, cols).tolist()
+        # every rank sends its chunk sizes to every rank: all agree on the chunks that travel
+        used = 1 + max((c for c in range(chunks) for w in range(W) if received[w][c][1] > 0),
+                       default=0)
+        in_flight = []
+        for c in range(used):
+            (a, b), lay = bounds[c], layouts[c]
+            input_splits = tuple(sent[w][c][0] for w in range(W))
+            output_splits = tuple(received[w][c][0] for w in range(W))
+            if lay is None:  # no tokens here; the rank still receives
+                send_x = x.new_empty(0, D)
+                send_routing = x.new_empty(0, 2 * K, dtype=torch.float32)
+                copy_index = torch.empty(0, W, dtype=torch.int32, device=x.device)
+            else:
+                n = sum(input_splits)
+                send_x, send_routing = buffers[c][0][:n], buffers[c][1][:n]
+                copy_index = lay.copy_index
+            works = []
+            recv_x, recv_routing = _SendRows.apply(
+                x[a:b], topk_weights[a:b], send_x, send_routing, copy_index,
+                (output_splits, input_splits), self.group, works)
+            num_local_pairs = sum(sum(received[w][c][2:]) for w in range(W))
+            handle = AllToAllHandle(b - a, num_local_pairs, copy_index, input_splits,
+                                    output_splits)
+            in_flight.append(_InFlight(recv_x, recv_routing, works, handle))
+        return in_flight
+
+    @staticmethod
+    def _arrive(chunk: _InFlight) -> Dispatched:
+        for work in chunk.works:
+            work.wait()
+        K = chunk.recv_routing.shape[1] // 2
+        recv_ids, recv_weights = _unpack_routing(chunk.recv_routing, K)
+        return Dispatched(chunk.recv_x, recv_ids, recv_weights, chunk.handle)
+
+    @staticmethod
+    def _sum_home(back, works, handle: AllToAllHandle) -> torch.Tensor:
+        for work in works:
+            work.wait()
         return sum_rows(back, handle.copy_index)
 
 
-class AllGatherDispatcher:
+class AllGatherDispatcher(_Sequential):
     """Every rank sees every token: all-gather tokens and routing, compute the local experts'
     slots for all of them, reduce-scatter (fp32) the partial sums home. One fixed-size exchange
     each way: cheaper than all-to-all when batches are tiny (decode)."""
@@ -246,10 +369,12 @@ class AllGatherDispatcher:
         return _ReduceScatter.apply(partial, self.group)[:handle.num_tokens].to(partial.dtype)
 
 
-def make_dispatcher(kind: str, placement: ExpertPlacement, group: Optional[ProcessGroup],
+def make_dispatcher(config, placement: ExpertPlacement, group: Optional[ProcessGroup],
                     rank: int):
+    """The dispatcher `config.dispatcher` names (`MoEConfig`), or the local one for W = 1."""
     if placement.world_size == 1:
         return LocalDispatcher()
-    if kind == "all_to_all":
-        return AllToAllDispatcher(placement, group)
+    if config.dispatcher == "all_to_all":
+        return AllToAllDispatcher(placement, group, config.dispatch_chunks,
+                                  config.dispatch_chunk_min_tokens)
     return AllGatherDispatcher(placement, group, rank)

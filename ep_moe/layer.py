@@ -65,8 +65,7 @@ class MoE(nn.Module):
         self.router = Router(config)
         self.experts = Experts(config, len(self.local_expert_ids))
         self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
-        self.dispatcher = make_dispatcher(config.dispatcher, self.placement, process_group,
-                                          self.rank)
+        self.dispatcher = make_dispatcher(config, self.placement, process_group, self.rank)
         # multiplies the aux-loss gradient attached to the output: set it to whatever scales the
         # main loss (AMP loss scale, 1 / gradient-accumulation steps), and do not also add
         # `route.aux_loss` to the loss, or it counts twice
@@ -126,8 +125,8 @@ class MoE(nn.Module):
         return (y, route) if return_router_output else y
 
     def _routed(self, x_TD: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-        sent = self.dispatcher.dispatch(x_TD, route.topk_ids, route.topk_weights)
-        return self.dispatcher.combine(self.compute_experts(sent), sent.handle)
+        return self.dispatcher.run(x_TD, route.topk_ids, route.topk_weights,
+                                   self.compute_experts)
 
     def compute_experts(self, sent: Dispatched) -> torch.Tensor:
         """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots

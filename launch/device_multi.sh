@@ -1,16 +1,42 @@
 #!/usr/bin/env bash
-# One device call on a multi-GPU machine: the harness at W = all GPUs and W = 2, for the Mixtral
-# and Qwen3 shapes, both dispatchers. Logs and JSON under $OUT.
+# One device call on a multi-GPU machine. Stages (each under its own time limit):
+#   1. GPU tests on GPU 0 beside the single-GPU layer benchmark on GPU 1;
+#   2. the harness at W = all GPUs, Mixtral and Qwen3 shapes, pipeline chunk counts side by side,
+#      with a profile of a few forwards;
+#   3. the same at W = 2 when the machine has more GPUs.
+# Everything lands in two archives under $OUT (the device tool brings back few files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+FINAL=${OUT:-out}; mkdir -p "$FINAL"
+export OUT=$(mktemp -d)  # the scripts write here; packed into $FINAL at the end
 n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 tokens=${TOKENS:-8192}
-for w in $(echo "$n 2" | tr ' ' '\n' | sort -ru); do
-  for preset in mixtral qwen3; do
-    python3 -m torch.distributed.run --standalone --nproc-per-node "$w" launch/harness.py \
-      --preset "$preset" --tokens "$tokens" --dispatcher both "$@" 2>&1 \
-      | grep -v -i "warn" | tee "$OUT/harness_${preset}_W${w}.log"
+chunks=${CHUNKS:-1,2,4}
+pack() {  # after every stage, so a stage cut off by the call's limit loses only itself
+  mkdir -p "$OUT/traces"; mv "$OUT"/*.trace.json "$OUT/traces/" 2>/dev/null
+  tar czf "$FINAL/traces.tgz" -C "$OUT" traces
+  tar czf "$FINAL/results.tgz" -C "$OUT" --exclude traces .
+}
+nvidia-smi -L > "$OUT/gpus.txt"
+python3 launch/gpu_probe.py > "$OUT/probe.log" 2>&1
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -x -m "not distributed" tests/ \
+    > "$OUT/pytest_gpu.log" 2>&1 &
+  if [ "$n" -gt 1 ]; then
+    CUDA_VISIBLE_DEVICES=1 timeout 300 python3 launch/bench_layer.py > "$OUT/bench_layer.log" 2>&1
+  fi
+  wait
+  tail -3 "$OUT/pytest_gpu.log"
+  pack
+fi
+for w in $(echo "$n ${ALSO_W:-2}" | tr ' ' '\n' | sort -ru); do
+  for preset in ${PRESETS:-mixtral qwen3}; do
+    timeout "${HARNESS_TIMEOUT:-150}" python3 -m torch.distributed.run --standalone \
+      --nproc-per-node "$w" launch/harness.py --preset "$preset" --tokens "$tokens" \
+      --chunks "$chunks" --profile "$@" 2>&1 | grep -v -i "warn" \
+      | tee "$OUT/harness_${preset}_W${w}.log" | grep -v "^|---"
+    pack
   done
 done
+ls -la "$FINAL"

@@ -48,7 +48,11 @@ def parse_args():
     p.add_argument("--no-baseline", action="store_true", help="skip the single-GPU layer")
     p.add_argument("--json", default=None, help="file name under $OUT")
     p.add_argument("--profile", action="store_true",
-                   help="torch.profiler tables of a few forwards (rank 0) under $OUT")
+                   help="torch.profiler tables and a trace of a few forwards (rank 0) under $OUT")
+    p.add_argument("--chunks", default="1,2",
+                   help="all_to_all pipeline chunk counts to time side by side (comma list)")
+    p.add_argument("--chunk-min-tokens", type=int, default=None,
+                   help="MoEConfig.dispatch_chunk_min_tokens (default: the config's)")
     return p.parse_args()
 
 
@@ -74,7 +78,8 @@ def check(cfg: MoEConfig, group, device) -> dict:
     rank, W = group_rank_and_size(group)
     small = cfg.replace(hidden_size=min(cfg.hidden_size, 128),
                         intermediate_size=min(cfg.intermediate_size, 64),
-                        shared_intermediate_size=None)
+                        shared_intermediate_size=None,
+                        dispatch_chunk_min_tokens=16)  # the check's batches go through the pipeline
     torch.manual_seed(0)
     full = MoE(small, device=device)
     torch.manual_seed(0)
@@ -169,6 +174,7 @@ def profile_forward(layer: MoE, T: int, dtype, device, name: str, rank: int) -> 
             sync(device)
     if rank == 0:
         sort_dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        prof.export_chrome_trace(os.path.join(out_dir(), name.replace(".txt", ".trace.json")))
         with open(os.path.join(out_dir(), name), "w") as f:
             f.write(prof.key_averages().table(sort_by=sort_dev, row_limit=40))
             f.write("\n\n")
@@ -193,6 +199,8 @@ def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
         }
         res["dispatch_host_ms"] = host_ms(lambda: layer.dispatcher.dispatch(
             x, route.topk_ids, route.topk_weights), device, barrier)
+        if hasattr(sent.handle, "input_splits"):
+            res.update(time_exchanges(sent, partial, device, iters, barrier, layer.process_group))
     h = sent.handle
     row_bytes = D * x.element_size()
     if hasattr(h, "input_splits"):  # all_to_all: rows this rank sends out and gets back
@@ -201,6 +209,30 @@ def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
         res["combine_bytes"] = res["rows_received"] * row_bytes
     res["local_pairs"] = h.num_local_pairs
     return res
+
+
+def time_exchanges(sent, partial, device, iters, barrier, group) -> dict:
+    """The all-to-alls alone, with the split sizes of a real dispatch: the token rows and
+    their routing out, the partial rows back (no layout, host sync or gather around them)."""
+    h = sent.handle
+    D, K2 = sent.x.shape[1], 2 * sent.topk_ids.shape[1]
+    n_out, n_in = sum(h.input_splits), sum(h.output_splits)
+    send_x, send_r = sent.x.new_empty(n_out, D).normal_(), torch.randn(n_out, K2, device=device)
+    recv_x, recv_r = sent.x.new_empty(n_in, D), torch.empty(n_in, K2, device=device)
+    back = partial.new_empty(n_out, D)
+
+    def out():
+        dist.all_to_all_single(recv_x, send_x, list(h.output_splits), list(h.input_splits),
+                               group=group)
+        dist.all_to_all_single(recv_r, send_r, list(h.output_splits), list(h.input_splits),
+                               group=group)
+
+    def home():
+        dist.all_to_all_single(back, partial, list(h.input_splits), list(h.output_splits),
+                               group=group)
+
+    return {"dispatch_exchange_ms": time_ms(out, device, iters, barrier=barrier),
+            "combine_exchange_ms": time_ms(home, device, iters, barrier=barrier)}
 
 
 def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
@@ -219,12 +251,22 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
     torch.manual_seed(0)
     layer = MoE(cfg, process_group=group, device=device, dtype=dtype)
     out.update(time_layer(layer, T, dtype, device, iters, barrier))
+    if cfg.dispatcher == "all_to_all" and group is not None:
+        # the pipeline's chunk count, side by side on the same layer (the dispatcher holds no
+        # per-call state, so switching it between timings is safe)
+        for chunks in sorted({int(c) for c in args.chunks.split(",")}):
+            layer.dispatcher.chunks = chunks
+            res = time_layer(layer, T, dtype, device, iters, barrier)
+            out.update({f"{k}_chunks{chunks}": v for k, v in res.items()})
+        layer.dispatcher.chunks = cfg.dispatch_chunks
     out.update(time_phases(layer, T, dtype, device, iters, barrier))
     out["tokens_per_s"] = T / out["fwd_ms"] * 1e3
     out["fwd_bwd_tokens_per_s"] = T / out["fwd_bwd_ms"] * 1e3
     if not args.no_baseline:
         out["per_gpu_vs_single_fwd"] = out["single_fwd_ms"] / out["fwd_ms"]
         out["per_gpu_vs_single_fwd_bwd"] = out["single_fwd_bwd_ms"] / out["fwd_bwd_ms"]
+        for key in [k for k in out if k.startswith("fwd_ms_chunks")]:
+            out["per_gpu_vs_single_" + key] = out["single_fwd_ms"] / out[key]
     if group is not None and "dispatch_bytes" in out:
         for phase in ("dispatch", "combine"):
             # the raw exchange is even: give it the ranks' mean bytes, and judge ours by it too
@@ -236,11 +278,20 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
             out[f"{phase}_busbw_gbs"] = nbytes * (W - 1) / W / out[f"{phase}_ms"] / 1e6
             out[f"{phase}_raw_busbw_gbs"] = nbytes * (W - 1) / W / raw / 1e6
             out[f"{phase}_vs_raw"] = raw / out[f"{phase}_ms"]
+            if f"{phase}_exchange_ms" in out:
+                out[f"{phase}_exchange_vs_raw"] = raw / out[f"{phase}_exchange_ms"]
     if args.profile:
         profile_forward(layer, T, dtype, device,
                         f"profile_{args.preset}_{cfg.dispatcher}_W{W}.txt", rank)
     del layer
     return out
+
+
+def preset_config(args, dispatcher: str) -> MoEConfig:
+    extra = {} if args.chunk_min_tokens is None else \
+        {"dispatch_chunk_min_tokens": args.chunk_min_tokens}
+    return MoEConfig.preset(args.preset, dispatcher=dispatcher, placement=args.placement,
+                            **extra)
 
 
 def main():
@@ -261,7 +312,7 @@ def main():
     report = {"W": W, "backend": backend, "device": name, "preset": args.preset,
               "torch": torch.__version__, "checks": {}, "runs": []}
     for kind in dispatchers:
-        cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement)
+        cfg = preset_config(args, kind)
         report["checks"][kind] = check(cfg, group, device)
         log(rank, f"check {kind}: OK " + " ".join(
             f"{k}={v:.1e}" for k, v in report["checks"][kind].items()))
@@ -269,7 +320,7 @@ def main():
         if on_gpu:
             report["copy_ceiling_gbs"] = copy_ceiling_gbs(device)
         for kind in dispatchers:
-            cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement)
+            cfg = preset_config(args, kind)
             run = bench(cfg, args, group, device, dtype)
             runs = [None] * W
             if group is not None:
@@ -281,8 +332,10 @@ def main():
                 slowest = max(runs, key=lambda r: r["fwd_bwd_ms"])
                 cols = ["dispatcher", "W", "T_per_rank", "fwd_ms", "fwd_bwd_ms", "tokens_per_s",
                         "route_ms", "dispatch_ms", "experts_ms", "combine_ms",
-                        "dispatch_vs_raw", "combine_vs_raw", "per_gpu_vs_single_fwd",
+                        "dispatch_vs_raw", "combine_vs_raw", "dispatch_exchange_vs_raw",
+                        "combine_exchange_vs_raw", "per_gpu_vs_single_fwd",
                         "per_gpu_vs_single_fwd_bwd", "peak_mem_gib"]
+                cols += sorted(k for k in slowest if "_chunks" in k and "peak" not in k)
                 print(markdown_table([slowest], [c for c in cols if c in slowest]), flush=True)
     if rank == 0:
         path = write_json(args.json or f"harness_{args.preset}_W{W}.json", report)

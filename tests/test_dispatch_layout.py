@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_moe.kernels.dispatch_layout import _layout_torch, dispatch_layout
+import ep_moe.kernels.dispatch_layout as layout_module
+from ep_moe.dispatch import chunk_bounds
+from ep_moe.kernels.dispatch_layout import _layout_torch, dispatch_layout, gather_send_rows
 from ep_moe.kernels.fused_mul_sum import _use_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -17,7 +19,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def brute_force(topk_ids, owner, W):
     """Send rows grouped by rank, tokens in order; copy_index[t, w] the row of (t, w); the
-    send metadata: copies per rank, then pairs per expert of that rank (padded with 0)."""
+    send metadata: copies per rank, T, then pairs per expert of that rank (padded with 0)."""
     T, E = topk_ids.shape[0], owner.shape[0]
     copy_index = torch.full((T, W), -1, dtype=torch.int32)
     tokens = []
@@ -28,12 +30,13 @@ def brute_force(topk_ids, owner, W):
                 tokens.append(t)
     per_rank = [[e for e in range(E) if owner[e] == w] for w in range(W)]
     e_max = max(len(p) for p in per_rank)
-    meta = torch.zeros(W, 1 + e_max, dtype=torch.int64)
+    meta = torch.zeros(W, 2 + e_max, dtype=torch.int64)
     meta[:, 0] = (copy_index >= 0).sum(0)
+    meta[:, 1] = T
     flat = [e for e in topk_ids.reshape(-1).tolist() if 0 <= e < E]
     for w, experts in enumerate(per_rank):
         for j, e in enumerate(experts):
-            meta[w, 1 + j] = flat.count(e)
+            meta[w, 2 + j] = flat.count(e)
     return meta, copy_index, torch.tensor(tokens, dtype=torch.int64)
 
 
@@ -85,7 +88,7 @@ def test_matches_brute_force(T, K, E, W, kind, impl):
     S = int(meta[:, 0].sum())
     assert torch.equal(got.send_meta.cpu(), meta)
     assert torch.equal(got.copy_index.cpu(), copy_index)
-    assert got.send_tokens.shape == (W * T,)
+    assert got.send_tokens.shape == (T * min(K, W),)  # a token reaches <= min(K, W) ranks
     assert torch.equal(got.send_tokens[:S].cpu(), tokens)
 
 
@@ -133,3 +136,55 @@ def test_strided_owner():
     got = layout("kernel", ids, wide[:, 0], 2)
     meta, copy_index, _ = brute_force(ids, owner, 2)
     assert torch.equal(got.copy_index.cpu(), copy_index) and torch.equal(got.send_meta.cpu(), meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Send buffers and pipeline chunks
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,K,E,W,kind", [
+    (37, 8, 16, 3, "round_robin"),  # most tokens go to every rank: the buffer nearly full
+    (600, 2, 8, 4, "linear"),       # rows past the count stay unwritten (cap = 2T, ~1.7T used)
+    (5, 1, 4, 2, "linear"),         # K = 1: one copy per token
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_send_rows(T, K, E, W, kind, dtype):
+    ids, owner = routed_ids(T, K, E, seed=T), make_owner(E, W, kind)
+    meta, copy_index, tokens = brute_force(ids, owner, W)
+    got = layout("kernel", ids, owner, W)
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, 129, generator=g).to(DEVICE, dtype)  # 129: odd D, not a block multiple
+    weights = torch.rand(T, K, generator=g).to(DEVICE)
+    send_x, send_routing = gather_send_rows(x, weights, ids.to(DEVICE), got)
+    S = tokens.shape[0]
+    assert send_x.shape == (T * min(K, W), 129) and send_routing.shape == (T * min(K, W), 2 * K)
+    assert torch.equal(send_x[:S].cpu(), x.cpu()[tokens])
+    expected = torch.cat([weights.cpu(), ids.float()], 1)[tokens]
+    assert torch.equal(send_routing[:S].cpu(), expected)
+
+
+def test_gather_send_rows_torch_path_masks_unused_rows(monkeypatch):
+    # the torch path (CPU without the interpreter) must not index with the unused entries
+    ids, owner = routed_ids(30, 2, 8, seed=2), make_owner(8, 2, "linear")
+    lay = _layout_torch(ids, owner, make_table(owner, 2))
+    _, _, tokens = brute_force(ids, owner, 2)
+    S = tokens.shape[0]
+    assert S < 60  # some rows unused, so the masking matters
+    send_tokens = lay.send_tokens.clone()
+    send_tokens[S:] = 10**9  # garbage, as the kernel layout leaves there
+    monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
+    x, weights = torch.randn(30, 8), torch.rand(30, 2)
+    send_x, send_routing = gather_send_rows(x, weights, ids, lay._replace(send_tokens=send_tokens))
+    assert torch.equal(send_x[:S], x[tokens])
+    assert torch.equal(send_routing[:S], torch.cat([weights, ids.float()], 1)[tokens])
+
+
+@pytest.mark.parametrize("T,chunks,min_tokens,expected", [
+    (10, 2, 5, [(0, 5), (5, 10)]),             # exactly min_tokens each
+    (9, 2, 5, [(0, 9), (9, 9)]),               # too few to split: all in the first chunk
+    (7, 3, 1, [(0, 3), (3, 6), (6, 7)]),       # ceil(T / chunks) steps, the last short
+    (0, 2, 1, [(0, 0), (0, 0)]),               # no tokens
+    (4, 1, 1, [(0, 4)]),                        # no pipeline
+])
+def test_chunk_bounds(T, chunks, min_tokens, expected):
+    assert chunk_bounds(T, chunks, min_tokens) == expected

@@ -19,12 +19,12 @@ from .fused_mul_sum import _use_triton
 
 
 class SendLayout(NamedTuple):
-    """send_meta: (W, 1 + e_max) int64; row w = [copies sent to rank w, then the (token, slot)
-        pairs of each of w's experts in `table` order, 0 on padding]: the message each rank
-        sends ahead of the tokens.
+    """send_meta: (W, 2 + e_max) int64; row w = [copies sent to rank w, T, then the (token,
+        slot) pairs of each of w's experts in `table` order, 0 on padding]: the message each
+        rank sends ahead of the tokens (T lets every rank see every rank's batch size).
     copy_index: (T, W) int32 row of token t's copy for rank w in the send buffer, -1 if none.
-    send_tokens: (W*T,) int64; the first sum(send_meta[:, 0]) entries name the token of each
-        send row, the rest are unused."""
+    send_tokens: (T * min(K, W),) int64; the first sum(send_meta[:, 0]) entries name the token
+        of each send row, the rest are unused (a token goes to at most min(K, W) ranks)."""
 
     send_meta: torch.Tensor
     copy_index: torch.Tensor
@@ -94,15 +94,17 @@ def _place_kernel(
     totals = tl.sum(counts, axis=0)  # (W_POW2,) copies per rank
     earlier = tl.sum(tl.where(b[:, None] < pid, counts, 0), axis=0)
     first_row = tl.cumsum(totals, 0) - totals + earlier
-    if pid == 0:  # send_meta[w] = [copies for w, pairs for w's experts (table order)]
+    if pid == 0:  # send_meta[w] = [copies for w, T, pairs for w's experts (table order)]
         j = tl.arange(0, EMAX_POW2)
         in_table = (w[:, None] < W) & (j[None, :] < e_max)
         experts = tl.load(table_ptr + w[:, None] * e_max + j[None, :], mask=in_table, other=E)
         pairs = tl.load(pairs_ptr + experts, mask=in_table & (experts >= 0) & (experts < E),
                         other=0)
-        row = send_meta_ptr + w[:, None] * (1 + e_max)
-        tl.store(row + 1 + j[None, :], pairs.to(tl.int64), mask=in_table)
-        tl.store(send_meta_ptr + w * (1 + e_max), totals.to(tl.int64), mask=w < W)
+        row = send_meta_ptr + w[:, None] * (2 + e_max)
+        tl.store(row + 2 + j[None, :], pairs.to(tl.int64), mask=in_table)
+        tl.store(send_meta_ptr + w * (2 + e_max), totals.to(tl.int64), mask=w < W)
+        tl.store(send_meta_ptr + w * (2 + e_max) + 1, T + tl.zeros_like(w).to(tl.int64),
+                 mask=w < W)
     t0 = pid * BLOCK_T
     dest = _destinations(ids_ptr, owner_ptr, t0, T, K, E, K_POW2, W_POW2, BLOCK_T)
     row = first_row[None, :] + tl.cumsum(dest, 0) - 1  # (BLOCK_T, W_POW2)
@@ -112,6 +114,11 @@ def _place_kernel(
              tl.where(dest > 0, row, -1), mask=in_t)
     t_2d = t[:, None] + tl.zeros((BLOCK_T, W_POW2), dtype=tl.int32)
     tl.store(send_tokens_ptr + row.to(tl.int64), t_2d.to(tl.int64), mask=in_t & (dest > 0))
+
+
+def send_capacity(T: int, K: int, W: int) -> int:
+    """Most send rows T tokens can need: each goes to at most min(K, W) ranks."""
+    return T * min(K, W)
 
 
 def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor,
@@ -126,16 +133,18 @@ def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor,
     counts = dest.sum(0, dtype=torch.int32)
     start = counts.cumsum(0, dtype=torch.int32) - counts
     copy_index = torch.where(dest > 0, position - 1 + start, -1).to(torch.int32)
-    send_tokens = torch.zeros(W * T + 1, dtype=torch.int64, device=topk_ids.device)
-    dump = torch.where(dest > 0, copy_index, W * T).long()
+    cap = send_capacity(T, topk_ids.shape[1], W)
+    send_tokens = torch.zeros(cap + 1, dtype=torch.int64, device=topk_ids.device)
+    dump = torch.where(dest > 0, copy_index, cap).long()
     tokens = torch.arange(T, device=topk_ids.device)[:, None].expand(T, W)
     send_tokens.scatter_(0, dump.reshape(-1), tokens.reshape(-1))
     pairs = torch.zeros(E + 1, dtype=torch.int64, device=topk_ids.device)  # E: padding / dump
     pairs.scatter_add_(0, torch.where(valid, ids, E).reshape(-1),
                        torch.ones(topk_ids.numel(), dtype=torch.int64, device=ids.device))
     pairs[E] = 0
-    send_meta = torch.cat([counts[:, None].long(), pairs[table]], 1)
-    return SendLayout(send_meta, copy_index, send_tokens[:W * T])
+    batch = torch.full((W, 1), T, dtype=torch.int64, device=topk_ids.device)
+    send_meta = torch.cat([counts[:, None].long(), batch, pairs[table]], 1)
+    return SendLayout(send_meta, copy_index, send_tokens[:cap])
 
 
 def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
@@ -177,9 +186,9 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
     num_blocks = triton.cdiv(T, block_t)
     block_counts = torch.empty(num_blocks, W, dtype=torch.int32, device=dev)
     pairs = torch.zeros(E, dtype=torch.int32, device=dev)
-    send_meta = torch.empty(W, 1 + e_max, dtype=torch.int64, device=dev)
+    send_meta = torch.empty(W, 2 + e_max, dtype=torch.int64, device=dev)
     copy_index = torch.empty(T, W, dtype=torch.int32, device=dev)
-    send_tokens = torch.empty(W * T, dtype=torch.int64, device=dev)
+    send_tokens = torch.empty(send_capacity(T, K, W), dtype=torch.int64, device=dev)
     ids, owner = topk_ids.contiguous(), owner.contiguous()
     meta = dict(K_POW2=k_pow2, W_POW2=w_pow2, BLOCK_T=block_t, num_warps=4)
     _count_kernel[(num_blocks,)](ids, owner, block_counts, pairs, T, K, E, W,
@@ -189,3 +198,77 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
                                  NB_POW2=triton.next_power_of_2(num_blocks),
                                  EMAX_POW2=triton.next_power_of_2(max(e_max, 1)), **meta)
     return SendLayout(send_meta, copy_index, send_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Send buffers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gather_send_kernel(
+    # pointers
+    x_ptr, weights_ptr, ids_ptr, send_tokens_ptr, send_meta_ptr, send_x_ptr, send_routing_ptr,
+    # sizes
+    D, K, W, meta_cols,
+    # strides
+    stride_x,
+    # meta-parameters
+    W_POW2: tl.constexpr, K_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Send row r = x[send_tokens[r]] and its routing row [topk_weights, topk_ids] in fp32,
+    for r below the rows sent (summed from send_meta on the device); the rest stay unwritten."""
+    r = tl.program_id(0).to(tl.int64)
+    w = tl.arange(0, W_POW2)
+    total = tl.sum(tl.load(send_meta_ptr + w * meta_cols, mask=w < W, other=0))
+    if r < total:
+        t = tl.load(send_tokens_ptr + r)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
+            tl.store(send_x_ptr + r * D + d, row, mask=d < D)
+        k = tl.arange(0, K_POW2)
+        weights = tl.load(weights_ptr + t * K + k, mask=k < K).to(tl.float32)
+        ids = tl.load(ids_ptr + t * K + k, mask=k < K).to(tl.float32)
+        tl.store(send_routing_ptr + r * 2 * K + k, weights, mask=k < K)
+        tl.store(send_routing_ptr + r * 2 * K + K + k, ids, mask=k < K)
+
+
+def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     layout: SendLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the send buffers of `layout` before the split sizes reach the host.
+
+    Args:
+        x: (T, D) token rows (last dim contiguous); topk_weights (T, K) float and topk_ids
+            (T, K) int32/int64 of the same tokens.
+        layout: `dispatch_layout` of topk_ids.
+
+    Returns:
+        send_x (T * min(K, W), D) of x's dtype and send_routing (T * min(K, W), 2K) fp32
+        (weights, then ids as floats: exact below 2^24). Only the first sum(send_meta[:, 0])
+        rows are written; the buffers are sized by the bound so no host sync is needed.
+    """
+    T, K = topk_ids.shape
+    if x.ndim != 2 or x.shape[0] != T or tuple(topk_weights.shape) != (T, K):
+        raise ValueError(f"x (T, D) and topk_weights (T, K) must match topk_ids (T, K) = "
+                         f"{(T, K)}, got {tuple(x.shape)} and {tuple(topk_weights.shape)}")
+    cap, D = layout.send_tokens.shape[0], x.shape[1]
+    send_x = x.new_empty(cap, D)
+    send_routing = torch.empty(cap, 2 * K, dtype=torch.float32, device=x.device)
+    if cap == 0:
+        return send_x, send_routing
+    if not _use_triton(x):
+        with torch.no_grad():
+            rows = torch.arange(cap, device=x.device)
+            tokens = torch.where(rows < layout.send_meta[:, 0].sum(), layout.send_tokens, 0)
+            send_x.copy_(x[tokens])
+            send_routing.copy_(torch.cat([topk_weights.float(), topk_ids.float()], 1)[tokens])
+        return send_x, send_routing
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    W = layout.send_meta.shape[0]
+    _gather_send_kernel[(cap,)](
+        x, topk_weights.contiguous(), topk_ids.contiguous(), layout.send_tokens,
+        layout.send_meta, send_x, send_routing, D, K, W, layout.send_meta.shape[1], x.stride(0),
+        W_POW2=triton.next_power_of_2(W), K_POW2=triton.next_power_of_2(K),
+        BLOCK_D=min(triton.next_power_of_2(D), 2048), num_warps=4)
+    return send_x, send_routing
