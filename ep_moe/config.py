@@ -71,7 +71,9 @@ class MoEConfig:
     # all_to_all forward pipeline: a rank's tokens go in this many chunks, so that one chunk's
     # exchanges overlap another chunk's expert GEMMs (1: no pipeline). A rank splits only when
     # every chunk gets at least dispatch_chunk_min_tokens tokens; small batches stay whole.
-    dispatch_chunks: int = 2
+    # Off by default: on the 4x H200 hosts measured (launch/NOTES.md) each chunk's host time
+    # (NCCL and kernel launches) cost more than the overlap saved.
+    dispatch_chunks: int = 1
     dispatch_chunk_min_tokens: int = 1024
 
     # init

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from .kernels.dispatch_layout import dispatch_layout, gather_send_rows
+from .kernels.dispatch_layout import dispatch_layout, gather_send_rows, packed_row, split_packed
 from .permute import count_ids, sum_rows
 from .placement import ExpertPlacement
 
@@ -47,21 +47,21 @@ def _all_to_all(x, output_splits, input_splits, group, works=None):
 
 
 class _SendRows(torch.autograd.Function):
-    """The send buffers (token rows, and their routing as fp32 [weights, ids]), filled before
-    the host sync, travel to the expert ranks; asynchronous (see `_all_to_all`).
+    """The packed send rows (each a token and its routing, filled before the host sync) travel
+    to the expert ranks in one asynchronous all-to-all (see `_all_to_all`); the outputs are
+    views of the received rows: the tokens (R, D) and the routing (R, 2K) fp32.
 
     Backward: the reverse all-to-all brings the gradients of the copies home and each token
     sums its copies in rank order (deterministic); the weights' gradient is the first K routing
     columns. x and topk_weights are inputs only so that their gradients land there."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, send_x, send_routing, copy_index, splits, group, works):
+    def forward(ctx, x, topk_weights, send, copy_index, splits, group, works):
         output_splits, input_splits = splits
         ctx.save_for_backward(copy_index)
         ctx.splits, ctx.group, ctx.dtypes = splits, group, (x.dtype, topk_weights.dtype)
-        recv_x = _all_to_all(send_x, output_splits, input_splits, group, works)
-        recv_routing = _all_to_all(send_routing, output_splits, input_splits, group, works)
-        return recv_x, recv_routing
+        recv = _all_to_all(send, output_splits, input_splits, group, works)
+        return split_packed(recv, x.shape[1], topk_weights.shape[1])
 
     @staticmethod
     def backward(ctx, grad_x, grad_routing):
@@ -75,7 +75,7 @@ class _SendRows(torch.autograd.Function):
                 grads.append(sum_rows(back, copy_index).to(ctx.dtypes[i]))
             else:
                 grads.append(None)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 class _ReturnRows(torch.autograd.Function):
@@ -282,12 +282,12 @@ class AllToAllDispatcher:
         bounds = chunk_bounds(T, chunks, self.chunk_min_tokens)
         layouts = [dispatch_layout(topk_ids[a:b], owner, table) if b > a else None
                    for a, b in bounds]
-        send_meta = torch.cat([
-            lay.send_meta if lay is not None else
-            torch.zeros(W, cols, dtype=torch.int64, device=x.device) for lay in layouts], 1)
+        metas = [lay.send_meta if lay is not None else
+                 torch.zeros(W, cols, dtype=torch.int64, device=x.device) for lay in layouts]
+        send_meta = metas[0] if chunks == 1 else torch.cat(metas, 1)
         meta_works = []
         recv_meta = _all_to_all(send_meta, [1] * W, [1] * W, self.group, meta_works)
-        # the send buffers fill while the metadata travels
+        # the send rows fill while the metadata travels
         buffers = [gather_send_rows(x[a:b], topk_weights[a:b], topk_ids[a:b], lay)
                    if lay is not None else None for (a, b), lay in zip(bounds, layouts)]
         meta_works[0].wait()
@@ -302,17 +302,14 @@ class AllToAllDispatcher:
             input_splits = tuple(sent[w][c][0] for w in range(W))
             output_splits = tuple(received[w][c][0] for w in range(W))
             if lay is None:  # no tokens here; the rank still receives
-                send_x = x.new_empty(0, D)
-                send_routing = x.new_empty(0, 2 * K, dtype=torch.float32)
+                send = x.new_empty(0, packed_row(D, K, x.dtype)[0])
                 copy_index = torch.empty(0, W, dtype=torch.int32, device=x.device)
             else:
-                n = sum(input_splits)
-                send_x, send_routing = buffers[c][0][:n], buffers[c][1][:n]
-                copy_index = lay.copy_index
+                send, copy_index = buffers[c][:sum(input_splits)], lay.copy_index
             works = []
             recv_x, recv_routing = _SendRows.apply(
-                x[a:b], topk_weights[a:b], send_x, send_routing, copy_index,
-                (output_splits, input_splits), self.group, works)
+                x[a:b], topk_weights[a:b], send, copy_index, (output_splits, input_splits),
+                self.group, works)
             num_local_pairs = sum(sum(received[w][c][2:]) for w in range(W))
             handle = AllToAllHandle(b - a, num_local_pairs, copy_index, input_splits,
                                     output_splits)

@@ -8,6 +8,8 @@ Weights follow the Hugging Face transformers v5 layout:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,12 +74,15 @@ class Experts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=self.config.init_std)
         nn.init.normal_(self.down_proj, std=self.config.init_std)
 
-    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor,
+                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run each local expert on its rows.
 
         Args:
             x: (P, D) rows sorted by local expert.
             num_tokens_per_expert: (e,) int rows per local expert, summing to P.
+            offsets: optional (e,) int32 running sum of num_tokens_per_expert (the expert sort
+                writes it; one op fewer here).
 
         Returns:
             (P, D) expert outputs, same order and dtype as x.
@@ -89,7 +94,8 @@ class Experts(nn.Module):
             return F.linear(h, self.down_proj[0])
         w13, w2 = self.gate_up_proj, self.down_proj
         if cfg.expert_impl != "loop" and grouped_mm_supported(x, w13, w2):
-            offs = torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)
+            offs = offsets if offsets is not None else \
+                torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)
             h = _grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # (P, 2I)
             h = activate(h, cfg.activation, cfg.gated)
             return _grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # (P, D)

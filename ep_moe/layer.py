@@ -13,7 +13,8 @@ from .dispatch import Dispatched, make_dispatcher
 from .distributed import all_gather_rows, check_same_config, group_rank_and_size
 from .experts import Experts, SharedExperts
 from .kernels import fused_mul_sum_rows
-from .permute import expand_rows, sort_by_expert
+from .kernels.expert_sort import sort_by_expert
+from .permute import expand_rows
 from .placement import ExpertPlacement
 from .router import Router, RouterOutput
 
@@ -132,25 +133,25 @@ class MoE(nn.Module):
         """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots
         whose expert is local (the harness times this phase on its own)."""
         ids = sent.topk_ids  # (R, K) global ids, -1 on padding rows
-        if self.world_size == 1:  # the router's own ids: all valid, and local ids = global
-            local_ids = ids
-        else:
-            local_ids = torch.where(ids >= 0, self.expert_map[ids.clamp(min=0)], -1)
+        # one rank: the router's own ids, all valid, and local ids = global ones
+        expert_map = self.expert_map if self.world_size > 1 else None
         R, num_pairs = sent.x.shape[0], sent.handle.num_local_pairs
         fused = self.experts.fused_forward_supported(sent.x, num_pairs)
         if not fused and 0 < R <= self.config.dense_max_rows:
+            local_ids = ids if expert_map is None else \
+                torch.where(ids >= 0, expert_map[ids.clamp(min=0)], -1)
             out_rows = self.experts.dense(sent.x)  # (e, R, D): row (i, r) is expert i on row r
             rows_of_slot = local_ids * R + torch.arange(R, device=ids.device)[:, None]
             row_index = torch.where(local_ids >= 0, rows_of_slot, -1).to(torch.int32)
             return fused_mul_sum_rows(out_rows.view(-1, sent.x.shape[1]), sent.topk_weights,
                                       row_index)
-        order = sort_by_expert(local_ids, len(self.local_expert_ids), num_pairs)
+        order = sort_by_expert(ids, len(self.local_expert_ids), num_pairs, expert_map)
         if fused:  # inference: gather and activation inside the Triton GEMMs
             out_rows = self.experts.fused_forward(sent.x, order.source_rows,
                                                   order.num_tokens_per_expert)  # (P, D)
         else:
             rows = expand_rows(sent.x, order.source_rows, order.row_index)  # (P, D)
-            out_rows = self.experts(rows, order.num_tokens_per_expert)  # (P, D)
+            out_rows = self.experts(rows, order.num_tokens_per_expert, order.offsets)  # (P, D)
         # the combine doubles as the un-permute: reads each row once, writes (R, D)
         return fused_mul_sum_rows(out_rows, sent.topk_weights, order.row_index)
 

@@ -8,8 +8,6 @@ combine: no atomics, so gradients are bitwise reproducible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .kernels import fused_mul_sum_rows
@@ -24,42 +22,6 @@ def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
     flat = ids.reshape(-1).long()
     return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(
         0, flat, torch.ones_like(flat))
-
-
-@dataclass(frozen=True)
-class ExpertSort:
-    """(token, slot) pairs whose expert is local, sorted by local expert.
-
-    source_rows: (P,) int64 token row of each sorted pair.
-    row_index: (T, K) int32 position of slot (t, k) in the sorted order, -1 if not local.
-    num_tokens_per_expert: (e,) int64 pairs per local expert.
-    """
-
-    source_rows: torch.Tensor
-    row_index: torch.Tensor
-    num_tokens_per_expert: torch.Tensor
-
-
-def sort_by_expert(local_ids: torch.Tensor, num_local_experts: int,
-                   num_pairs: int) -> ExpertSort:
-    """Sort the slots of `local_ids` (T, K) (local expert id, or -1) by expert.
-
-    `num_pairs` is the count of slots with a local expert, known on the host from the
-    dispatch exchange, so no device-to-host copy happens here.
-    """
-    T, K = local_ids.shape
-    flat = local_ids.reshape(-1)
-    every_slot = num_pairs == T * K  # all local (one rank): no -1 to move last, none to skip
-    key = flat if every_slot else torch.where(flat >= 0, flat, num_local_experts)
-    # stable: pairs of one expert keep token order, so the result is deterministic
-    order = torch.sort(key, stable=True).indices[:num_pairs]
-    if every_slot:  # every entry is written just below
-        row_index = torch.empty(T * K, dtype=torch.int32, device=flat.device)
-    else:
-        row_index = torch.full((T * K,), -1, dtype=torch.int32, device=flat.device)
-    row_index[order] = torch.arange(num_pairs, dtype=torch.int32, device=flat.device)
-    counts = count_ids(key, num_local_experts + 1)[:num_local_experts]
-    return ExpertSort(order // K, row_index.view(T, K), counts)
 
 
 class _ExpandRows(torch.autograd.Function):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call on a multi-GPU machine. Stages (each under its own time limit):
-#   1. GPU tests on GPU 0 beside the single-GPU layer benchmark on GPU 1;
+#   1. GPU tests, then the single-GPU layer benchmark, on GPU 0;
 #   2. the harness at W = all GPUs, Mixtral and Qwen3 shapes, pipeline chunk counts side by side,
 #      with a profile of a few forwards;
 #   3. the same at W = 2 when the machine has more GPUs.
@@ -20,16 +20,16 @@ pack() {  # after every stage, so a stage cut off by the call's limit loses only
 }
 nvidia-smi -L > "$OUT/gpus.txt"
 python3 launch/gpu_probe.py > "$OUT/probe.log" 2>&1
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -x -m "not distributed" tests/ \
-    > "$OUT/pytest_gpu.log" 2>&1 &
-  if [ "$n" -gt 1 ]; then
-    CUDA_VISIBLE_DEVICES=1 timeout 300 python3 launch/bench_layer.py > "$OUT/bench_layer.log" 2>&1
-  fi
-  wait
+if [ "${SKIP_TESTS:-0}" != 1 ]; then  # TEST_FILES picks a subset
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -x -m "not distributed" \
+    ${TEST_FILES:-tests/} > "$OUT/pytest_gpu.log" 2>&1
   tail -3 "$OUT/pytest_gpu.log"
-  pack
 fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then  # alone on the machine: eager timings are host-bound
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 launch/bench_layer.py > "$OUT/bench_layer.log" 2>&1
+  tail -10 "$OUT/bench_layer.log"
+fi
+pack
 for w in $(echo "$n ${ALSO_W:-2}" | tr ' ' '\n' | sort -ru); do
   for preset in ${PRESETS:-mixtral qwen3}; do
     timeout "${HARNESS_TIMEOUT:-150}" python3 -m torch.distributed.run --standalone \

@@ -30,6 +30,7 @@ from common import (copy_ceiling_gbs, markdown_table, out_dir, sync, time_fwd_an
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.distributed import group_rank_and_size, init_distributed  # noqa: E402
+from ep_moe.kernels.dispatch_layout import packed_row  # noqa: E402
 from ep_moe.reference import reference_moe  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -205,26 +206,25 @@ def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
     row_bytes = D * x.element_size()
     if hasattr(h, "input_splits"):  # all_to_all: rows this rank sends out and gets back
         res["rows_sent"], res["rows_received"] = sum(h.input_splits), sum(h.output_splits)
-        res["dispatch_bytes"] = res["rows_sent"] * (row_bytes + 2 * route.topk_ids.shape[1] * 4)
+        width, _ = packed_row(D, route.topk_ids.shape[1], x.dtype)  # a token and its routing
+        res["dispatch_bytes"] = res["rows_sent"] * width * x.element_size()
         res["combine_bytes"] = res["rows_received"] * row_bytes
     res["local_pairs"] = h.num_local_pairs
     return res
 
 
 def time_exchanges(sent, partial, device, iters, barrier, group) -> dict:
-    """The all-to-alls alone, with the split sizes of a real dispatch: the token rows and
-    their routing out, the partial rows back (no layout, host sync or gather around them)."""
+    """The all-to-alls alone, with the split sizes of a real dispatch: the packed token and
+    routing rows out, the partial rows back (no layout, host sync or gather around them)."""
     h = sent.handle
-    D, K2 = sent.x.shape[1], 2 * sent.topk_ids.shape[1]
+    D, K = sent.x.shape[1], sent.topk_ids.shape[1]
+    width, _ = packed_row(D, K, sent.x.dtype)
     n_out, n_in = sum(h.input_splits), sum(h.output_splits)
-    send_x, send_r = sent.x.new_empty(n_out, D).normal_(), torch.randn(n_out, K2, device=device)
-    recv_x, recv_r = sent.x.new_empty(n_in, D), torch.empty(n_in, K2, device=device)
+    send, recv = sent.x.new_empty(n_out, width).normal_(), sent.x.new_empty(n_in, width)
     back = partial.new_empty(n_out, D)
 
     def out():
-        dist.all_to_all_single(recv_x, send_x, list(h.output_splits), list(h.input_splits),
-                               group=group)
-        dist.all_to_all_single(recv_r, send_r, list(h.output_splits), list(h.input_splits),
+        dist.all_to_all_single(recv, send, list(h.output_splits), list(h.input_splits),
                                group=group)
 
     def home():

@@ -16,7 +16,10 @@ pytestmark = pytest.mark.skipif(
     reason="needs TRITON_INTERPRET=1 on CPU, or a GPU")
 
 
-def make_inputs(P, I, dtype, device="cpu", seed=0):
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_inputs(P, I, dtype, device=DEVICE, seed=0):
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(P, 2 * I, generator=gen).to(device=device, dtype=dtype)
     g = torch.randn(P, I, generator=gen).to(device=device, dtype=dtype)
@@ -68,3 +71,4 @@ def test_bad_shapes(bad, match):
 def test_bad_activation():
     with pytest.raises(ValueError, match="activation"):
         gated_activation(torch.randn(2, 8), "tanh")
+

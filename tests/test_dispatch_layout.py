@@ -11,7 +11,8 @@ import torch
 
 import ep_moe.kernels.dispatch_layout as layout_module
 from ep_moe.dispatch import chunk_bounds
-from ep_moe.kernels.dispatch_layout import _layout_torch, dispatch_layout, gather_send_rows
+from ep_moe.kernels.dispatch_layout import (_layout_torch, dispatch_layout, gather_send_rows,
+                                           packed_row, split_packed)
 from ep_moe.kernels.fused_mul_sum import _use_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,7 +148,7 @@ def test_strided_owner():
     (600, 2, 8, 4, "linear"),       # rows past the count stay unwritten (cap = 2T, ~1.7T used)
     (5, 1, 4, 2, "linear"),         # K = 1: one copy per token
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gather_send_rows(T, K, E, W, kind, dtype):
     ids, owner = routed_ids(T, K, E, seed=T), make_owner(E, W, kind)
     meta, copy_index, tokens = brute_force(ids, owner, W)
@@ -155,7 +156,11 @@ def test_gather_send_rows(T, K, E, W, kind, dtype):
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, 129, generator=g).to(DEVICE, dtype)  # 129: odd D, not a block multiple
     weights = torch.rand(T, K, generator=g).to(DEVICE)
-    send_x, send_routing = gather_send_rows(x, weights, ids.to(DEVICE), got)
+    send = gather_send_rows(x, weights, ids.to(DEVICE), got)
+    width, Dp = packed_row(129, K, dtype)
+    assert send.shape == (T * min(K, W), width) and send.dtype == dtype
+    assert Dp * send.element_size() % 4 == 0  # the routing starts on a 4-byte word
+    send_x, send_routing = split_packed(send, 129, K)
     S = tokens.shape[0]
     assert send_x.shape == (T * min(K, W), 129) and send_routing.shape == (T * min(K, W), 2 * K)
     assert torch.equal(send_x[:S].cpu(), x.cpu()[tokens])
@@ -174,7 +179,8 @@ def test_gather_send_rows_torch_path_masks_unused_rows(monkeypatch):
     send_tokens[S:] = 10**9  # garbage, as the kernel layout leaves there
     monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
     x, weights = torch.randn(30, 8), torch.rand(30, 2)
-    send_x, send_routing = gather_send_rows(x, weights, ids, lay._replace(send_tokens=send_tokens))
+    send = gather_send_rows(x, weights, ids, lay._replace(send_tokens=send_tokens))
+    send_x, send_routing = split_packed(send, 8, 2)
     assert torch.equal(send_x[:S], x[tokens])
     assert torch.equal(send_routing[:S], torch.cat([weights, ids.float()], 1)[tokens])
 

@@ -115,6 +115,9 @@ def gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if h.ndim != 2 or h.shape[1] % 2:
         raise ValueError(f"h must be (P, 2I), got shape {tuple(h.shape)}")
+    if not _use_triton(h):
+        raise ValueError(f"h must be on a CUDA device (or on the CPU under TRITON_INTERPRET=1), "
+                         f"got {h.device}")
     return _GatedActivation.apply(h.contiguous(), activation)
 
 

@@ -207,16 +207,17 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
 @triton.jit
 def _gather_send_kernel(
     # pointers
-    x_ptr, weights_ptr, ids_ptr, send_tokens_ptr, send_meta_ptr, send_x_ptr, send_routing_ptr,
+    x_ptr, weights_ptr, ids_ptr, send_tokens_ptr, send_meta_ptr, send_ptr, send_routing_ptr,
     # sizes
     D, K, W, meta_cols,
     # strides
-    stride_x,
+    stride_x, stride_send, stride_routing,
     # meta-parameters
     W_POW2: tl.constexpr, K_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Send row r = x[send_tokens[r]] and its routing row [topk_weights, topk_ids] in fp32,
-    for r below the rows sent (summed from send_meta on the device); the rest stay unwritten."""
+    """Send row r = [x[send_tokens[r]], then its topk_weights and topk_ids as fp32 words], for
+    r below the rows sent (summed from send_meta on the device); the rest stay unwritten.
+    send_routing_ptr is the same buffer seen as fp32 words, at the routing's first word."""
     r = tl.program_id(0).to(tl.int64)
     w = tl.arange(0, W_POW2)
     total = tl.sum(tl.load(send_meta_ptr + w * meta_cols, mask=w < W, other=0))
@@ -225,50 +226,71 @@ def _gather_send_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
-            tl.store(send_x_ptr + r * D + d, row, mask=d < D)
+            tl.store(send_ptr + r * stride_send + d, row, mask=d < D)
         k = tl.arange(0, K_POW2)
         weights = tl.load(weights_ptr + t * K + k, mask=k < K).to(tl.float32)
         ids = tl.load(ids_ptr + t * K + k, mask=k < K).to(tl.float32)
-        tl.store(send_routing_ptr + r * 2 * K + k, weights, mask=k < K)
-        tl.store(send_routing_ptr + r * 2 * K + K + k, ids, mask=k < K)
+        tl.store(send_routing_ptr + r * stride_routing + k, weights, mask=k < K)
+        tl.store(send_routing_ptr + r * stride_routing + K + k, ids, mask=k < K)
+
+
+def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(width, Dp) of a send row in elements of `dtype`: the token's D values, padded to Dp (a
+    whole number of 4-byte words), then its 2K routing values as fp32 words, bit for bit."""
+    per_word = 4 // torch.empty((), dtype=dtype).element_size()
+    Dp = -(-D // per_word) * per_word
+    return Dp + 2 * K * per_word, Dp
+
+
+def split_packed(rows: torch.Tensor, D: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of packed rows (R, width): the tokens (R, D) and the routing (R, 2K) fp32
+    [weights, ids as floats]; both strided, no copy."""
+    _, Dp = packed_row(D, K, rows.dtype)
+    per_word = 4 // rows.element_size()
+    return rows[:, :D], rows.view(torch.float32)[:, Dp // per_word:]
 
 
 def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                     layout: SendLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill the send buffers of `layout` before the split sizes reach the host.
+                     layout: SendLayout) -> torch.Tensor:
+    """Fill the send buffer of `layout` before the split sizes reach the host.
 
     Args:
-        x: (T, D) token rows (last dim contiguous); topk_weights (T, K) float and topk_ids
-            (T, K) int32/int64 of the same tokens.
+        x: (T, D) float32/float16/bfloat16 token rows (last dim contiguous); topk_weights (T, K)
+            float and topk_ids (T, K) int32/int64 of the same tokens.
         layout: `dispatch_layout` of topk_ids.
 
     Returns:
-        send_x (T * min(K, W), D) of x's dtype and send_routing (T * min(K, W), 2K) fp32
-        (weights, then ids as floats: exact below 2^24). Only the first sum(send_meta[:, 0])
-        rows are written; the buffers are sized by the bound so no host sync is needed.
+        (T * min(K, W), width) of x's dtype (`packed_row`): each row a token and its routing
+        (weights, then ids as floats: exact below 2^24), so one all-to-all moves both; see
+        `split_packed`. Only the first sum(send_meta[:, 0]) rows are written; the buffer is
+        sized by the bound, so no host sync is needed.
     """
     T, K = topk_ids.shape
     if x.ndim != 2 or x.shape[0] != T or tuple(topk_weights.shape) != (T, K):
         raise ValueError(f"x (T, D) and topk_weights (T, K) must match topk_ids (T, K) = "
                          f"{(T, K)}, got {tuple(x.shape)} and {tuple(topk_weights.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32/float16/bfloat16, got {x.dtype}")
     cap, D = layout.send_tokens.shape[0], x.shape[1]
-    send_x = x.new_empty(cap, D)
-    send_routing = torch.empty(cap, 2 * K, dtype=torch.float32, device=x.device)
+    width, _ = packed_row(D, K, x.dtype)
+    send = x.new_empty(cap, width)
     if cap == 0:
-        return send_x, send_routing
+        return send
+    send_x, send_routing = split_packed(send, D, K)
     if not _use_triton(x):
         with torch.no_grad():
             rows = torch.arange(cap, device=x.device)
             tokens = torch.where(rows < layout.send_meta[:, 0].sum(), layout.send_tokens, 0)
             send_x.copy_(x[tokens])
             send_routing.copy_(torch.cat([topk_weights.float(), topk_ids.float()], 1)[tokens])
-        return send_x, send_routing
+        return send
     if x.stride(-1) != 1:
         x = x.contiguous()
     W = layout.send_meta.shape[0]
     _gather_send_kernel[(cap,)](
         x, topk_weights.contiguous(), topk_ids.contiguous(), layout.send_tokens,
-        layout.send_meta, send_x, send_routing, D, K, W, layout.send_meta.shape[1], x.stride(0),
+        layout.send_meta, send, send_routing, D, K, W, layout.send_meta.shape[1], x.stride(0),
+        send.stride(0), send_routing.stride(0),
         W_POW2=triton.next_power_of_2(W), K_POW2=triton.next_power_of_2(K),
         BLOCK_D=min(triton.next_power_of_2(D), 2048), num_warps=4)
-    return send_x, send_routing
+    return send

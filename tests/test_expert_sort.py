@@ -1,0 +1,124 @@
+"""The expert sort (ep_moe/kernels/expert_sort.py) against a brute-force stable sort.
+
+The Triton kernels run under TRITON_INTERPRET=1 on CPU (as in CI) and natively on a GPU; the
+torch fallback is checked against the same brute force.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ep_moe.kernels.expert_sort as sort_module
+from ep_moe.kernels.expert_sort import sort_by_expert
+from ep_moe.kernels.fused_mul_sum import _use_triton
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def brute_force(ids, e, expert_map=None):
+    """Slots in (row, slot) order, grouped by local expert; -1 for slots not local."""
+    R, K = ids.shape
+    local = []
+    for i in ids.reshape(-1).tolist():
+        if expert_map is not None:
+            i = int(expert_map[i]) if 0 <= i < expert_map.shape[0] else -1
+        local.append(i if 0 <= i < e else -1)
+    order = [s for x in range(e) for s, l in enumerate(local) if l == x]
+    row_index = torch.full((R * K,), -1, dtype=torch.int32)
+    row_index[order] = torch.arange(len(order), dtype=torch.int32)
+    counts = torch.tensor([local.count(x) for x in range(e)], dtype=torch.int64)
+    return torch.tensor(order, dtype=torch.int64) // K, row_index.view(R, K), counts
+
+
+def run(impl, ids, e, num_pairs, expert_map=None, monkeypatch=None):
+    ids = ids.to(DEVICE)
+    emap = expert_map.to(DEVICE) if expert_map is not None else None
+    if impl == "torch":
+        monkeypatch.setattr(sort_module, "_use_triton", lambda t: False)
+    elif not _use_triton(ids):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    return sort_by_expert(ids, e, num_pairs, emap)
+
+
+def sharded_map(E, W, rank):
+    """Linear placement's expert map of `rank`: local id, -1 for other ranks' experts."""
+    owner = torch.arange(E) * W // E
+    local = torch.cumsum(owner == rank, 0) - 1
+    return torch.where(owner == rank, local, -1)
+
+
+CASES = [  # (R, K, E, W, rank, seed)
+    (1, 1, 4, 1, 0, 0),          # one slot
+    (37, 2, 8, 1, 0, 1),         # one rank: local ids are the global ones
+    (37, 2, 8, 2, 1, 2),         # half the slots local
+    (64, 8, 128, 4, 2, 3),       # Qwen3-like: 32 local experts of 128, tile of 256 slots
+    (1100, 8, 128, 1, 0, 4),     # 8800 slots over 128 experts: several tiles per program
+    (300, 8, 256, 3, 0, 5),      # DeepSeek-like E = 256 over 3 ranks (86 local)
+    (50, 3, 5, 5, 4, 6),         # one local expert
+    (0, 2, 8, 2, 0, 7),          # no rows
+]
+
+
+@pytest.mark.parametrize("R,K,E,W,rank,seed", CASES)
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_matches_brute_force(R, K, E, W, rank, seed, impl, dtype, monkeypatch):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(R)]) if R else \
+        torch.empty(0, K, dtype=torch.int64)
+    emap = sharded_map(E, W, rank) if W > 1 else None
+    e = int((emap >= 0).sum()) if emap is not None else E
+    source_rows, row_index, counts = brute_force(ids, e, emap)
+    got = run(impl, ids.to(dtype), e, source_rows.shape[0],
+              emap.to(torch.int32) if emap is not None else None, monkeypatch)
+    assert torch.equal(got.row_index.cpu(), row_index)
+    assert torch.equal(got.source_rows.cpu(), source_rows)
+    assert torch.equal(got.num_tokens_per_expert.cpu(), counts)
+    assert torch.equal(got.offsets.cpu(), torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_padding_and_out_of_range_ids_are_skipped(impl, monkeypatch):
+    # -1 (padding rows), negative and >= E ids must neither count nor index the map
+    ids = torch.tensor([[3, -1], [9, 0], [-7, 2], [100, 3], [1, 1]])
+    emap = torch.tensor([-1, 0, 1, 2])  # expert 0 lives elsewhere
+    source_rows, row_index, counts = brute_force(ids, 3, emap)
+    got = run(impl, ids, 3, source_rows.shape[0], emap, monkeypatch)
+    assert torch.equal(got.row_index.cpu(), row_index)
+    assert torch.equal(got.source_rows.cpu(), source_rows)
+    assert counts.tolist() == [2, 1, 2]
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_too_small_num_pairs_drops_the_tail(impl, monkeypatch):
+    # a caller's count below the real one: positions past it are dropped, never written
+    ids = torch.tensor([[0, 1], [1, 0], [0, 0]])
+    got = run(impl, ids, 2, 3, None, monkeypatch)
+    assert got.source_rows.shape == (3,)
+    # expert 0 holds slots 0, 3, 4, 5 (positions 0-3), expert 1 slots 1, 2: keep positions < 3
+    assert got.row_index.cpu().tolist() == [[0, -1], [-1, 1], [2, -1]]
+    assert got.source_rows.cpu().tolist() == [0, 1, 2]
+
+
+def test_deterministic():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 16, (200, 4), generator=g).to(DEVICE)
+    if not _use_triton(ids):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    a, b = sort_by_expert(ids, 16, 800), sort_by_expert(ids, 16, 800)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda ids, emap: (ids[0], emap), "topk_ids"),              # 1-D ids
+    (lambda ids, emap: (ids.float(), emap), "topk_ids"),         # float ids
+    (lambda ids, emap: (ids, emap[None]), "expert_map"),         # 2-D map
+    (lambda ids, emap: (ids, emap.float()), "expert_map"),       # float map
+    (lambda ids, emap: (ids, emap.to("meta")), "expert_map"),    # another device
+])
+def test_validation(bad, match):
+    ids, emap = torch.zeros(4, 2, dtype=torch.int64), torch.tensor([0, -1])
+    ids_, emap_ = bad(ids, emap)
+    with pytest.raises(ValueError, match=match):
+        sort_by_expert(ids_, 1, 8, emap_)
