@@ -4,7 +4,9 @@
 #   2. the harness at W = all GPUs, Mixtral and Qwen3 shapes, pipeline chunk counts side by side,
 #      with a profile of a few forwards;
 #   3. the same at W = 2 when the machine has more GPUs.
-# Everything lands in two archives under $OUT (the device tool brings back few files).
+# Everything lands in two archives under $OUT (the device tool brings back few files), named
+# with $TAG so that several invocations in one call keep theirs. WS lists the world sizes,
+# PRESETS the shapes; extra arguments go to the harness.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -15,8 +17,8 @@ tokens=${TOKENS:-8192}
 chunks=${CHUNKS:-1,2,4}
 pack() {  # after every stage, so a stage cut off by the call's limit loses only itself
   mkdir -p "$OUT/traces"; mv "$OUT"/*.trace.json "$OUT/traces/" 2>/dev/null
-  tar czf "$FINAL/traces.tgz" -C "$OUT" traces
-  tar czf "$FINAL/results.tgz" -C "$OUT" --exclude traces .
+  tar czf "$FINAL/traces${TAG:-}.tgz" -C "$OUT" traces
+  tar czf "$FINAL/results${TAG:-}.tgz" -C "$OUT" --exclude traces .
 }
 nvidia-smi -L > "$OUT/gpus.txt"
 python3 launch/gpu_probe.py > "$OUT/probe.log" 2>&1
@@ -30,7 +32,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then  # alone on the machine: eager timings are 
   tail -10 "$OUT/bench_layer.log"
 fi
 pack
-for w in $(echo "$n ${ALSO_W:-2}" | tr ' ' '\n' | sort -ru); do
+for w in ${WS:-$(echo "$n ${ALSO_W:-2}" | tr ' ' '\n' | sort -ru)}; do
   for preset in ${PRESETS:-mixtral qwen3}; do
     timeout "${HARNESS_TIMEOUT:-150}" python3 -m torch.distributed.run --standalone \
       --nproc-per-node "$w" launch/harness.py --preset "$preset" --tokens "$tokens" \
