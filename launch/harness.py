@@ -267,6 +267,11 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
                 out[f"per_gpu_vs_single_{k}{tag}"] = ratio
     if hasattr(layer.dispatcher, "chunks"):
         layer.dispatcher.chunks = cfg.dispatch_chunks
+    if single is not None:  # each layer's weights sat beside the other's timings: not its memory
+        for prefix, other in (("peak_mem_gib", single), ("single_peak_mem_gib", layer)):
+            resident = sum(p.numel() * p.element_size() for p in other.parameters()) / 2**30
+            for k in [k for k in out if k.startswith(prefix)]:
+                out[k] -= resident
     del single
     if device.type == "cuda":
         torch.cuda.empty_cache()
