@@ -67,7 +67,7 @@ class MoEConfig:
 
     # expert parallelism
     placement: Placement = "linear"  # linear: contiguous blocks of experts per rank
-    dispatcher: Dispatcher = "all_to_all"  # allgather: cheaper for tiny batches
+    dispatcher: Dispatcher = "all_to_all"  # allgather: every rank sees every token
     # all_to_all forward pipeline: a rank's tokens go in this many chunks, so that one chunk's
     # exchanges overlap another chunk's expert GEMMs (1: no pipeline). A rank splits only when
     # every chunk gets at least dispatch_chunk_min_tokens tokens; small batches stay whole.

@@ -334,7 +334,8 @@ class AllToAllDispatcher:
 class AllGatherDispatcher(_Sequential):
     """Every rank sees every token: all-gather tokens and routing, compute the local experts'
     slots for all of them, reduce-scatter (fp32) the partial sums home. One fixed-size exchange
-    each way: cheaper than all-to-all when batches are tiny (decode)."""
+    each way and no per-token bookkeeping; measured slower than all-to-all at 64 and at 8192
+    tokens per GPU on 4 GPUs (launch/NOTES.md), kept as the simpler baseline."""
 
     def __init__(self, placement: ExpertPlacement, group: ProcessGroup, rank: int):
         self.placement, self.group = placement, group
