@@ -111,6 +111,9 @@ class MoE(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0 or x.shape[-1] != D:
             raise ValueError(f"x must have last dim hidden_size={D}, got shape {tuple(x.shape)}")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            # before any collective, on every rank alike: a rank must never raise alone
+            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
         weight = self.experts.gate_up_proj
         if x.dtype != weight.dtype or x.device != weight.device:
             raise ValueError(f"x must match the layer's parameters ({weight.dtype} on "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,18 +22,23 @@ class RouterOutput:
     num_experts: E.
     aux_loss: scalar float32, coef-weighted load-balancing + z-loss; None when both coefs
         are 0 or the module is in eval mode.
+    counts: (E,) int64 when the router counted already (training), else None.
     num_tokens_per_expert (property): (E,) int64 (token, slot) pairs per expert, for
-        monitoring and for updating the correction bias (aux-loss-free balancing); counted on
-        first access, so a forward that never reads it launches nothing for it.
+        monitoring and for updating the correction bias (aux-loss-free balancing). In eval it
+        is counted when read, so an inference forward launches nothing for it.
     """
 
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     num_experts: int
     aux_loss: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
 
-    @functools.cached_property
+    @property
     def num_tokens_per_expert(self) -> torch.Tensor:
+        # not a cached_property: its lock stops torch.compile on Python < 3.12
+        if self.counts is not None:
+            return self.counts
         return count_ids(self.topk_ids, self.num_experts)
 
 
@@ -96,11 +99,11 @@ class Router(nn.Module):
                 topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             topk_weights = topk_weights * cfg.routed_scaling_factor
-        route = RouterOutput(topk_ids, topk_weights, cfg.num_experts)
-        if self.training:  # frozen: the loss goes in through a copy with it set
-            aux = self._aux_loss(logits, scores, route, x.shape[0])
-            route = dataclasses.replace(route, aux_loss=aux)
-        return route
+        if not self.training:
+            return RouterOutput(topk_ids, topk_weights, cfg.num_experts)
+        counts = count_ids(topk_ids, cfg.num_experts)
+        aux = self._aux_loss(logits, scores, counts, x.shape[0])
+        return RouterOutput(topk_ids, topk_weights, cfg.num_experts, aux, counts)
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(dim=-1) if self.config.score_func == "softmax" else logits.sigmoid()
@@ -116,7 +119,7 @@ class Router(nn.Module):
         group_mask = torch.zeros_like(best, dtype=torch.bool).scatter_(1, keep, True)
         return grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, cfg.num_experts)
 
-    def _aux_loss(self, logits, scores, route: RouterOutput, T) -> Optional[torch.Tensor]:
+    def _aux_loss(self, logits, scores, counts, T) -> Optional[torch.Tensor]:
         cfg = self.config
         if (cfg.aux_loss_coef == 0 and cfg.z_loss_coef == 0) or T == 0:
             return None
@@ -127,7 +130,7 @@ class Router(nn.Module):
             # gradient), P_e = mean router probability of e (probabilities sum to 1 per token)
             probs = scores if cfg.score_func == "softmax" else \
                 scores / (scores.sum(-1, keepdim=True) + 1e-20)
-            f = route.num_tokens_per_expert.float() / (T * cfg.top_k)
+            f = counts.float() / (T * cfg.top_k)
             loss = loss + cfg.aux_loss_coef * cfg.num_experts * (f * probs.mean(0)).sum()
         if cfg.z_loss_coef > 0:
             loss = loss + cfg.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()

@@ -80,7 +80,7 @@ def check(cfg: MoEConfig, group, device) -> dict:
     small = cfg.replace(hidden_size=min(cfg.hidden_size, 128),
                         intermediate_size=min(cfg.intermediate_size, 64),
                         shared_intermediate_size=None,
-                        dispatch_chunk_min_tokens=16)  # the check's batches go through the pipeline
+                        dispatch_chunk_min_tokens=16)  # chunked batches split (37+ tokens)
     torch.manual_seed(0)
     full = MoE(small, device=device)
     torch.manual_seed(0)
@@ -326,9 +326,14 @@ def main():
               "torch": torch.__version__, "checks": {}, "runs": []}
     for kind in dispatchers:
         cfg = preset_config(args, kind)
-        report["checks"][kind] = check(cfg, group, device)
-        log(rank, f"check {kind}: OK " + " ".join(
-            f"{k}={v:.1e}" for k, v in report["checks"][kind].items()))
+        # every pipeline chunk count that gets timed is checked first
+        chunk_counts = sorted({cfg.dispatch_chunks} | {int(c) for c in args.chunks.split(",")}) \
+            if kind == "all_to_all" and group is not None else [cfg.dispatch_chunks]
+        for chunks in chunk_counts:
+            name = kind if chunks == cfg.dispatch_chunks else f"{kind}_chunks{chunks}"
+            report["checks"][name] = check(cfg.replace(dispatch_chunks=chunks), group, device)
+            log(rank, f"check {name}: OK " + " ".join(
+                f"{k}={v:.1e}" for k, v in report["checks"][name].items()))
     if not args.check_only:
         if on_gpu:
             report["copy_ceiling_gbs"] = copy_ceiling_gbs(device)

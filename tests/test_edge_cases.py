@@ -60,7 +60,9 @@ def test_meta_device_then_materialise():
     ([[0.0] * 16], TypeError, "x must be a torch.Tensor"),
     (torch.tensor(1.0), ValueError, "x must have last dim"),
     (torch.randn(4, 15), ValueError, "x must have last dim"),
-    (torch.randn(4, 16, dtype=torch.float64), ValueError, "x must match"),
+    (torch.randn(4, 16, dtype=torch.float16), ValueError, "x must match"),  # fp32 layer
+    # no kernel takes float64: named before any collective, on every rank alike
+    (torch.randn(4, 16, dtype=torch.float64), TypeError, "x must be float32, float16 or bf"),
 ])
 def test_forward_rejects_bad_x(x, exc, match):
     with pytest.raises(exc, match=match):
@@ -93,12 +95,16 @@ def test_zero_slots_give_zeros():
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
 
 
-def test_layer_compiles_fullgraph_bf16():
+@pytest.mark.parametrize("losses", [
+    {},                                              # inference-style routing
+    {"aux_loss_coef": 0.01, "z_loss_coef": 1e-3},    # training losses read the counts
+])
+def test_layer_compiles_fullgraph_bf16(losses):
     """One process, bf16: the whole layer traces with no graph break (torch's grouped GEMM has a
     fake kernel for bf16 only) and matches eager, gradients included. Not bitwise: compiled,
     the gated activation is torch's (rounded to bf16 twice), eager the fused kernel (once)."""
     torch.manual_seed(0)
-    layer = MoE(MoEConfig.tiny(), dtype=torch.bfloat16)
+    layer = MoE(MoEConfig.tiny(**losses), dtype=torch.bfloat16)
     x = torch.randn(37, 16, dtype=torch.bfloat16, requires_grad=True)
     eager = layer(x)
     eager.float().sum().backward()

@@ -101,6 +101,27 @@ def test_too_small_num_pairs_drops_the_tail(impl, monkeypatch):
     assert got.source_rows.cpu().tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_int64_ids_past_int32_are_out_of_range(impl, monkeypatch):
+    # 2^32 + 1 must not wrap to expert 1 on the way to int32
+    ids = torch.tensor([[2**32 + 1, 0], [1, -2**33]])
+    for emap in (None, torch.tensor([0, 1])):
+        got = run(impl, ids, 2, 2, emap, monkeypatch)
+        assert got.num_tokens_per_expert.cpu().tolist() == [1, 1]
+        assert got.row_index.cpu().tolist() == [[-1, 0], [1, -1]]
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_too_large_num_pairs_names_no_extra_slot(impl, monkeypatch):
+    # P above the real count: no slot that is not local gets a position, and the positions
+    # past the real pairs point at row 0 (valid memory), not at garbage
+    ids = torch.tensor([[0, -1], [1, 5]])
+    got = run(impl, ids, 2, 4, None, monkeypatch)
+    assert got.row_index.cpu().tolist() == [[0, -1], [1, -1]]
+    assert got.source_rows.cpu().tolist()[:2] == [0, 1]
+    assert got.source_rows.cpu().tolist()[2:] == [0, 0]
+
+
 def test_deterministic():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 16, (200, 4), generator=g).to(DEVICE)

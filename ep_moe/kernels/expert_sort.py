@@ -37,14 +37,15 @@ class ExpertSort(NamedTuple):
 
 @triton.jit
 def _local_experts(ids_ptr, map_ptr, s, num_slots, E, e, HAS_MAP: tl.constexpr):
-    """Local expert of each slot in `s`, or -1 (not local, padding, out of range)."""
-    ids = tl.load(ids_ptr + s, mask=s < num_slots, other=-1).to(tl.int32)
+    """Local expert of each slot in `s`, or -1 (not local, padding, out of range). Ranges are
+    checked in the ids' own width: an int64 id past 2^31 must not wrap into range."""
+    ids = tl.load(ids_ptr + s, mask=s < num_slots, other=-1)
     if HAS_MAP:
         ok = (ids >= 0) & (ids < E)  # out-of-range ids never index the map
-        local = tl.load(map_ptr + ids, mask=ok, other=-1).to(tl.int32)
+        local = tl.load(map_ptr + ids, mask=ok, other=-1)
     else:
         local = ids
-    return tl.where((local >= 0) & (local < e), local, -1)
+    return tl.where((local >= 0) & (local < e), local, -1).to(tl.int32)
 
 
 @triton.jit
@@ -88,6 +89,13 @@ def _place_kernel(
     if pid == 0:
         tl.store(counts_ptr + x, totals.to(tl.int64), mask=x < e)
         tl.store(offsets_ptr + x, tl.cumsum(totals, 0), mask=x < e)
+        # a num_pairs above the real count leaves a tail no slot fills: row 0 there, never
+        # uninitialised memory (the row index names none of it)
+        found = tl.sum(totals)
+        for p0 in range(0, num_pairs, TILE):
+            p = p0 + tl.arange(0, TILE)
+            tl.store(source_rows_ptr + p, tl.zeros_like(p).to(tl.int64),
+                     mask=(p >= found) & (p < num_pairs))
     # where this program's pairs of each expert begin (exclusive scans over experts and blocks)
     base = tl.cumsum(totals, 0) - totals + tl.sum(tl.where(b[:, None] < pid, blocks, 0), axis=0)
     for i in range(tiles):
@@ -112,12 +120,17 @@ def _sort_torch(topk_ids, num_local_experts, num_pairs, expert_map) -> ExpertSor
     key = torch.where((flat >= 0) & (flat < e), flat, e)  # not local: after every expert
     # stable: pairs of one expert keep their (row, slot) order, so the result is deterministic
     order = torch.sort(key, stable=True).indices[:num_pairs]
+    position = torch.arange(order.shape[0], dtype=torch.int32, device=flat.device)
+    # a num_pairs above the real count would reach slots that are not local: they stay -1 and
+    # their positions read row 0, as in the kernel
+    local = key[order] < e
     row_index = torch.full((R * K,), -1, dtype=torch.int32, device=flat.device)
-    row_index[order] = torch.arange(num_pairs, dtype=torch.int32, device=flat.device)
+    row_index[order] = torch.where(local, position, -1)
     counts = torch.zeros(e + 1, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, key, torch.ones_like(key))
     counts = counts[:e]
-    return ExpertSort(order // K, row_index.view(R, K), counts,
+    source_rows = torch.where(local, order // K, 0)
+    return ExpertSort(source_rows, row_index.view(R, K), counts,
                       torch.cumsum(counts, 0, dtype=torch.int32))
 
 
@@ -131,7 +144,8 @@ def sort_by_expert(topk_ids: torch.Tensor, num_local_experts: int, num_pairs: in
             local; they are skipped.
         num_local_experts: e.
         num_pairs: P, the number of local slots, known on the host (the dispatch exchange
-            says it), so that nothing is read back here.
+            says it), so that nothing is read back here. A smaller P drops the last positions
+            (their slots get -1); a larger one leaves positions no slot names (row 0 there).
         expert_map: optional (E,) int32/int64 local id of each global expert, -1 elsewhere.
 
     Returns:
