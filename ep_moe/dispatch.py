@@ -257,21 +257,20 @@ class AllToAllDispatcher:
         return self._arrive(self._send(x, topk_ids, topk_weights, chunks=1)[0])
 
     def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
+        return self._sum_home(*self._return(partial, handle))
+
+    def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
+        returning = [self._return(compute(sent), sent.handle) for sent in
+                     map(self._arrive, self._send(x, topk_ids, topk_weights, self.chunks))]
+        ys = [self._sum_home(*r) for r in returning]
+        return ys[0] if len(ys) == 1 else torch.cat(ys)
+
+    def _return(self, partial, handle: AllToAllHandle):
+        """Start the partial rows' trip home: (rows on their way, their works, the handle)."""
         works = []
         back = _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
                                  self.group, works)
-        return self._sum_home(back, works, handle)
-
-    def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
-        returning = []
-        for chunk in self._send(x, topk_ids, topk_weights, self.chunks):
-            sent = self._arrive(chunk)
-            works = []
-            back = _ReturnRows.apply(compute(sent), sent.handle.input_splits,
-                                     sent.handle.output_splits, self.group, works)
-            returning.append((back, works, sent.handle))
-        ys = [self._sum_home(*r) for r in returning]
-        return ys[0] if len(ys) == 1 else torch.cat(ys)
+        return back, works, handle
 
     def _send(self, x, topk_ids, topk_weights, chunks: int) -> list[_InFlight]:
         """Start the exchange of every chunk that any rank has tokens in."""

@@ -13,6 +13,7 @@ from .dispatch import Dispatched, make_dispatcher
 from .distributed import all_gather_rows, check_same_config, group_rank_and_size
 from .experts import Experts, SharedExperts
 from .kernels import fused_mul_sum_rows
+from .kernels.fused_mul_sum import FLOAT_DTYPES
 from .kernels.expert_sort import sort_by_expert
 from .permute import expand_rows
 from .placement import ExpertPlacement
@@ -111,7 +112,7 @@ class MoE(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0 or x.shape[-1] != D:
             raise ValueError(f"x must have last dim hidden_size={D}, got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if x.dtype not in FLOAT_DTYPES:
             # before any collective, on every rank alike: a rank must never raise alone
             raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
         weight = self.experts.gate_up_proj

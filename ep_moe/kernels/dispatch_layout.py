@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mul_sum import _use_triton
+from .fused_mul_sum import FLOAT_DTYPES, _use_triton
 
 
 class SendLayout(NamedTuple):
@@ -269,7 +269,7 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     if x.ndim != 2 or x.shape[0] != T or tuple(topk_weights.shape) != (T, K):
         raise ValueError(f"x (T, D) and topk_weights (T, K) must match topk_ids (T, K) = "
                          f"{(T, K)}, got {tuple(x.shape)} and {tuple(topk_weights.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32/float16/bfloat16, got {x.dtype}")
     cap, D = layout.send_tokens.shape[0], x.shape[1]
     width, _ = packed_row(D, K, x.dtype)
