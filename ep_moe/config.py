@@ -68,21 +68,17 @@ class MoEConfig:
     # expert parallelism
     placement: Placement = "linear"  # linear: contiguous blocks of experts per rank
     dispatcher: Dispatcher = "all_to_all"  # allgather: every rank sees every token
-    # all_to_all forward pipeline: a rank's tokens go in this many chunks, so that one chunk's
-    # exchanges overlap another chunk's expert GEMMs (1: no pipeline). A rank splits only when
-    # every chunk gets at least dispatch_chunk_min_tokens tokens; small batches stay whole.
-    # Off by default: on the 4x H200 hosts measured (launch/NOTES.md) each chunk's host time
-    # (NCCL and kernel launches) cost more than the overlap saved.
-    dispatch_chunks: int = 1
-    dispatch_chunk_min_tokens: int = 1024
+    # all_to_all forward: a rank's experts take its own tokens in place while the other ranks'
+    # rows travel (the exchange overlaps those GEMMs); False: every row goes through the
+    # exchange, home copies included, and the experts run once on all of them
+    dispatch_overlap: bool = True
 
     # init
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k",
-                     "num_expert_groups", "topk_groups", "dispatch_chunks",
-                     "dispatch_chunk_min_tokens"):
+                     "num_expert_groups", "topk_groups"):
             _positive_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(
@@ -112,7 +108,8 @@ class MoEConfig:
                 or self.num_shared_experts < 0:
             raise ValueError(
                 f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
-        for name in ("norm_topk_prob", "use_correction_bias", "gated", "shared_expert_gate"):
+        for name in ("norm_topk_prob", "use_correction_bias", "gated", "shared_expert_gate",
+                     "dispatch_overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "init_std", "routed_scaling_factor"):

@@ -8,8 +8,8 @@ The only module that moves activations between ranks. Three dispatchers share on
 
 `partial` (R, D) holds, per received row, the weighted sum over the row's slots whose expert is
 local. The handle is a frozen dataclass: nothing per call is kept on the dispatcher. `run`
-is what the layer calls: the all-to-all dispatcher pipelines it over chunks of the tokens so
-that exchanges overlap expert GEMMs.
+is what the layer calls: the all-to-all dispatcher overlaps its exchange with the home rank's
+own expert GEMMs there.
 
 Every collective here is differentiable: the backward of a dispatch all-to-all is the reverse
 all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
@@ -34,13 +34,16 @@ from .placement import ExpertPlacement
 # Differentiable collectives
 # --------------------------------------------------------------------------------------------
 
-def _all_to_all(x, output_splits, input_splits, group, works=None):
+def _all_to_all(x, output_splits, input_splits, group, works=None, stream=None):
     """Uneven all-to-all of rows. With a `works` list it is asynchronous: the Work is appended
     and the caller must `wait()` it before reading the result (on NCCL a stream wait, not a
-    host block)."""
+    host block). NCCL starts it after the work queued on `stream` (default: the current one);
+    the result is allocated on the current stream, which reads it after `wait()`."""
     out = x.new_empty(sum(output_splits), *x.shape[1:])
-    work = dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
-                                  group=group, async_op=works is not None)
+    x = x.contiguous()
+    with torch.cuda.stream(stream):  # None: the current stream
+        work = dist.all_to_all_single(out, x, list(output_splits), list(input_splits),
+                                      group=group, async_op=works is not None)
     if works is not None:
         works.append(work)
     return out
@@ -48,19 +51,19 @@ def _all_to_all(x, output_splits, input_splits, group, works=None):
 
 class _SendRows(torch.autograd.Function):
     """The packed send rows (each a token and its routing, filled before the host sync) travel
-    to the expert ranks in one asynchronous all-to-all (see `_all_to_all`); the outputs are
-    views of the received rows: the tokens (R, D) and the routing (R, 2K) fp32.
+    to the expert ranks in one asynchronous all-to-all on `stream` (see `_all_to_all`); the
+    outputs are views of the received rows: the tokens (R, D) and the routing (R, 2K) fp32.
 
     Backward: the reverse all-to-all brings the gradients of the copies home and each token
     sums its copies in rank order (deterministic); the weights' gradient is the first K routing
     columns. x and topk_weights are inputs only so that their gradients land there."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, send, copy_index, splits, group, works):
+    def forward(ctx, x, topk_weights, send, copy_index, splits, group, works, stream):
         output_splits, input_splits = splits
         ctx.save_for_backward(copy_index)
         ctx.splits, ctx.group, ctx.dtypes = splits, group, (x.dtype, topk_weights.dtype)
-        recv = _all_to_all(send, output_splits, input_splits, group, works)
+        recv = _all_to_all(send, output_splits, input_splits, group, works, stream)
         return split_packed(recv, x.shape[1], topk_weights.shape[1])
 
     @staticmethod
@@ -75,7 +78,7 @@ class _SendRows(torch.autograd.Function):
                 grads.append(sum_rows(back, copy_index).to(ctx.dtypes[i]))
             else:
                 grads.append(None)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 class _ReturnRows(torch.autograd.Function):
@@ -212,21 +215,12 @@ class LocalDispatcher(_Sequential):
 
 @dataclass(frozen=True)
 class _InFlight:
-    """One chunk's rows on their way to the expert ranks: wait on `works`, then read."""
+    """Rows on their way to the expert ranks: wait on `works`, then read."""
 
     recv_x: torch.Tensor
     recv_routing: torch.Tensor
     works: list
     handle: AllToAllHandle
-
-
-def chunk_bounds(T: int, chunks: int, min_tokens: int) -> list[tuple[int, int]]:
-    """Token slices of the pipeline: `chunks` near-equal ones when each gets at least
-    `min_tokens`, else every token in the first and the others empty."""
-    if chunks == 1 or T < chunks * min_tokens:
-        return [(0, T)] + [(T, T)] * (chunks - 1)
-    step = -(-T // chunks)
-    return [(min(c * step, T), min((c + 1) * step, T)) for c in range(chunks)]
 
 
 class AllToAllDispatcher:
@@ -235,35 +229,44 @@ class AllToAllDispatcher:
     The expert rank reduces the token's local slots into one partial row, which travels back;
     the home rank adds a token's partials in rank order (deterministic).
 
-    `run` pipelines the forward over `chunks` slices of the tokens: after one host sync every
-    chunk's rows are on their way, chunk c's experts run while chunk c + 1's rows travel, and
-    chunk c's partials travel home while chunk c + 1's experts run.
+    `run` (what the layer calls) overlaps the exchange with expert GEMMs: no copy travels to
+    the home rank itself; its own experts take its tokens in place, on the current stream,
+    while the other ranks' rows are on the wire (NCCL on a side stream, so the exchange waits
+    for nothing queued after the host sync), and their partial is added at home.
+    `dispatch` / `combine` send the home copies through the exchange like any other, so the
+    rows a rank computes come as one batch: the harness times the phases that way, and
+    `MoEConfig.dispatch_overlap=False` makes `run` do the same.
     """
 
-    def __init__(self, placement: ExpertPlacement, group: ProcessGroup, chunks: int = 1,
-                 chunk_min_tokens: int = 1):
-        self.placement, self.group = placement, group
+    def __init__(self, placement: ExpertPlacement, group: ProcessGroup, rank: int,
+                 overlap: bool = True):
+        self.placement, self.group, self.rank = placement, group, rank
         self.world_size = placement.world_size
-        self.chunks, self.chunk_min_tokens = chunks, chunk_min_tokens
-        self._tables: dict = {}
+        self.overlap = overlap
+        self._per_device: dict = {}
 
-    def _owner_and_table(self, device):
-        if device not in self._tables:  # constants, cached per device (not module state)
-            self._tables[device] = (self.placement.owner(device),
-                                    self.placement.padded_local_experts(device))
-        return self._tables[device]
+    def _constants(self, device):
+        """(owner, table, side stream), cached per device (not module state)."""
+        if device not in self._per_device:
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            self._per_device[device] = (self.placement.owner(device),
+                                        self.placement.padded_local_experts(device), stream)
+        return self._per_device[device]
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
-        return self._arrive(self._send(x, topk_ids, topk_weights, chunks=1)[0])
+        return self._arrive(self._send(x, topk_ids, topk_weights, home=-1)[0])
 
     def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
         return self._sum_home(*self._return(partial, handle))
 
     def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
-        returning = [self._return(compute(sent), sent.handle) for sent in
-                     map(self._arrive, self._send(x, topk_ids, topk_weights, self.chunks))]
-        ys = [self._sum_home(*r) for r in returning]
-        return ys[0] if len(ys) == 1 else torch.cat(ys)
+        if not self.overlap:
+            sent = self.dispatch(x, topk_ids, topk_weights)
+            return self.combine(compute(sent), sent.handle)
+        in_flight, home = self._send(x, topk_ids, topk_weights, home=self.rank)
+        partial_home = compute(home)  # while the other ranks' rows travel
+        sent = self._arrive(in_flight)
+        return self._sum_home(*self._return(compute(sent), sent.handle)) + partial_home
 
     def _return(self, partial, handle: AllToAllHandle):
         """Start the partial rows' trip home: (rows on their way, their works, the handle)."""
@@ -272,56 +275,45 @@ class AllToAllDispatcher:
                                  self.group, works)
         return back, works, handle
 
-    def _send(self, x, topk_ids, topk_weights, chunks: int) -> list[_InFlight]:
-        """Start the exchange of every chunk that any rank has tokens in."""
+    def _send(self, x, topk_ids, topk_weights, home: int):
+        """Start the exchange: (rows in flight, the home rank's own rows or None).
+
+        With `home` >= 0 that rank gets no copies (see `dispatch_layout`): its slots are
+        returned as a `Dispatched` of the tokens themselves, to compute in place."""
         T, K = topk_ids.shape
-        W, D = self.world_size, x.shape[1]
-        owner, table = self._owner_and_table(x.device)
-        cols = 2 + table.shape[1]  # [copies, tokens, pairs per local expert]
-        bounds = chunk_bounds(T, chunks, self.chunk_min_tokens)
-        layouts = [dispatch_layout(topk_ids[a:b], owner, table) if b > a else None
-                   for a, b in bounds]
-        metas = [lay.send_meta if lay is not None else
-                 torch.zeros(W, cols, dtype=torch.int64, device=x.device) for lay in layouts]
-        send_meta = metas[0] if chunks == 1 else torch.cat(metas, 1)
+        W = self.world_size
+        owner, table, stream = self._constants(x.device)
+        layout = dispatch_layout(topk_ids, owner, table, home)
         meta_works = []
-        recv_meta = _all_to_all(send_meta, [1] * W, [1] * W, self.group, meta_works)
-        # the send rows fill while the metadata travels
-        buffers = [gather_send_rows(x[a:b], topk_weights[a:b], topk_ids[a:b], lay)
-                   if lay is not None else None for (a, b), lay in zip(bounds, layouts)]
+        recv_meta = _all_to_all(layout.send_meta, [1] * W, [1] * W, self.group, meta_works)
+        send = gather_send_rows(x, topk_weights, topk_ids, layout)  # while the meta travels
         meta_works[0].wait()
-        # host sync: split sizes must be on the CPU for all_to_all_single
-        sent, received = torch.cat([send_meta, recv_meta]).view(2, W, chunks, cols).tolist()
-        # every rank sends its chunk sizes to every rank: all agree on the chunks that travel
-        used = 1 + max((c for c in range(chunks) for w in range(W) if received[w][c][1] > 0),
-                       default=0)
-        in_flight = []
-        for c in range(used):
-            (a, b), lay = bounds[c], layouts[c]
-            input_splits = tuple(sent[w][c][0] for w in range(W))
-            output_splits = tuple(received[w][c][0] for w in range(W))
-            if lay is None:  # no tokens here; the rank still receives
-                send = x.new_empty(0, packed_row(D, K, x.dtype)[0])
-                copy_index = torch.empty(0, W, dtype=torch.int32, device=x.device)
-            else:
-                send, copy_index = buffers[c][:sum(input_splits)], lay.copy_index
-            works = []
-            recv_x, recv_routing = _SendRows.apply(
-                x[a:b], topk_weights[a:b], send, copy_index, (output_splits, input_splits),
-                self.group, works)
-            num_local_pairs = sum(sum(received[w][c][2:]) for w in range(W))
-            handle = AllToAllHandle(b - a, num_local_pairs, copy_index, input_splits,
-                                    output_splits)
-            in_flight.append(_InFlight(recv_x, recv_routing, works, handle))
-        return in_flight
+        # host sync: split sizes must be on the CPU for all_to_all_single. After it nothing
+        # queued on this stream is pending, so the exchange on the side stream waits for none
+        # of the home rank's GEMMs issued next.
+        sent, received = torch.cat([layout.send_meta, recv_meta]).view(2, W, -1).tolist()
+        input_splits = tuple(row[0] for row in sent)
+        output_splits = tuple(row[0] for row in received)
+        works = []
+        recv_x, recv_routing = _SendRows.apply(
+            x, topk_weights, send[:sum(input_splits)], layout.copy_index,
+            (output_splits, input_splits), self.group, works, stream)
+        pairs = [sum(row[2:]) for row in received]
+        home_rows = None
+        if home >= 0:
+            home_rows = Dispatched(x, topk_ids, topk_weights.float(),
+                                   LocalHandle(T, pairs[home]))
+            pairs[home] = 0
+        handle = AllToAllHandle(T, sum(pairs), layout.copy_index, input_splits, output_splits)
+        return _InFlight(recv_x, recv_routing, works, handle), home_rows
 
     @staticmethod
-    def _arrive(chunk: _InFlight) -> Dispatched:
-        for work in chunk.works:
+    def _arrive(rows: _InFlight) -> Dispatched:
+        for work in rows.works:
             work.wait()
-        K = chunk.recv_routing.shape[1] // 2
-        recv_ids, recv_weights = _unpack_routing(chunk.recv_routing, K)
-        return Dispatched(chunk.recv_x, recv_ids, recv_weights, chunk.handle)
+        K = rows.recv_routing.shape[1] // 2
+        recv_ids, recv_weights = _unpack_routing(rows.recv_routing, K)
+        return Dispatched(rows.recv_x, recv_ids, recv_weights, rows.handle)
 
     @staticmethod
     def _sum_home(back, works, handle: AllToAllHandle) -> torch.Tensor:
@@ -372,6 +364,5 @@ def make_dispatcher(config, placement: ExpertPlacement, group: Optional[ProcessG
     if placement.world_size == 1:
         return LocalDispatcher()
     if config.dispatcher == "all_to_all":
-        return AllToAllDispatcher(placement, group, config.dispatch_chunks,
-                                  config.dispatch_chunk_min_tokens)
+        return AllToAllDispatcher(placement, group, rank, config.dispatch_overlap)
     return AllGatherDispatcher(placement, group, rank)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call on a multi-GPU machine. Stages (each under its own time limit):
 #   1. GPU tests, then the single-GPU layer benchmark, on GPU 0;
-#   2. the harness at W = all GPUs, Mixtral and Qwen3 shapes, pipeline chunk counts side by side,
+#   2. the harness at W = all GPUs, Mixtral and Qwen3 shapes, with and without overlap side by side,
 #      with a profile of a few forwards;
 #   3. the same at W = 2 when the machine has more GPUs.
 # Everything lands in two archives under $OUT (the device tool brings back few files), named
@@ -14,7 +14,6 @@ FINAL=${OUT:-out}; mkdir -p "$FINAL"
 export OUT=$(mktemp -d)  # the scripts write here; packed into $FINAL at the end
 n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 tokens=${TOKENS:-8192}
-chunks=${CHUNKS:-1,2,4}
 pack() {  # after every stage, so a stage cut off by the call's limit loses only itself
   mkdir -p "$OUT/traces"; mv "$OUT"/*.trace.json "$OUT/traces/" 2>/dev/null
   tar czf "$FINAL/traces${TAG:-}.tgz" -C "$OUT" traces
@@ -36,7 +35,7 @@ for w in ${WS:-$(echo "$n ${ALSO_W:-2}" | tr ' ' '\n' | sort -ru)}; do
   for preset in ${PRESETS:-mixtral qwen3}; do
     timeout "${HARNESS_TIMEOUT:-150}" python3 -m torch.distributed.run --standalone \
       --nproc-per-node "$w" launch/harness.py --preset "$preset" --tokens "$tokens" \
-      --chunks "$chunks" --profile "$@" 2>&1 | grep -v -i "warn" \
+      --profile "$@" 2>&1 | grep -v -i "warn" \
       | tee "$OUT/harness_${preset}_W${w}.log" | grep -v "^|---"
     pack
   done

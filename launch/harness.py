@@ -50,10 +50,9 @@ def parse_args():
     p.add_argument("--json", default=None, help="file name under $OUT")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler tables and a trace of a few forwards (rank 0) under $OUT")
-    p.add_argument("--chunks", default="1,2",
-                   help="all_to_all pipeline chunk counts to time side by side (comma list)")
-    p.add_argument("--chunk-min-tokens", type=int, default=None,
-                   help="MoEConfig.dispatch_chunk_min_tokens (default: the config's)")
+    p.add_argument("--no-sequential", action="store_true",
+                   help="all_to_all: skip the side-by-side timing without overlap "
+                        "(MoEConfig.dispatch_overlap=False)")
     return p.parse_args()
 
 
@@ -79,8 +78,7 @@ def check(cfg: MoEConfig, group, device) -> dict:
     rank, W = group_rank_and_size(group)
     small = cfg.replace(hidden_size=min(cfg.hidden_size, 128),
                         intermediate_size=min(cfg.intermediate_size, 64),
-                        shared_intermediate_size=None,
-                        dispatch_chunk_min_tokens=16)  # chunked batches split (37+ tokens)
+                        shared_intermediate_size=None)
     torch.manual_seed(0)
     full = MoE(small, device=device)
     torch.manual_seed(0)
@@ -246,27 +244,27 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
         single = MoE(cfg, device=device, dtype=dtype)
     torch.manual_seed(0)
     layer = MoE(cfg, process_group=group, device=device, dtype=dtype)
-    # the config's chunk count, then each of --chunks (all_to_all), on the same layer: the
+    # the config's forward, then (all_to_all) the one without overlap, on the same layer: the
     # dispatcher holds no per-call state, so switching it between timings is safe. Each timing
     # follows one of the single-GPU layer on the same tokens: the clocks drift as the GPUs heat
     # up, so each ratio compares neighbours.
-    variants = [("", cfg.dispatch_chunks)]
-    if cfg.dispatcher == "all_to_all" and group is not None:
-        variants += [(f"_chunks{c}", c) for c in sorted({int(c) for c in args.chunks.split(",")})]
-    for tag, chunks in variants:
+    variants = [("", cfg.dispatch_overlap)]
+    if cfg.dispatcher == "all_to_all" and group is not None and not args.no_sequential:
+        variants.append(("_sequential", False))
+    for tag, overlap in variants:
         if single is not None:
             base = time_layer(single, T, dtype, device, iters, None)
             out.update({f"single_{k}{tag}": v for k, v in base.items()})
-        if hasattr(layer.dispatcher, "chunks"):
-            layer.dispatcher.chunks = chunks
+        if hasattr(layer.dispatcher, "overlap"):
+            layer.dispatcher.overlap = overlap
         res = time_layer(layer, T, dtype, device, iters, barrier)
         out.update({f"{k}{tag}": v for k, v in res.items()})
         if single is not None:
             for k in ("fwd", "fwd_bwd"):
                 ratio = out[f"single_{k}_ms{tag}"] / out[f"{k}_ms{tag}"]
                 out[f"per_gpu_vs_single_{k}{tag}"] = ratio
-    if hasattr(layer.dispatcher, "chunks"):
-        layer.dispatcher.chunks = cfg.dispatch_chunks
+    if hasattr(layer.dispatcher, "overlap"):
+        layer.dispatcher.overlap = cfg.dispatch_overlap
     if single is not None:  # each layer's weights sat beside the other's timings: not its memory
         for prefix, other in (("peak_mem_gib", single), ("single_peak_mem_gib", layer)):
             resident = sum(p.numel() * p.element_size() for p in other.parameters()) / 2**30
@@ -301,10 +299,7 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
 
 
 def preset_config(args, dispatcher: str) -> MoEConfig:
-    extra = {} if args.chunk_min_tokens is None else \
-        {"dispatch_chunk_min_tokens": args.chunk_min_tokens}
-    return MoEConfig.preset(args.preset, dispatcher=dispatcher, placement=args.placement,
-                            **extra)
+    return MoEConfig.preset(args.preset, dispatcher=dispatcher, placement=args.placement)
 
 
 def main():
@@ -326,12 +321,13 @@ def main():
               "torch": torch.__version__, "checks": {}, "runs": []}
     for kind in dispatchers:
         cfg = preset_config(args, kind)
-        # every pipeline chunk count that gets timed is checked first
-        chunk_counts = sorted({cfg.dispatch_chunks} | {int(c) for c in args.chunks.split(",")}) \
-            if kind == "all_to_all" and group is not None else [cfg.dispatch_chunks]
-        for chunks in chunk_counts:
-            name = kind if chunks == cfg.dispatch_chunks else f"{kind}_chunks{chunks}"
-            report["checks"][name] = check(cfg.replace(dispatch_chunks=chunks), group, device)
+        # every forward that gets timed is checked first
+        overlaps = [cfg.dispatch_overlap]
+        if kind == "all_to_all" and group is not None and not args.no_sequential:
+            overlaps.append(False)
+        for overlap in overlaps:
+            name = kind if overlap == cfg.dispatch_overlap else f"{kind}_sequential"
+            report["checks"][name] = check(cfg.replace(dispatch_overlap=overlap), group, device)
             log(rank, f"check {name}: OK " + " ".join(
                 f"{k}={v:.1e}" for k, v in report["checks"][name].items()))
     if not args.check_only:
@@ -353,7 +349,7 @@ def main():
                         "dispatch_vs_raw", "combine_vs_raw", "dispatch_exchange_vs_raw",
                         "combine_exchange_vs_raw", "per_gpu_vs_single_fwd",
                         "per_gpu_vs_single_fwd_bwd", "peak_mem_gib"]
-                cols += sorted(k for k in slowest if "_chunks" in k and "per_gpu" in k)
+                cols += sorted(k for k in slowest if "_sequential" in k and "per_gpu" in k)
                 print(markdown_table([slowest], [c for c in cols if c in slowest]), flush=True)
     if rank == 0:
         path = write_json(args.json or f"harness_{args.preset}_W{W}.json", report)

@@ -71,14 +71,14 @@ CASES = {
         Case("dense_decode_allgather_rr", tokens=(0, 2), config=dict(
             num_experts=7, top_k=3, dispatcher=AG, placement=RR, dense_max_rows=64)),
         Case("aux_loss_a2a", kind="aux_loss", tokens=(5, 3), config=dict(top_k=2, **AUX)),
-        # the chunked pipeline: rank 0 splits its 7 tokens, rank 1 keeps its one token whole
-        Case("chunked_uneven_a2a", tokens=(7, 1),
-             config=dict(top_k=2, dispatch_chunks=2, dispatch_chunk_min_tokens=2)),
-        # no rank has enough tokens to split: one chunk travels, as without the pipeline
-        Case("chunked_small_batches_a2a", tokens=(3, 2),
-             config=dict(top_k=2, dispatch_chunks=2, dispatch_chunk_min_tokens=4)),
-        Case("chunked_hot_expert_a2a", tokens=(6, 5), hot_expert=7,
-             config=dict(top_k=1, dispatch_chunks=2, dispatch_chunk_min_tokens=1)),
+        # no overlap: the home copies travel through the exchange too (the harness's phases)
+        Case("sequential_uneven_a2a", tokens=(7, 1), config=dict(top_k=2, dispatch_overlap=False)),
+        # every token to rank 1's expert: rank 1 computes only its own tokens in place and
+        # receives rank 0's; rank 0 has no pairs at home and receives nothing
+        Case("sequential_hot_expert_a2a", tokens=(6, 5), hot_expert=7,
+             config=dict(top_k=1, dispatch_overlap=False)),
+        # every token to rank 0's expert: rank 1 sends all, computes nothing
+        Case("hot_expert_rank0_K1_a2a", tokens=(4, 3), config=dict(top_k=1), hot_expert=0),
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=1, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
     ],
@@ -94,9 +94,8 @@ CASES = {
              config=dict(top_k=2, dispatcher=AG, **AUX)),
         Case("bf16_allgather_rr", tokens=(5, 3, 6), dtype=torch.bfloat16,
              config=dict(num_experts=7, top_k=2, dispatcher=AG, placement=RR)),
-        # three chunks: rank 0 in threes, rank 1 empty, rank 2 in chunks of 2, 2 and 1
-        Case("chunked3_K8_rr_a2a", tokens=(9, 0, 5), config=dict(
-            top_k=8, placement=RR, dispatch_chunks=3, dispatch_chunk_min_tokens=1)),
+        Case("sequential_K8_rr_a2a", tokens=(9, 0, 5), config=dict(
+            top_k=8, placement=RR, dispatch_overlap=False)),
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=2, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
     ],
@@ -110,8 +109,8 @@ CASES = {
         Case("two_ep_groups_of_2_a2a", tokens=(4, 3), config=dict(top_k=2), ep_size=2),
         Case("two_ep_groups_of_2_allgather_rr", tokens=(0, 5), ep_size=2,
              config=dict(num_experts=7, top_k=3, dispatcher=AG, placement=RR)),
-        Case("chunked_bf16_shared_a2a", tokens=(6, 0, 4, 5), dtype=torch.bfloat16,
-             config=dict(SHARED_SIGMOID_GROUPS, dispatch_chunks=2, dispatch_chunk_min_tokens=2)),
+        Case("sequential_bf16_shared_a2a", tokens=(6, 0, 4, 5), dtype=torch.bfloat16,
+             config=dict(SHARED_SIGMOID_GROUPS, dispatch_overlap=False)),
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=3, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
     ],
