@@ -68,9 +68,10 @@ class MoEConfig:
     # expert parallelism
     placement: Placement = "linear"  # linear: contiguous blocks of experts per rank
     dispatcher: Dispatcher = "all_to_all"  # allgather: every rank sees every token
-    # all_to_all forward: a rank's experts take its own tokens in place while the other ranks'
-    # rows travel (the exchange overlaps those GEMMs); False: every row goes through the
-    # exchange, home copies included, and the experts run once on all of them
+    # all_to_all forward without expert-weight gradients (inference): a rank's experts take its
+    # own tokens in place while the other ranks' rows travel (the exchange overlaps those
+    # GEMMs). False, and always in training: every row goes through the exchange, home copies
+    # included, and the experts run once on all of them
     dispatch_overlap: bool = True
 
     # init

@@ -295,6 +295,18 @@ def check_match(case: Case, group, seed: int) -> list[str]:
     fails += _compare("no-grad output", y_inf, y_inf_full[rows], dtype)
     fails += _compare("no-grad output vs training forward", y_inf, y.detach(), dtype)
 
+    # frozen experts (training adapters elsewhere): the overlapped forward, differentiated
+    # through the exchange and the in-place home compute to the tokens and the router
+    sharded.experts.requires_grad_(False)
+    y_frozen, gx_frozen, grads_frozen = _train_step(sharded, x_all[rows], g_all[rows])
+    sharded.experts.requires_grad_(True)
+    fails += _compare("frozen-experts output", y_frozen, y_full[rows], dtype)
+    fails += _compare("frozen-experts input grad", gx_frozen, gx_full[rows], dtype)
+    router_grad = grads_frozen["router.weight"].float().clone()
+    dist.all_reduce(router_grad, group=group)
+    fails += _compare("frozen-experts router.weight.grad (sum over ranks)",
+                      router_grad.to(dtype), grads_full["router.weight"], dtype)
+
     gathered = sharded.full_state_dict()
     for name, ref in full.state_dict().items():
         if name not in gathered or not torch.equal(gathered[name], ref):
