@@ -50,6 +50,8 @@ def parse_args():
     p.add_argument("--json", default=None, help="file name under $OUT")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler tables and a trace of a few forwards (rank 0) under $OUT")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternating timing rounds of the single-GPU layer and each variant")
     p.add_argument("--no-sequential", action="store_true",
                    help="all_to_all: skip the side-by-side timing without overlap "
                         "(MoEConfig.dispatch_overlap=False)")
@@ -246,23 +248,29 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
     layer = MoE(cfg, process_group=group, device=device, dtype=dtype)
     # the config's forward, then (all_to_all) the one without overlap, on the same layer: the
     # dispatcher holds no per-call state, so switching it between timings is safe. Each timing
-    # follows one of the single-GPU layer on the same tokens: the clocks drift as the GPUs heat
-    # up, so each ratio compares neighbours.
+    # follows one of the single-GPU layer on the same tokens, and the variants alternate over
+    # `rounds`: the clocks drift as the GPUs heat up, so each ratio compares neighbours, and
+    # the report gives the median of the rounds.
     variants = [("", cfg.dispatch_overlap)]
     if cfg.dispatcher == "all_to_all" and group is not None and not args.no_sequential:
         variants.append(("_sequential", False))
-    for tag, overlap in variants:
-        if single is not None:
-            base = time_layer(single, T, dtype, device, iters, None)
-            out.update({f"single_{k}{tag}": v for k, v in base.items()})
-        if hasattr(layer.dispatcher, "overlap"):
-            layer.dispatcher.overlap = overlap
-        res = time_layer(layer, T, dtype, device, iters, barrier)
-        out.update({f"{k}{tag}": v for k, v in res.items()})
-        if single is not None:
-            for k in ("fwd", "fwd_bwd"):
-                ratio = out[f"single_{k}_ms{tag}"] / out[f"{k}_ms{tag}"]
-                out[f"per_gpu_vs_single_{k}{tag}"] = ratio
+    samples: dict = {}
+    for _ in range(args.rounds):
+        for tag, overlap in variants:
+            if single is not None:
+                base = time_layer(single, T, dtype, device, iters, None)
+                for k, v in base.items():
+                    samples.setdefault(f"single_{k}{tag}", []).append(v)
+            if hasattr(layer.dispatcher, "overlap"):
+                layer.dispatcher.overlap = overlap
+            for k, v in time_layer(layer, T, dtype, device, iters, barrier).items():
+                samples.setdefault(f"{k}{tag}", []).append(v)
+            if single is not None:
+                for k in ("fwd", "fwd_bwd"):
+                    ratio = samples[f"single_{k}_ms{tag}"][-1] / samples[f"{k}_ms{tag}"][-1]
+                    samples.setdefault(f"per_gpu_vs_single_{k}{tag}", []).append(ratio)
+    out.update({k: statistics.median(v) for k, v in samples.items()})
+    out.update({f"{k}_rounds": v for k, v in samples.items() if "per_gpu" in k})
     if hasattr(layer.dispatcher, "overlap"):
         layer.dispatcher.overlap = cfg.dispatch_overlap
     if single is not None:  # each layer's weights sat beside the other's timings: not its memory
