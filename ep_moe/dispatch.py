@@ -17,7 +17,6 @@ all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -35,57 +34,36 @@ from .placement import ExpertPlacement
 # Differentiable collectives
 # --------------------------------------------------------------------------------------------
 
-def _all_to_all(x, output_splits, input_splits, group, works=None, stream=None, issuer=None):
+def _all_to_all(x, output_splits, input_splits, group, works=None, stream=None):
     """Uneven all-to-all of rows. With a `works` list it is asynchronous: the Work is appended
     and the caller must `wait()` it before reading the result (on NCCL a stream wait, not a
     host block). NCCL starts it after the work queued on `stream` (default: the current one);
-    the result is allocated on the current stream, which reads it after `wait()`. With an
-    `issuer` (a one-thread executor; asynchronous calls only) that thread makes the call, so
-    this one goes on issuing kernels meanwhile: a NCCL call costs ~100-300 µs of host time."""
+    the result is allocated on the current stream, which reads it after `wait()`."""
     out = x.new_empty(sum(output_splits), *x.shape[1:])
     x = x.contiguous()
-
-    def issue():
-        with torch.cuda.stream(stream):  # None: the current stream
-            return dist.all_to_all_single(out, x, list(output_splits), list(input_splits),
-                                          group=group, async_op=works is not None)
-
-    if issuer is not None:
-        works.append(_IssuedWork(issuer.submit(issue)))
-    elif works is not None:
-        works.append(issue())
-    else:
-        issue()
+    with torch.cuda.stream(stream):  # None: the current stream
+        work = dist.all_to_all_single(out, x, list(output_splits), list(input_splits),
+                                      group=group, async_op=works is not None)
+    if works is not None:
+        works.append(work)
     return out
-
-
-class _IssuedWork:
-    """A Work being issued on another thread: `wait()` waits for the call, then for the work.
-    Nothing else may touch the group before that: every rank must issue its collectives in
-    the same order."""
-
-    def __init__(self, future):
-        self.future = future
-
-    def wait(self):
-        self.future.result().wait()
 
 
 class _SendRows(torch.autograd.Function):
     """The packed send rows (each a token and its routing, filled before the host sync) travel
-    to the expert ranks in one asynchronous all-to-all on `stream`, issued by `issuer` (see
-    `_all_to_all`); the outputs are views of the received rows: the tokens (R, D) and the routing (R, 2K) fp32.
+    to the expert ranks in one asynchronous all-to-all on `stream` (see `_all_to_all`); the
+    outputs are views of the received rows: the tokens (R, D) and the routing (R, 2K) fp32.
 
     Backward: the reverse all-to-all brings the gradients of the copies home and each token
     sums its copies in rank order (deterministic); the weights' gradient is the first K routing
     columns. x and topk_weights are inputs only so that their gradients land there."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, send, copy_index, splits, group, works, stream, issuer):
+    def forward(ctx, x, topk_weights, send, copy_index, splits, group, works, stream):
         output_splits, input_splits = splits
         ctx.save_for_backward(copy_index)
         ctx.splits, ctx.group, ctx.dtypes = splits, group, (x.dtype, topk_weights.dtype)
-        recv = _all_to_all(send, output_splits, input_splits, group, works, stream, issuer)
+        recv = _all_to_all(send, output_splits, input_splits, group, works, stream)
         return split_packed(recv, x.shape[1], topk_weights.shape[1])
 
     @staticmethod
@@ -100,7 +78,7 @@ class _SendRows(torch.autograd.Function):
                 grads.append(sum_rows(back, copy_index).to(ctx.dtypes[i]))
             else:
                 grads.append(None)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 class _ReturnRows(torch.autograd.Function):
@@ -253,13 +231,13 @@ class AllToAllDispatcher:
 
     `run` (what the layer calls) overlaps the exchange with expert GEMMs unless the expert
     weights need gradients: no copy travels to the home rank itself; its own experts take its
-    tokens in place, on the current stream, while the other ranks' rows are on the wire, and
-    their partial is added at home. The exchange runs on a side stream (it waits for nothing
-    queued after the host sync) and is issued by a worker thread, so the home rank's GEMMs
-    start right after the sync. `dispatch` / `combine` send the home copies through the
-    exchange like any other, so the rows a rank computes come as one batch: `run` does that
-    in training, where splitting them would leave each expert's weight gradient in two parts
-    to add (measured slower), and the harness times the phases that way.
+    tokens in place while the split sizes and then the other ranks' rows travel, and their
+    partial is added at home. The home GEMMs are issued before the host waits for the split
+    sizes, so the GPU works through that wait; the wait and the rows' exchange go on a side
+    stream, behind none of those GEMMs. `dispatch` / `combine` send the home copies through
+    the exchange like any other, so the rows a rank computes come as one batch: `run` does
+    that in training, where splitting them would leave each expert's weight gradient in two
+    parts to add (measured slower), and the harness times the phases that way.
     """
 
     def __init__(self, placement: ExpertPlacement, group: ProcessGroup, rank: int,
@@ -268,7 +246,6 @@ class AllToAllDispatcher:
         self.world_size = placement.world_size
         self.overlap = overlap  # MoEConfig.dispatch_overlap
         self._per_device: dict = {}
-        self._issuer: Optional[ThreadPoolExecutor] = None  # made on first use
 
     def _constants(self, device):
         """(owner, table, side stream), cached per device (not module state)."""
@@ -288,10 +265,7 @@ class AllToAllDispatcher:
         if not self.overlap or expert_grads:
             sent = self.dispatch(x, topk_ids, topk_weights)
             return self.combine(compute(sent), sent.handle)
-        if self._issuer is None:
-            self._issuer = ThreadPoolExecutor(1, thread_name_prefix="ep_moe_exchange")
-        in_flight, home = self._send(x, topk_ids, topk_weights, self.rank, self._issuer)
-        partial_home = compute(home)  # while the other ranks' rows travel
+        in_flight, partial_home = self._send(x, topk_ids, topk_weights, self.rank, compute)
         sent = self._arrive(in_flight)
         return self._sum_home(*self._return(compute(sent), sent.handle)) + partial_home
 
@@ -302,38 +276,41 @@ class AllToAllDispatcher:
                                  self.group, works)
         return back, works, handle
 
-    def _send(self, x, topk_ids, topk_weights, home: int, issuer=None):
-        """Start the exchange: (rows in flight, the home rank's own rows or None).
+    def _send(self, x, topk_ids, topk_weights, home: int, compute=None):
+        """Start the exchange: (rows in flight, the home rank's partial or None).
 
-        With `home` >= 0 that rank gets no copies (see `dispatch_layout`): its slots are
-        returned as a `Dispatched` of the tokens themselves, to compute in place. With an
-        `issuer` that thread makes the rows' NCCL call (see `_all_to_all`)."""
+        With `home` >= 0 that rank gets no copies (see `dispatch_layout`): `compute` takes its
+        slots from the tokens in place, issued before the wait for the split sizes."""
         T, K = topk_ids.shape
         W = self.world_size
-        owner, table, stream = self._constants(x.device)
+        owner, table, side = self._constants(x.device)
         layout = dispatch_layout(topk_ids, owner, table, home)
         meta_works = []
         recv_meta = _all_to_all(layout.send_meta, [1] * W, [1] * W, self.group, meta_works)
         send = gather_send_rows(x, topk_weights, topk_ids, layout)  # while the meta travels
-        meta_works[0].wait()
-        # host sync: split sizes must be on the CPU for all_to_all_single. After it nothing
-        # queued on this stream is pending, so the exchange on the side stream waits for none
-        # of the home rank's GEMMs issued next.
-        sent, received = torch.cat([layout.send_meta, recv_meta]).view(2, W, -1).tolist()
+        partial_home, stream = None, None
+        if home >= 0:
+            # host sync on this rank's own work only (layout, send rows, long done when the
+            # host is the bottleneck): the pairs of its tokens for its own experts
+            home_pairs = int(layout.send_meta[home, 2:].sum())
+            partial_home = compute(Dispatched(x, topk_ids, topk_weights.float(),
+                                              LocalHandle(T, home_pairs)))
+            stream = side  # everything it reads is done: the sync above
+        with torch.cuda.stream(stream):
+            meta_works[0].wait()
+            # host sync: split sizes must be on the CPU for all_to_all_single
+            sent, received = torch.cat([layout.send_meta, recv_meta]).view(2, W, -1).tolist()
         input_splits = tuple(row[0] for row in sent)
         output_splits = tuple(row[0] for row in received)
         works = []
         recv_x, recv_routing = _SendRows.apply(
             x, topk_weights, send[:sum(input_splits)], layout.copy_index,
-            (output_splits, input_splits), self.group, works, stream, issuer)
+            (output_splits, input_splits), self.group, works, stream)
         pairs = [sum(row[2:]) for row in received]
-        home_rows = None
         if home >= 0:
-            home_rows = Dispatched(x, topk_ids, topk_weights.float(),
-                                   LocalHandle(T, pairs[home]))
             pairs[home] = 0
         handle = AllToAllHandle(T, sum(pairs), layout.copy_index, input_splits, output_splits)
-        return _InFlight(recv_x, recv_routing, works, handle), home_rows
+        return _InFlight(recv_x, recv_routing, works, handle), partial_home
 
     @staticmethod
     def _arrive(rows: _InFlight) -> Dispatched:
