@@ -68,11 +68,6 @@ class MoEConfig:
     # expert parallelism
     placement: Placement = "linear"  # linear: contiguous blocks of experts per rank
     dispatcher: Dispatcher = "all_to_all"  # allgather: every rank sees every token
-    # all_to_all forward without expert-weight gradients (inference): a rank's experts take its
-    # own tokens in place while the other ranks' rows travel (the exchange overlaps those
-    # GEMMs). False, and always in training: every row goes through the exchange, home copies
-    # included, and the experts run once on all of them
-    dispatch_overlap: bool = True
 
     # init
     init_std: float = 0.02
@@ -109,8 +104,7 @@ class MoEConfig:
                 or self.num_shared_experts < 0:
             raise ValueError(
                 f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
-        for name in ("norm_topk_prob", "use_correction_bias", "gated", "shared_expert_gate",
-                     "dispatch_overlap"):
+        for name in ("norm_topk_prob", "use_correction_bias", "gated", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "init_std", "routed_scaling_factor"):

@@ -7,9 +7,7 @@ The only module that moves activations between ranks. Three dispatchers share on
     y = dispatcher.run(x, topk_ids, topk_weights, compute)         # both, compute in between
 
 `partial` (R, D) holds, per received row, the weighted sum over the row's slots whose expert is
-local. The handle is a frozen dataclass: nothing per call is kept on the dispatcher. `run`
-is what the layer calls: the all-to-all dispatcher overlaps its exchange with the home rank's
-own expert GEMMs there.
+local. The handle is a frozen dataclass: nothing per call is kept on the dispatcher.
 
 Every collective here is differentiable: the backward of a dispatch all-to-all is the reverse
 all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
@@ -34,16 +32,13 @@ from .placement import ExpertPlacement
 # Differentiable collectives
 # --------------------------------------------------------------------------------------------
 
-def _all_to_all(x, output_splits, input_splits, group, works=None, stream=None):
+def _all_to_all(x, output_splits, input_splits, group, works=None):
     """Uneven all-to-all of rows. With a `works` list it is asynchronous: the Work is appended
     and the caller must `wait()` it before reading the result (on NCCL a stream wait, not a
-    host block). NCCL starts it after the work queued on `stream` (default: the current one);
-    the result is allocated on the current stream, which reads it after `wait()`."""
+    host block), as the split sizes' exchange does so that the send buffer fills meanwhile."""
     out = x.new_empty(sum(output_splits), *x.shape[1:])
-    x = x.contiguous()
-    with torch.cuda.stream(stream):  # None: the current stream
-        work = dist.all_to_all_single(out, x, list(output_splits), list(input_splits),
-                                      group=group, async_op=works is not None)
+    work = dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
+                                  group=group, async_op=works is not None)
     if works is not None:
         works.append(work)
     return out
@@ -51,19 +46,19 @@ def _all_to_all(x, output_splits, input_splits, group, works=None, stream=None):
 
 class _SendRows(torch.autograd.Function):
     """The packed send rows (each a token and its routing, filled before the host sync) travel
-    to the expert ranks in one asynchronous all-to-all on `stream` (see `_all_to_all`); the
-    outputs are views of the received rows: the tokens (R, D) and the routing (R, 2K) fp32.
+    to the expert ranks in one all-to-all; the outputs are views of the received rows: the
+    tokens (R, D) and the routing (R, 2K) fp32.
 
     Backward: the reverse all-to-all brings the gradients of the copies home and each token
     sums its copies in rank order (deterministic); the weights' gradient is the first K routing
     columns. x and topk_weights are inputs only so that their gradients land there."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, send, copy_index, splits, group, works, stream):
+    def forward(ctx, x, topk_weights, send, copy_index, splits, group):
         output_splits, input_splits = splits
         ctx.save_for_backward(copy_index)
         ctx.splits, ctx.group, ctx.dtypes = splits, group, (x.dtype, topk_weights.dtype)
-        recv = _all_to_all(send, output_splits, input_splits, group, works, stream)
+        recv = _all_to_all(send, output_splits, input_splits, group)
         return split_packed(recv, x.shape[1], topk_weights.shape[1])
 
     @staticmethod
@@ -78,22 +73,22 @@ class _SendRows(torch.autograd.Function):
                 grads.append(sum_rows(back, copy_index).to(ctx.dtypes[i]))
             else:
                 grads.append(None)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 class _ReturnRows(torch.autograd.Function):
-    """Partial rows travel back to their tokens' home ranks, asynchronously (see
-    `_all_to_all`); backward: the reverse all-to-all of their gradients."""
+    """Partial rows travel back to their tokens' home ranks; backward: the reverse all-to-all
+    of their gradients."""
 
     @staticmethod
-    def forward(ctx, partial, output_splits, input_splits, group, works):
+    def forward(ctx, partial, output_splits, input_splits, group):
         ctx.splits, ctx.group = (output_splits, input_splits), group
-        return _all_to_all(partial, output_splits, input_splits, group, works)
+        return _all_to_all(partial, output_splits, input_splits, group)
 
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        return _all_to_all(grad, input_splits, output_splits, ctx.group), None, None, None, None
+        return _all_to_all(grad, input_splits, output_splits, ctx.group), None, None, None
 
 
 class _AllGather(torch.autograd.Function):
@@ -195,9 +190,9 @@ def _unpack_routing(routing, K):
 # --------------------------------------------------------------------------------------------
 
 class _Sequential:
-    """`run` for the dispatchers without a pipeline: dispatch, compute, combine."""
+    """`run`, what the layer calls: dispatch, compute, combine."""
 
-    def run(self, x, topk_ids, topk_weights, compute, expert_grads=False) -> torch.Tensor:
+    def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
         sent = self.dispatch(x, topk_ids, topk_weights)
         return self.combine(compute(sent), sent.handle)
 
@@ -213,117 +208,50 @@ class LocalDispatcher(_Sequential):
         return partial
 
 
-@dataclass(frozen=True)
-class _InFlight:
-    """Rows on their way to the expert ranks: wait on `works`, then read."""
-
-    recv_x: torch.Tensor
-    recv_routing: torch.Tensor
-    works: list
-    handle: AllToAllHandle
-
-
-class AllToAllDispatcher:
+class AllToAllDispatcher(_Sequential):
     """Each token travels once to every rank that owns at least one of its K experts.
 
     The expert rank reduces the token's local slots into one partial row, which travels back;
-    the home rank adds a token's partials in rank order (deterministic).
-
-    `run` (what the layer calls) overlaps the exchange with expert GEMMs unless the expert
-    weights need gradients: no copy travels to the home rank itself; its own experts take its
-    tokens in place while the split sizes and then the other ranks' rows travel, and their
-    partial is added at home. The home GEMMs are issued before the host waits for the split
-    sizes, so the GPU works through that wait; the wait and the rows' exchange go on a side
-    stream, behind none of those GEMMs. `dispatch` / `combine` send the home copies through
-    the exchange like any other, so the rows a rank computes come as one batch: `run` does
-    that in training, where splitting them would leave each expert's weight gradient in two
-    parts to add (measured slower), and the harness times the phases that way.
+    the home rank adds a token's partials in rank order (deterministic). Three NCCL calls per
+    forward: the split sizes (the one host sync), the rows out, the partials back.
     """
 
-    def __init__(self, placement: ExpertPlacement, group: ProcessGroup, rank: int,
-                 overlap: bool = True):
-        self.placement, self.group, self.rank = placement, group, rank
+    def __init__(self, placement: ExpertPlacement, group: ProcessGroup):
+        self.placement, self.group = placement, group
         self.world_size = placement.world_size
-        self.overlap = overlap  # MoEConfig.dispatch_overlap
-        self._per_device: dict = {}
+        self._tables: dict = {}
 
-    def _constants(self, device):
-        """(owner, table, side stream), cached per device (not module state)."""
-        if device not in self._per_device:
-            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-            self._per_device[device] = (self.placement.owner(device),
-                                        self.placement.padded_local_experts(device), stream)
-        return self._per_device[device]
+    def _owner_and_table(self, device):
+        if device not in self._tables:  # constants, cached per device (not module state)
+            self._tables[device] = (self.placement.owner(device),
+                                    self.placement.padded_local_experts(device))
+        return self._tables[device]
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
-        return self._arrive(self._send(x, topk_ids, topk_weights, home=-1)[0])
-
-    def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
-        return self._sum_home(*self._return(partial, handle))
-
-    def run(self, x, topk_ids, topk_weights, compute, expert_grads=False) -> torch.Tensor:
-        if not self.overlap or expert_grads:
-            sent = self.dispatch(x, topk_ids, topk_weights)
-            return self.combine(compute(sent), sent.handle)
-        in_flight, partial_home = self._send(x, topk_ids, topk_weights, self.rank, compute)
-        sent = self._arrive(in_flight)
-        return self._sum_home(*self._return(compute(sent), sent.handle)) + partial_home
-
-    def _return(self, partial, handle: AllToAllHandle):
-        """Start the partial rows' trip home: (rows on their way, their works, the handle)."""
-        works = []
-        back = _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
-                                 self.group, works)
-        return back, works, handle
-
-    def _send(self, x, topk_ids, topk_weights, home: int, compute=None):
-        """Start the exchange: (rows in flight, the home rank's partial or None).
-
-        With `home` >= 0 that rank gets no copies (see `dispatch_layout`): `compute` takes its
-        slots from the tokens in place, issued before the wait for the split sizes."""
         T, K = topk_ids.shape
         W = self.world_size
-        owner, table, side = self._constants(x.device)
-        layout = dispatch_layout(topk_ids, owner, table, home)
+        owner, table = self._owner_and_table(x.device)
+        layout = dispatch_layout(topk_ids, owner, table)
         meta_works = []
         recv_meta = _all_to_all(layout.send_meta, [1] * W, [1] * W, self.group, meta_works)
         send = gather_send_rows(x, topk_weights, topk_ids, layout)  # while the meta travels
-        partial_home, stream = None, None
-        if home >= 0:
-            # host sync on this rank's own work only (layout, send rows, long done when the
-            # host is the bottleneck): the pairs of its tokens for its own experts
-            home_pairs = int(layout.send_meta[home, 2:].sum())
-            partial_home = compute(Dispatched(x, topk_ids, topk_weights.float(),
-                                              LocalHandle(T, home_pairs)))
-            stream = side  # everything it reads is done: the sync above
-        with torch.cuda.stream(stream):
-            meta_works[0].wait()
-            # host sync: split sizes must be on the CPU for all_to_all_single
-            sent, received = torch.cat([layout.send_meta, recv_meta]).view(2, W, -1).tolist()
+        meta_works[0].wait()
+        # host sync: split sizes must be on the CPU for all_to_all_single
+        sent, received = torch.cat([layout.send_meta, recv_meta]).view(2, W, -1).tolist()
         input_splits = tuple(row[0] for row in sent)
         output_splits = tuple(row[0] for row in received)
-        works = []
         recv_x, recv_routing = _SendRows.apply(
             x, topk_weights, send[:sum(input_splits)], layout.copy_index,
-            (output_splits, input_splits), self.group, works, stream)
-        pairs = [sum(row[2:]) for row in received]
-        if home >= 0:
-            pairs[home] = 0
-        handle = AllToAllHandle(T, sum(pairs), layout.copy_index, input_splits, output_splits)
-        return _InFlight(recv_x, recv_routing, works, handle), partial_home
+            (output_splits, input_splits), self.group)
+        recv_ids, recv_weights = _unpack_routing(recv_routing, K)
+        num_local_pairs = sum(sum(row[2:]) for row in received)
+        handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
+                                output_splits)
+        return Dispatched(recv_x, recv_ids, recv_weights, handle)
 
-    @staticmethod
-    def _arrive(rows: _InFlight) -> Dispatched:
-        for work in rows.works:
-            work.wait()
-        K = rows.recv_routing.shape[1] // 2
-        recv_ids, recv_weights = _unpack_routing(rows.recv_routing, K)
-        return Dispatched(rows.recv_x, recv_ids, recv_weights, rows.handle)
-
-    @staticmethod
-    def _sum_home(back, works, handle: AllToAllHandle) -> torch.Tensor:
-        for work in works:
-            work.wait()
+    def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
+        back = _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
+                                 self.group)
         return sum_rows(back, handle.copy_index)
 
 
@@ -369,5 +297,5 @@ def make_dispatcher(config, placement: ExpertPlacement, group: Optional[ProcessG
     if placement.world_size == 1:
         return LocalDispatcher()
     if config.dispatcher == "all_to_all":
-        return AllToAllDispatcher(placement, group, rank, config.dispatch_overlap)
+        return AllToAllDispatcher(placement, group)
     return AllGatherDispatcher(placement, group, rank)

@@ -130,10 +130,8 @@ class MoE(nn.Module):
         return (y, route) if return_router_output else y
 
     def _routed(self, x_TD: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-        expert_grads = torch.is_grad_enabled() and any(
-            p.requires_grad for p in self.experts.parameters())
         return self.dispatcher.run(x_TD, route.topk_ids, route.topk_weights,
-                                   self.compute_experts, expert_grads)
+                                   self.compute_experts)
 
     def compute_experts(self, sent: Dispatched) -> torch.Tensor:
         """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call on a multi-GPU machine. Stages (each under its own time limit):
 #   1. GPU tests, then the single-GPU layer benchmark, on GPU 0;
-#   2. the harness at W = all GPUs, Mixtral and Qwen3 shapes, with and without overlap side by side,
+#   2. the harness at W = all GPUs, Mixtral and Qwen3 shapes,
 #      with a profile of a few forwards;
 #   3. the same at W = 2 when the machine has more GPUs.
 # Everything lands in two archives under $OUT (the device tool brings back few files), named

@@ -52,9 +52,6 @@ def parse_args():
                    help="torch.profiler tables and a trace of a few forwards (rank 0) under $OUT")
     p.add_argument("--rounds", type=int, default=2,
                    help="alternating timing rounds of the single-GPU layer and each variant")
-    p.add_argument("--no-sequential", action="store_true",
-                   help="all_to_all: skip the side-by-side timing without overlap "
-                        "(MoEConfig.dispatch_overlap=False)")
     return p.parse_args()
 
 
@@ -246,33 +243,22 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
         single = MoE(cfg, device=device, dtype=dtype)
     torch.manual_seed(0)
     layer = MoE(cfg, process_group=group, device=device, dtype=dtype)
-    # the config's forward, then (all_to_all) the one without overlap, on the same layer: the
-    # dispatcher holds no per-call state, so switching it between timings is safe. Each timing
-    # follows one of the single-GPU layer on the same tokens, and the variants alternate over
+    # each timing of the layer follows one of the single-GPU layer on the same tokens, over
     # `rounds`: the clocks drift as the GPUs heat up, so each ratio compares neighbours, and
-    # the report gives the median of the rounds.
-    variants = [("", cfg.dispatch_overlap)]
-    if cfg.dispatcher == "all_to_all" and group is not None and not args.no_sequential:
-        variants.append(("_sequential", False))
+    # the report gives the median of the rounds (and each round's ratio)
     samples: dict = {}
     for _ in range(args.rounds):
-        for tag, overlap in variants:
-            if single is not None:
-                base = time_layer(single, T, dtype, device, iters, None)
-                for k, v in base.items():
-                    samples.setdefault(f"single_{k}{tag}", []).append(v)
-            if hasattr(layer.dispatcher, "overlap"):
-                layer.dispatcher.overlap = overlap
-            for k, v in time_layer(layer, T, dtype, device, iters, barrier).items():
-                samples.setdefault(f"{k}{tag}", []).append(v)
-            if single is not None:
-                for k in ("fwd", "fwd_bwd"):
-                    ratio = samples[f"single_{k}_ms{tag}"][-1] / samples[f"{k}_ms{tag}"][-1]
-                    samples.setdefault(f"per_gpu_vs_single_{k}{tag}", []).append(ratio)
+        if single is not None:
+            for k, v in time_layer(single, T, dtype, device, iters, None).items():
+                samples.setdefault(f"single_{k}", []).append(v)
+        for k, v in time_layer(layer, T, dtype, device, iters, barrier).items():
+            samples.setdefault(k, []).append(v)
+        if single is not None:
+            for k in ("fwd", "fwd_bwd"):
+                ratio = samples[f"single_{k}_ms"][-1] / samples[f"{k}_ms"][-1]
+                samples.setdefault(f"per_gpu_vs_single_{k}", []).append(ratio)
     out.update({k: statistics.median(v) for k, v in samples.items()})
     out.update({f"{k}_rounds": v for k, v in samples.items() if "per_gpu" in k})
-    if hasattr(layer.dispatcher, "overlap"):
-        layer.dispatcher.overlap = cfg.dispatch_overlap
     if single is not None:  # each layer's weights sat beside the other's timings: not its memory
         for prefix, other in (("peak_mem_gib", single), ("single_peak_mem_gib", layer)):
             resident = sum(p.numel() * p.element_size() for p in other.parameters()) / 2**30
@@ -329,15 +315,9 @@ def main():
               "torch": torch.__version__, "checks": {}, "runs": []}
     for kind in dispatchers:
         cfg = preset_config(args, kind)
-        # every forward that gets timed is checked first
-        overlaps = [cfg.dispatch_overlap]
-        if kind == "all_to_all" and group is not None and not args.no_sequential:
-            overlaps.append(False)
-        for overlap in overlaps:
-            name = kind if overlap == cfg.dispatch_overlap else f"{kind}_sequential"
-            report["checks"][name] = check(cfg.replace(dispatch_overlap=overlap), group, device)
-            log(rank, f"check {name}: OK " + " ".join(
-                f"{k}={v:.1e}" for k, v in report["checks"][name].items()))
+        report["checks"][kind] = check(cfg, group, device)
+        log(rank, f"check {kind}: OK " + " ".join(
+            f"{k}={v:.1e}" for k, v in report["checks"][kind].items()))
     if not args.check_only:
         if on_gpu:
             report["copy_ceiling_gbs"] = copy_ceiling_gbs(device)
@@ -357,7 +337,7 @@ def main():
                         "dispatch_vs_raw", "combine_vs_raw", "dispatch_exchange_vs_raw",
                         "combine_exchange_vs_raw", "per_gpu_vs_single_fwd",
                         "per_gpu_vs_single_fwd_bwd", "peak_mem_gib"]
-                cols += sorted(k for k in slowest if "_sequential" in k and "per_gpu" in k)
+                cols += [k for k in slowest if k.endswith("_rounds")]
                 print(markdown_table([slowest], [c for c in cols if c in slowest]), flush=True)
     if rank == 0:
         path = write_json(args.json or f"harness_{args.preset}_W{W}.json", report)

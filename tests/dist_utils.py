@@ -295,8 +295,8 @@ def check_match(case: Case, group, seed: int) -> list[str]:
     fails += _compare("no-grad output", y_inf, y_inf_full[rows], dtype)
     fails += _compare("no-grad output vs training forward", y_inf, y.detach(), dtype)
 
-    # frozen experts (training adapters elsewhere): the overlapped forward, differentiated
-    # through the exchange and the in-place home compute to the tokens and the router
+    # frozen experts (training adapters elsewhere): gradients reach the tokens and the router
+    # through both exchanges with no expert-weight gradient in the graph
     sharded.experts.requires_grad_(False)
     y_frozen, gx_frozen, grads_frozen = _train_step(sharded, x_all[rows], g_all[rows])
     sharded.experts.requires_grad_(True)

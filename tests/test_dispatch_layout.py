@@ -11,23 +11,20 @@ import torch
 
 import ep_moe.kernels.dispatch_layout as layout_module
 from ep_moe.kernels.dispatch_layout import (_layout_torch, dispatch_layout, gather_send_rows,
-                                           packed_row, send_capacity, split_packed)
+                                           packed_row, split_packed)
 from ep_moe.kernels.fused_mul_sum import _use_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def brute_force(topk_ids, owner, W, home=-1):
-    """Send rows grouped by rank, tokens in order, none for the home rank; copy_index[t, w]
-    the row of (t, w); the send metadata: copies per rank, T, then pairs per expert of that
-    rank (padded with 0), the home rank's pairs included."""
+def brute_force(topk_ids, owner, W):
+    """Send rows grouped by rank, tokens in order; copy_index[t, w] the row of (t, w); the
+    send metadata: copies per rank, T, then pairs per expert of that rank (padded with 0)."""
     T, E = topk_ids.shape[0], owner.shape[0]
     copy_index = torch.full((T, W), -1, dtype=torch.int32)
     tokens = []
     for w in range(W):
         for t in range(T):
-            if w == home:
-                continue
             if any(0 <= e < E and owner[e] == w for e in topk_ids[t].tolist()):
                 copy_index[t, w] = len(tokens)
                 tokens.append(t)
@@ -51,13 +48,13 @@ def make_table(owner, W):
     return torch.tensor([p + [E] * (e_max - len(p)) for p in per_rank], dtype=torch.int64)
 
 
-def layout(impl, ids, owner, W, home=-1):
+def layout(impl, ids, owner, W):
     table = make_table(owner, W)
     if impl == "torch":
-        return _layout_torch(ids, owner, table, home)
+        return _layout_torch(ids, owner, table)
     if not _use_triton(ids.to(DEVICE)):
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
-    return dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE), home)
+    return dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE))
 
 
 def routed_ids(T, K, E, seed):
@@ -84,24 +81,15 @@ def make_owner(E, W, kind):
 
 @pytest.mark.parametrize("T,K,E,W,kind", CASES)
 @pytest.mark.parametrize("impl", ["kernel", "torch"])
-@pytest.mark.parametrize("home", ["none", "first", "last"])  # the overlapped forward's layout
-def test_matches_brute_force(T, K, E, W, kind, impl, home):
-    home = {"none": -1, "first": 0, "last": W - 1}[home]
+def test_matches_brute_force(T, K, E, W, kind, impl):
     ids, owner = routed_ids(T, K, E, seed=T + K), make_owner(E, W, kind)
-    meta, copy_index, tokens = brute_force(ids, owner, W, home)
-    got = layout(impl, ids, owner, W, home)
+    meta, copy_index, tokens = brute_force(ids, owner, W)
+    got = layout(impl, ids, owner, W)
     S = int(meta[:, 0].sum())
     assert torch.equal(got.send_meta.cpu(), meta)
     assert torch.equal(got.copy_index.cpu(), copy_index)
-    # a token reaches <= min(K, W) ranks, the home rank not among them
-    assert got.send_tokens.shape == (T * min(K, W - (home >= 0)),)
+    assert got.send_tokens.shape == (T * min(K, W),)  # a token reaches <= min(K, W) ranks
     assert torch.equal(got.send_tokens[:S].cpu(), tokens)
-
-
-@pytest.mark.parametrize("T,K,W,home,expected", [
-    (10, 8, 4, -1, 40), (10, 8, 4, 2, 30), (10, 2, 4, 0, 20), (10, 1, 1, 0, 0), (0, 2, 2, 1, 0)])
-def test_send_capacity(T, K, W, home, expected):
-    assert send_capacity(T, K, W, home) == expected
 
 
 @pytest.mark.parametrize("impl", ["kernel", "torch"])
@@ -134,9 +122,6 @@ def test_int32_ids_and_owner():
     (lambda ids, owner, table: (ids, owner.to("meta"), table), "owner"),   # another device
     (lambda ids, owner, table: (ids, owner.float(), table), "owner"),      # float owner
     (lambda ids, owner, table: (ids, owner, table.float()), "table"),      # float table
-    (lambda ids, owner, table: (ids, owner, table, 2), "home"),            # home >= W
-    (lambda ids, owner, table: (ids, owner, table, -2), "home"),           # home < -1
-    (lambda ids, owner, table: (ids, owner, table, 0.0), "home"),          # not an int
 ])
 def test_validation(bad, match):
     ids, owner = routed_ids(4, 2, 8, seed=0), make_owner(8, 2, "linear")
@@ -185,7 +170,7 @@ def test_gather_send_rows(T, K, E, W, kind, dtype):
 def test_gather_send_rows_torch_path_masks_unused_rows(monkeypatch):
     # the torch path (CPU without the interpreter) must not index with the unused entries
     ids, owner = routed_ids(30, 2, 8, seed=2), make_owner(8, 2, "linear")
-    lay = _layout_torch(ids, owner, make_table(owner, 2), -1)
+    lay = _layout_torch(ids, owner, make_table(owner, 2))
     _, _, tokens = brute_force(ids, owner, 2)
     S = tokens.shape[0]
     assert S < 60  # some rows unused, so the masking matters

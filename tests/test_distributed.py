@@ -71,12 +71,7 @@ CASES = {
         Case("dense_decode_allgather_rr", tokens=(0, 2), config=dict(
             num_experts=7, top_k=3, dispatcher=AG, placement=RR, dense_max_rows=64)),
         Case("aux_loss_a2a", kind="aux_loss", tokens=(5, 3), config=dict(top_k=2, **AUX)),
-        # no overlap: the home copies travel through the exchange too (the harness's phases)
-        Case("sequential_uneven_a2a", tokens=(7, 1), config=dict(top_k=2, dispatch_overlap=False)),
-        # every token to rank 1's expert: rank 1 computes only its own tokens in place and
-        # receives rank 0's; rank 0 has no pairs at home and receives nothing
-        Case("sequential_hot_expert_a2a", tokens=(6, 5), hot_expert=7,
-             config=dict(top_k=1, dispatch_overlap=False)),
+        Case("uneven_7_1_a2a", tokens=(7, 1), config=dict(top_k=2)),
         # every token to rank 0's expert: rank 1 sends all, computes nothing
         Case("hot_expert_rank0_K1_a2a", tokens=(4, 3), config=dict(top_k=1), hot_expert=0),
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=1, top_k=1)),
@@ -94,8 +89,7 @@ CASES = {
              config=dict(top_k=2, dispatcher=AG, **AUX)),
         Case("bf16_allgather_rr", tokens=(5, 3, 6), dtype=torch.bfloat16,
              config=dict(num_experts=7, top_k=2, dispatcher=AG, placement=RR)),
-        Case("sequential_K8_rr_a2a", tokens=(9, 0, 5), config=dict(
-            top_k=8, placement=RR, dispatch_overlap=False)),
+        Case("K8_rr_a2a_rank1_empty", tokens=(9, 0, 5), config=dict(top_k=8, placement=RR)),
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=2, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
     ],
@@ -109,8 +103,8 @@ CASES = {
         Case("two_ep_groups_of_2_a2a", tokens=(4, 3), config=dict(top_k=2), ep_size=2),
         Case("two_ep_groups_of_2_allgather_rr", tokens=(0, 5), ep_size=2,
              config=dict(num_experts=7, top_k=3, dispatcher=AG, placement=RR)),
-        Case("sequential_bf16_shared_a2a", tokens=(6, 0, 4, 5), dtype=torch.bfloat16,
-             config=dict(SHARED_SIGMOID_GROUPS, dispatch_overlap=False)),
+        Case("bf16_shared_a2a", tokens=(6, 0, 4, 5), dtype=torch.bfloat16,
+             config=SHARED_SIGMOID_GROUPS),
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=3, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
     ],

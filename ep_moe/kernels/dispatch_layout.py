@@ -23,8 +23,8 @@ class SendLayout(NamedTuple):
         slot) pairs of each of w's experts in `table` order, 0 on padding]: the message each
         rank sends ahead of the tokens (T lets every rank see every rank's batch size).
     copy_index: (T, W) int32 row of token t's copy for rank w in the send buffer, -1 if none.
-    send_tokens: (`send_capacity`,) int64; the first sum(send_meta[:, 0]) entries name the
-        token of each send row, the rest are unused (a token goes to at most min(K, W) ranks)."""
+    send_tokens: (T * min(K, W),) int64; the first sum(send_meta[:, 0]) entries name the token
+        of each send row, the rest are unused (a token goes to at most min(K, W) ranks)."""
 
     send_meta: torch.Tensor
     copy_index: torch.Tensor
@@ -32,9 +32,9 @@ class SendLayout(NamedTuple):
 
 
 @triton.jit
-def _destinations(ids_ptr, owner_ptr, t0, T, K, E, home,
+def _destinations(ids_ptr, owner_ptr, t0, T, K, E,
                   K_POW2: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(BLOCK_T, W_POW2) int32: 1 where rank w != home owns one of token t's experts."""
+    """(BLOCK_T, W_POW2) int32: 1 where rank w owns one of token t's experts."""
     t = t0 + tl.arange(0, BLOCK_T)
     k = tl.arange(0, K_POW2)
     ok = (t[:, None] < T) & (k[None, :] < K)
@@ -43,7 +43,7 @@ def _destinations(ids_ptr, owner_ptr, t0, T, K, E, home,
     ranks = tl.load(owner_ptr + ids, mask=ok, other=-1)  # (BLOCK_T, K_POW2)
     w = tl.arange(0, W_POW2)
     hit = (ranks[:, :, None] == w[None, None, :]).to(tl.int32)  # (BLOCK_T, K_POW2, W_POW2)
-    return tl.max(hit, axis=1) * (w != home).to(tl.int32)[None, :]
+    return tl.max(hit, axis=1)
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _count_kernel(
     # pointers
     ids_ptr, owner_ptr, block_counts_ptr, pairs_ptr,
     # sizes
-    T, K, E, W, home,
+    T, K, E, W,
     # meta-parameters
     K_POW2: tl.constexpr, W_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -61,7 +61,7 @@ def _count_kernel(
     pid = tl.program_id(0)
     w = tl.arange(0, W_POW2)
     t0 = pid * BLOCK_T
-    dest = _destinations(ids_ptr, owner_ptr, t0, T, K, E, home, K_POW2, W_POW2, BLOCK_T)
+    dest = _destinations(ids_ptr, owner_ptr, t0, T, K, E, K_POW2, W_POW2, BLOCK_T)
     tl.store(block_counts_ptr + pid * W + w, tl.sum(dest, axis=0), mask=w < W)
     t = t0 + tl.arange(0, BLOCK_T)
     e = tl.arange(0, E_POW2)
@@ -78,7 +78,7 @@ def _place_kernel(
     ids_ptr, owner_ptr, block_counts_ptr, pairs_ptr, table_ptr, send_meta_ptr, copy_index_ptr,
     send_tokens_ptr,
     # sizes
-    T, K, E, W, home, num_blocks, e_max,
+    T, K, E, W, num_blocks, e_max,
     # meta-parameters
     K_POW2: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, NB_POW2: tl.constexpr,
     EMAX_POW2: tl.constexpr,
@@ -106,7 +106,7 @@ def _place_kernel(
         tl.store(send_meta_ptr + w * (2 + e_max) + 1, T + tl.zeros_like(w).to(tl.int64),
                  mask=w < W)
     t0 = pid * BLOCK_T
-    dest = _destinations(ids_ptr, owner_ptr, t0, T, K, E, home, K_POW2, W_POW2, BLOCK_T)
+    dest = _destinations(ids_ptr, owner_ptr, t0, T, K, E, K_POW2, W_POW2, BLOCK_T)
     row = first_row[None, :] + tl.cumsum(dest, 0) - 1  # (BLOCK_T, W_POW2)
     t = t0 + tl.arange(0, BLOCK_T)
     in_t = (t[:, None] < T) & (w[None, :] < W)
@@ -116,27 +116,24 @@ def _place_kernel(
     tl.store(send_tokens_ptr + row.to(tl.int64), t_2d.to(tl.int64), mask=in_t & (dest > 0))
 
 
-def send_capacity(T: int, K: int, W: int, home: int = -1) -> int:
-    """Most send rows T tokens can need: each goes to at most min(K, W) ranks, the home rank
-    excluded when there is one."""
-    return T * min(K, W - (home >= 0))
+def send_capacity(T: int, K: int, W: int) -> int:
+    """Most send rows T tokens can need: each goes to at most min(K, W) ranks."""
+    return T * min(K, W)
 
 
-def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Tensor,
-                  home: int) -> SendLayout:
+def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor,
+                  table: torch.Tensor) -> SendLayout:
     T, E, W = topk_ids.shape[0], owner.shape[0], table.shape[0]
     valid = (topk_ids >= 0) & (topk_ids < E)
     ids = topk_ids.clamp(0, max(E - 1, 0))
     ranks = torch.where(valid, owner[ids], W)  # W: a dump column
     dest = torch.zeros(T, W + 1, dtype=torch.int32, device=topk_ids.device)
     dest = dest.scatter_(1, ranks, 1)[:, :W]  # (T, W)
-    if home >= 0:
-        dest[:, home] = 0
     position = dest.cumsum(0, dtype=torch.int32)  # 1-based row among rank w's copies
     counts = dest.sum(0, dtype=torch.int32)
     start = counts.cumsum(0, dtype=torch.int32) - counts
     copy_index = torch.where(dest > 0, position - 1 + start, -1).to(torch.int32)
-    cap = send_capacity(T, topk_ids.shape[1], W, home)
+    cap = send_capacity(T, topk_ids.shape[1], W)
     send_tokens = torch.zeros(cap + 1, dtype=torch.int64, device=topk_ids.device)
     dump = torch.where(dest > 0, copy_index, cap).long()
     tokens = torch.arange(T, device=topk_ids.device)[:, None].expand(T, W)
@@ -150,8 +147,8 @@ def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Tens
     return SendLayout(send_meta, copy_index, send_tokens[:cap])
 
 
-def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Tensor,
-                    home: int = -1) -> SendLayout:
+def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
+                    table: torch.Tensor) -> SendLayout:
     """Where each token's copies go in an all-to-all send buffer, and what to tell each rank.
 
     Args:
@@ -159,8 +156,6 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Te
         owner: (E,) int32/int64 rank in [0, W) that owns each expert, on topk_ids' device.
         table: (W, e_max) int64 global experts of each rank, padded with E (as
             `ExpertPlacement.padded_local_experts`), on topk_ids' device.
-        home: a rank that gets no copies (the caller computes its own experts' slots from the
-            tokens in place); its pairs are still counted in send_meta. -1: none.
 
     Returns:
         SendLayout (see its fields). Device-side only: nothing is read back to the host.
@@ -176,11 +171,9 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Te
             raise ValueError(f"{name} must be int32/int64, got {t.dtype}")
     if table.shape[0] < 1:
         raise ValueError(f"table must have a row per rank (W >= 1), got {tuple(table.shape)}")
-    if not isinstance(home, int) or not -1 <= home < table.shape[0]:
-        raise ValueError(f"home must be an int rank in [-1, {table.shape[0]}), got {home!r}")
     T, K = topk_ids.shape
     if not _use_triton(topk_ids) or T == 0:
-        return _layout_torch(topk_ids, owner, table, home)
+        return _layout_torch(topk_ids, owner, table)
     dev, E, (W, e_max) = topk_ids.device, owner.shape[0], table.shape
     k_pow2, w_pow2 = triton.next_power_of_2(max(K, 1)), triton.next_power_of_2(W)
     e_pow2 = triton.next_power_of_2(max(E, 1))
@@ -189,19 +182,19 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Te
     block_t = max(16, min(256, 8192 // max(k_pow2 * w_pow2, e_pow2)),
                   triton.next_power_of_2(T) // 1024)
     if block_t * max(k_pow2 * w_pow2, e_pow2) > 1 << 17:  # millions of tokens: tiles too big
-        return _layout_torch(topk_ids, owner, table, home)
+        return _layout_torch(topk_ids, owner, table)
     num_blocks = triton.cdiv(T, block_t)
     block_counts = torch.empty(num_blocks, W, dtype=torch.int32, device=dev)
     pairs = torch.zeros(E, dtype=torch.int32, device=dev)
     send_meta = torch.empty(W, 2 + e_max, dtype=torch.int64, device=dev)
     copy_index = torch.empty(T, W, dtype=torch.int32, device=dev)
-    send_tokens = torch.empty(send_capacity(T, K, W, home), dtype=torch.int64, device=dev)
+    send_tokens = torch.empty(send_capacity(T, K, W), dtype=torch.int64, device=dev)
     ids, owner = topk_ids.contiguous(), owner.contiguous()
     meta = dict(K_POW2=k_pow2, W_POW2=w_pow2, BLOCK_T=block_t, num_warps=4)
-    _count_kernel[(num_blocks,)](ids, owner, block_counts, pairs, T, K, E, W, home,
+    _count_kernel[(num_blocks,)](ids, owner, block_counts, pairs, T, K, E, W,
                                  E_POW2=e_pow2, **meta)
     _place_kernel[(num_blocks,)](ids, owner, block_counts, pairs, table.contiguous(), send_meta,
-                                 copy_index, send_tokens, T, K, E, W, home, num_blocks, e_max,
+                                 copy_index, send_tokens, T, K, E, W, num_blocks, e_max,
                                  NB_POW2=triton.next_power_of_2(num_blocks),
                                  EMAX_POW2=triton.next_power_of_2(max(e_max, 1)), **meta)
     return SendLayout(send_meta, copy_index, send_tokens)
