@@ -2,9 +2,7 @@
 
 Here the Triton kernels and their launchers (with the torch path used on a CPU without the
 interpreter); `combine.py` holds the custom ops, the autograd wiring, the validation and the
-public `moe_fused_mul_sum`. The forward has two kernel variants, the token one (a program's
-tokens one after another) and the pipelined one (a persistent program streams tokens, their
-loads issued iterations ahead); `_fwd_config` picks the variant and its config per shape.
+public `moe_fused_mul_sum`.
 
 Slots that do not count (expert not local to this rank, id out of range, row index -1) are
 masked out of every load, so nothing there is ever read: NaN or garbage in a skipped slot cannot
@@ -115,143 +113,6 @@ def _fused_mul_sum_fwd_kernel(
 
 
 @triton.jit
-def _lowest_bit(bits):
-    """Index of the lowest set bit of a nonzero int32: its power of two converts to fp32
-    exactly, and the exponent is the index (there is no count-trailing-zeros in tl)."""
-    low = (bits & -bits).to(tl.float32).to(tl.int32, bitcast=True)
-    return ((low >> 23) & 0xFF) - 127
-
-
-@triton.jit
-def _compact(bits, SLOTS: tl.constexpr):
-    """The first SLOTS set bits of `bits` (a token's counting slots, bit k = slot k) as slot
-    numbers k in k order; `live` marks the ones that exist; `rest` holds the bits after them
-    (nonzero: the token needs another round)."""
-    j = tl.arange(0, SLOTS)
-    m = tl.zeros([SLOTS], dtype=tl.int32) + bits
-    for s in tl.static_range(1, SLOTS):  # slot j: clear the j lowest bits
-        m = tl.where(j >= s, m & (m - 1), m)
-    last = tl.sum(tl.where(j == SLOTS - 1, m, 0), axis=0)  # a sum: bit 31 makes it negative
-    return _lowest_bit(m), m != 0, last & (last - 1)
-
-
-@triton.jit
-def _fused_mul_sum_fwd_pipelined_kernel(
-    # pointers
-    inputs_ptr, weights_ptr, ids_ptr, map_ptr, rows_ptr, out_ptr,
-    # sizes
-    T, D, E,
-    # meta-parameters
-    K: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_MAP: tl.constexpr, HAS_ROWS: tl.constexpr,
-):
-    """Program (p, j) writes columns [j*BLOCK_D, (j+1)*BLOCK_D) of tokens p, p + P, p + 2P, ...
-    (P programs along axis 0), one token per iteration, software-pipelined.
-
-    Why: a token's routing is a chain of dependent loads (ids -> expert_map -> rows) that the
-    token variant pays in every program, and the compiler reuses a tile's registers, so only a
-    part of its row loads is in flight at once. Here every load is consumed at least one
-    iteration after it is issued. Iteration i (token i of this program) issues the rows of
-    token i + 1, compacts token i + 1 + HAS_ROWS (from map results loaded an iteration
-    before), looks up the map for the token after it and loads the ids / row index of the one
-    after that, then reduces and stores token i. The chain costs its latency once per program,
-    and the next token's rows are in flight while this one is reduced.
-
-    Compaction: a token's counting slots become a bit mask (bit k = slot k, so K <= 32); the
-    first SLOTS of them load as one (SLOTS, BLOCK_D) tile, so registers go to rows that are
-    read rather than to every slot (SLOTS < K when few are local). A token with more counting
-    slots takes further, unpipelined rounds. The gathered layout reloads the compacted row
-    indices (a cache hit) an iteration before their rows: one stage more than the dense one.
-    Iterations i < 0 fill the pipeline: every stage masks tokens outside [0, T), so they load
-    and store nothing. Loads are carried in their own dtype and converted where used:
-    converting one in the iteration that issues it would wait for it.
-    """
-    first = tl.program_id(0).to(tl.int64)
-    step = tl.num_programs(0).to(tl.int64)
-    n_iter = tl.cdiv(T - first, step)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    k = tl.arange(0, BLOCK_K)
-    # stage offsets, in tokens of this program ahead of the one reduced
-    COMPACT: tl.constexpr = 1 + HAS_ROWS  # compaction (+ row index reload, weights)
-    LOOKUP: tl.constexpr = COMPACT + HAS_MAP  # expert-map lookup
-    SLOT_LOADS: tl.constexpr = LOOKUP + 1  # ids and row index, by slot
-    # pipeline registers; their initial values are never used (stages before token 0 mask all)
-    # slot loads -> lookup
-    eid_s = tl.full([BLOCK_K], -1, ids_ptr.dtype.element_ty)
-    row_s = tl.full([BLOCK_K], -1, rows_ptr.dtype.element_ty)
-    # lookup -> compaction
-    keep_l = tl.zeros([BLOCK_K], dtype=tl.int1)
-    local_l = tl.full([BLOCK_K], -1, map_ptr.dtype.element_ty)
-    # compaction -> rows: gathered layout only (the dense one loads rows where it compacts)
-    row_c = tl.zeros([SLOTS], dtype=rows_ptr.dtype.element_ty)
-    live_c = tl.zeros([SLOTS], dtype=tl.int1)
-    w_c = tl.zeros([SLOTS], dtype=weights_ptr.dtype.element_ty)
-    rest_c = 0
-    # rows -> reduce
-    x_r = tl.zeros([SLOTS, BLOCK_D], dtype=inputs_ptr.dtype.element_ty)
-    w_r = tl.zeros([SLOTS], dtype=weights_ptr.dtype.element_ty)
-    rest_r = 0
-    for i in range(-SLOT_LOADS, n_iter):
-        t = first + i * step  # the token reduced; the stages work on tokens ahead of it
-        # slots of token i + SLOT_LOADS: loads that need only the slot index
-        t_s = t + SLOT_LOADS * step
-        valid = tl.where((t_s >= 0) & (t_s < T), k < K, False)  # `where`: the interpreter
-        # turns a vector & scalar of booleans into integers
-        eid_n, row_n = eid_s, row_s
-        if HAS_IDS:
-            eid_n = tl.load(ids_ptr + t_s * K + k, mask=valid, other=-1)
-        if HAS_ROWS:
-            row_n = tl.load(rows_ptr + t_s * K + k, mask=valid, other=-1)
-        # which slots of token i + LOOKUP count, as far as ids and row index say
-        t_l = t + LOOKUP * step
-        keep_n = tl.where((t_l >= 0) & (t_l < T), k < K, False)
-        if HAS_ROWS:
-            keep_n = keep_n & (row_s >= 0)
-        if HAS_IDS:
-            keep_n = keep_n & (eid_s >= 0)
-        if HAS_MAP:  # lookup; the compaction reads it an iteration later
-            keep_n = keep_n & (eid_s < E)
-            local_n = tl.load(map_ptr + eid_s, mask=keep_n, other=-1)
-            keep = keep_l & (local_l >= 0)
-        else:
-            local_n = local_l
-            keep = keep_n
-        # compaction of token i + COMPACT
-        t_c = t + COMPACT * step
-        kj, live, rest = _compact(tl.sum(tl.where(keep, 1 << k, 0), axis=0), SLOTS)
-        if HAS_ROWS:  # rows of token i + 1 from the row indices reloaded an iteration ago
-            x_n = tl.load(inputs_ptr + row_c.to(tl.int64)[:, None] * D + d[None, :],
-                          mask=live_c[:, None] & d_mask[None, :], other=0.0)
-            w_n, rest_n = w_c, rest_c
-            row_c = tl.load(rows_ptr + t_c * K + kj, mask=live, other=0)
-            w_c = tl.load(weights_ptr + t_c * K + kj, mask=live, other=0.0)
-            live_c, rest_c = live, rest
-        else:  # dense: token i + 1's rows are its slots
-            x_n = tl.load(inputs_ptr + t_c * K * D + kj.to(tl.int64)[:, None] * D + d[None, :],
-                          mask=live[:, None] & d_mask[None, :], other=0.0)
-            w_n = tl.load(weights_ptr + t_c * K + kj, mask=live, other=0.0)
-            rest_n = rest
-        # reduce token i; fp32 accumulation: bf16 loses accuracy when summing top-k=8
-        acc = tl.sum(x_r.to(tl.float32) * w_r.to(tl.float32)[:, None], axis=0)
-        while rest_r != 0:  # more than SLOTS counting slots: further rounds, not pipelined
-            kj2, live2, rest_r = _compact(rest_r, SLOTS)
-            if HAS_ROWS:
-                row2 = tl.load(rows_ptr + t * K + kj2, mask=live2, other=0).to(tl.int64)
-            else:
-                row2 = t * K + kj2
-            x2 = tl.load(inputs_ptr + row2[:, None] * D + d[None, :],
-                         mask=live2[:, None] & d_mask[None, :], other=0.0)
-            w2 = tl.load(weights_ptr + t * K + kj2, mask=live2, other=0.0).to(tl.float32)
-            acc += tl.sum(x2.to(tl.float32) * w2[:, None], axis=0)
-        tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty),
-                 mask=tl.where(t >= 0, d_mask, False))
-        x_r, w_r, rest_r = x_n, w_n, rest_n
-        keep_l, local_l = keep_n, local_n
-        eid_s, row_s = eid_n, row_n
-
-
-@triton.jit
 def _fused_mul_sum_bwd_kernel(
     # pointers
     grad_out_ptr, inputs_ptr, weights_ptr, ids_ptr, map_ptr, rows_ptr,
@@ -300,36 +161,15 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 class FwdConfig(NamedTuple):
-    """Token variant, `_fused_mul_sum_fwd_kernel`: a program's tokens one after another, all K
-    slots of a token as one masked tile."""
     block_d: int
     num_warps: int
     programs_per_sm: int  # 0: one token per program; else tokens are packed so about this
     #                       many programs per multiprocessor cover all of T
 
 
-class PipelinedFwdConfig(NamedTuple):
-    """Pipelined variant, `_fused_mul_sum_fwd_pipelined_kernel` (needs K <= 32): about
-    programs_per_sm persistent programs per multiprocessor (best: as many as fit at once)
-    stream the tokens, one an iteration; `slots` counting slots load per round (a power of
-    two, capped at K's). `block_d` (a power of two) is capped at D's, so one config serves
-    every shape."""
-    slots: int
-    block_d: int
-    num_warps: int
-    programs_per_sm: int
-
-
-def _fwd_config(K: int, D: int, has_map: bool) -> FwdConfig | PipelinedFwdConfig:
-    """Forward kernel variant and config per shape: the one table launch/sweep_combine.py
-    tunes. `has_map`: slots can be skipped (expert map or row index).
-
-    The sweep prints, per branch and (K, D, dtype), the config nearest each row's best in the
-    form returned here: paste it into the branch (a PipelinedFwdConfig only where K <= 32).
-    Now: the token variant everywhere, picked by the sweep on an H200 (PERF.md's shapes at W
-    of 1, 2 and 4; launch/results/h200/sweep_combine.json); the pipelined variant has no GPU
-    numbers yet.
-    """
+def _fwd_config(K: int, D: int, has_map: bool) -> FwdConfig:
+    """Picked by launch/sweep_combine.py on an H200 (PERF.md's shapes at W of 1, 2 and 4;
+    launch/results/h200/sweep_combine.json)."""
     if has_map and D <= 4096:  # most slots skipped: wide rows per thread and several tokens
         # per program keep enough bytes in flight behind the ids -> map -> rows chain
         block_d = min(triton.next_power_of_2(max(D, 1)), 2048)
@@ -374,28 +214,17 @@ def _fwd_triton(inputs, weights, topk_ids, expert_map, row_index, out):
     E = expert_map.shape[0] if expert_map is not None else 0
     block_k = triton.next_power_of_2(K)
     cfg = _fwd_config(K, D, expert_map is not None or row_index is not None)
-    ids, emap, rows = _slot_args(topk_ids, expert_map, row_index, weights)
-    flags = dict(HAS_IDS=topk_ids is not None, HAS_MAP=expert_map is not None,
-                 HAS_ROWS=row_index is not None, num_warps=cfg.num_warps)
-    if isinstance(cfg, PipelinedFwdConfig):
-        if K > 32:  # the compaction keeps a token's counting slots as bits of an int32
-            raise ValueError(f"_fwd_config gave {cfg} for K={K}: the pipelined variant needs "
-                             "K <= 32")
-        block_d = min(cfg.block_d, triton.next_power_of_2(D))
-        d_blocks = triton.cdiv(D, block_d)
-        programs = min(T, triton.cdiv(_num_sms(out.device) * cfg.programs_per_sm, d_blocks))
-        _fused_mul_sum_fwd_pipelined_kernel[(programs, d_blocks)](
-            inputs, weights, ids, emap, rows, out, T, D, E,
-            K=K, BLOCK_K=block_k, SLOTS=min(cfg.slots, block_k), BLOCK_D=block_d, **flags)
-        return
     d_blocks = triton.cdiv(D, cfg.block_d)
     per_program = 1
     if cfg.programs_per_sm:
         per_program = max(1, T * d_blocks // (_num_sms(out.device) * cfg.programs_per_sm))
+    ids, emap, rows = _slot_args(topk_ids, expert_map, row_index, weights)
     grid = (triton.cdiv(T, per_program), d_blocks)
     _fused_mul_sum_fwd_kernel[grid](
         inputs, weights, ids, emap, rows, out, T, D, E, per_program,
-        K=K, BLOCK_K=block_k, BLOCK_D=cfg.block_d, PREFETCH=per_program > 1, **flags)
+        K=K, BLOCK_K=block_k, BLOCK_D=cfg.block_d,
+        HAS_IDS=topk_ids is not None, HAS_MAP=expert_map is not None,
+        HAS_ROWS=row_index is not None, PREFETCH=per_program > 1, num_warps=cfg.num_warps)
 
 
 def _bwd_triton(grad_out, inputs, weights, topk_ids, expert_map, row_index,
