@@ -128,8 +128,10 @@ def check(cfg: MoEConfig, group, device) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def raw_all_to_all_ms(nbytes: int, group, device, iters) -> float:
+    """An even all_to_all_single of ~nbytes per rank. Each rank's chunk is a whole number of
+    128-byte lines: chunks on 2-byte boundaries ran at half speed (Mixtral's mean bytes)."""
     W = dist.get_world_size(group)
-    n = max(W, nbytes // 2 // W * W)
+    n = max(64, nbytes // 2 // W // 64 * 64) * W
     src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     return time_ms(lambda: dist.all_to_all_single(dst, src, group=group), device, iters,
@@ -276,8 +278,6 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
             mean = torch.tensor([float(out[f"{phase}_bytes"])], device=device)
             dist.all_reduce(mean, group=group)
             nbytes = int(mean.item() / W)
-            # the better of two: a first raw exchange after the GEMM-heavy phases has run at
-            # half speed (Mixtral, 4x H200), which would flatter the ratio
             raw = min(raw_all_to_all_ms(nbytes, group, device, iters) for _ in range(2))
             out[f"{phase}_raw_a2a_ms"] = raw
             out[f"{phase}_busbw_gbs"] = nbytes * (W - 1) / W / out[f"{phase}_ms"] / 1e6
