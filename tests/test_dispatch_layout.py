@@ -159,6 +159,10 @@ def test_gather_send_rows(T, K, E, W, kind, dtype):
     width, Dp = packed_row(129, K, dtype)
     assert send.shape == (T * min(K, W), width) and send.dtype == dtype
     assert Dp * send.element_size() % 4 == 0  # the routing starts on a 4-byte word
+    # rows hold token and routing, padded to whole 16-byte lines (NCCL chunks stay aligned)
+    size = send.element_size()
+    used = Dp + 2 * K * 4 // size
+    assert width * size % 16 == 0 and used <= width < used + 16 // size
     send_x, send_routing = split_packed(send, 129, K)
     S = tokens.shape[0]
     assert send_x.shape == (T * min(K, W), 129) and send_routing.shape == (T * min(K, W), 2 * K)

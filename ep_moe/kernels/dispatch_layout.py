@@ -236,18 +236,21 @@ def _gather_send_kernel(
 
 def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
     """(width, Dp) of a send row in elements of `dtype`: the token's D values, padded to Dp (a
-    whole number of 4-byte words), then its 2K routing values as fp32 words, bit for bit."""
-    per_word = 4 // torch.empty((), dtype=dtype).element_size()
+    whole number of 4-byte words), then its 2K routing values as fp32 words, bit for bit, then
+    padding to a whole number of 16 bytes: NCCL moved chunks off a 16-byte boundary at half
+    speed (launch/NOTES.md)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    per_word, per_16 = 4 // size, 16 // size
     Dp = -(-D // per_word) * per_word
-    return Dp + 2 * K * per_word, Dp
+    return -(-(Dp + 2 * K * per_word) // per_16) * per_16, Dp
 
 
 def split_packed(rows: torch.Tensor, D: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of packed rows (R, width): the tokens (R, D) and the routing (R, 2K) fp32
     [weights, ids as floats]; both strided, no copy."""
     _, Dp = packed_row(D, K, rows.dtype)
-    per_word = 4 // rows.element_size()
-    return rows[:, :D], rows.view(torch.float32)[:, Dp // per_word:]
+    first = Dp // (4 // rows.element_size())  # the routing's first fp32 word
+    return rows[:, :D], rows.view(torch.float32)[:, first:first + 2 * K]
 
 
 def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
