@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from .kernels.dispatch_layout import dispatch_layout, gather_send_rows, packed_row, split_packed
+from .kernels.dispatch_layout import dispatch_layout, gather_send_rows, split_packed
 from .permute import count_ids, sum_rows
 from .placement import ExpertPlacement
 

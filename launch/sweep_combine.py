@@ -9,7 +9,6 @@ input sets (so the inputs do not sit in L2). Prints the best config per shape an
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 import torch

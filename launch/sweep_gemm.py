@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (copy_ceiling_gbs, graph_time_us, markdown_table, matmul_ceiling_tflops,  # noqa: E402
