@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from .kernels.dispatch_layout import dispatch_layout, gather_send_rows, split_packed
+from .kernels.dispatch_layout import (META_COPIES, META_PAIRS, dispatch_layout,
+                                      gather_send_rows, split_packed)
 from .permute import count_ids, sum_rows
 from .placement import ExpertPlacement
 
@@ -189,7 +190,7 @@ def _unpack_routing(routing, K):
 # Dispatchers
 # --------------------------------------------------------------------------------------------
 
-class _Sequential:
+class _Dispatcher:
     """`run`, what the layer calls: dispatch, compute, combine."""
 
     def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
@@ -197,7 +198,7 @@ class _Sequential:
         return self.combine(compute(sent), sent.handle)
 
 
-class LocalDispatcher(_Sequential):
+class LocalDispatcher(_Dispatcher):
     """One rank owns every expert: rows are the tokens themselves."""
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
@@ -208,7 +209,7 @@ class LocalDispatcher(_Sequential):
         return partial
 
 
-class AllToAllDispatcher(_Sequential):
+class AllToAllDispatcher(_Dispatcher):
     """Each token travels once to every rank that owns at least one of its K experts.
 
     The expert rank reduces the token's local slots into one partial row, which travels back;
@@ -238,13 +239,13 @@ class AllToAllDispatcher(_Sequential):
         meta_works[0].wait()
         # host sync: split sizes must be on the CPU for all_to_all_single
         sent, received = torch.cat([layout.send_meta, recv_meta]).view(2, W, -1).tolist()
-        input_splits = tuple(row[0] for row in sent)
-        output_splits = tuple(row[0] for row in received)
+        input_splits = tuple(row[META_COPIES] for row in sent)
+        output_splits = tuple(row[META_COPIES] for row in received)
         recv_x, recv_routing = _SendRows.apply(
             x, topk_weights, send[:sum(input_splits)], layout.copy_index,
             (output_splits, input_splits), self.group)
         recv_ids, recv_weights = _unpack_routing(recv_routing, K)
-        num_local_pairs = sum(sum(row[2:]) for row in received)
+        num_local_pairs = sum(sum(row[META_PAIRS:]) for row in received)
         handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
                                 output_splits)
         return Dispatched(recv_x, recv_ids, recv_weights, handle)
@@ -255,7 +256,7 @@ class AllToAllDispatcher(_Sequential):
         return sum_rows(back, handle.copy_index)
 
 
-class AllGatherDispatcher(_Sequential):
+class AllGatherDispatcher(_Dispatcher):
     """Every rank sees every token: all-gather tokens and routing, compute the local experts'
     slots for all of them, reduce-scatter (fp32) the partial sums home. One fixed-size exchange
     each way and no per-token bookkeeping; measured slower than all-to-all at 64 and at 8192

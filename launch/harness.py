@@ -51,8 +51,13 @@ def parse_args():
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler tables and a trace of a few forwards (rank 0) under $OUT")
     p.add_argument("--rounds", type=int, default=2,
-                   help="alternating timing rounds of the single-GPU layer and each variant")
-    return p.parse_args()
+                   help="timing rounds, each the single-GPU layer then the expert-parallel one")
+    args = p.parse_args()
+    for name in ("tokens", "iters", "rounds"):
+        value, least = getattr(args, name), 0 if name == "tokens" else 1
+        if value is not None and value < least:
+            p.error(f"--{name} must be >= {least}, got {value}")
+    return args
 
 
 def log(rank, *msg):
@@ -129,7 +134,7 @@ def check(cfg: MoEConfig, group, device) -> dict:
 
 def raw_all_to_all_ms(nbytes: int, group, device, iters) -> float:
     """An even all_to_all_single of ~nbytes per rank. Each rank's chunk is a whole number of
-    128-byte lines: chunks on 2-byte boundaries ran at half speed (Mixtral's mean bytes)."""
+    128-byte lines: chunks off a 16-byte boundary ran at half speed (Mixtral's mean bytes)."""
     W = dist.get_world_size(group)
     n = max(64, nbytes // 2 // W // 64 * 64) * W
     src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
@@ -303,8 +308,10 @@ def main():
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     args.preset = args.preset or ("mixtral" if on_gpu else "tiny")
-    args.tokens = args.tokens or (8192 if on_gpu else 64)
-    args.iters = args.iters or (20 if on_gpu else 5)
+    if args.tokens is None:
+        args.tokens = 8192 if on_gpu else 64
+    if args.iters is None:
+        args.iters = 20 if on_gpu else 5
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     dispatchers = ["all_to_all", "allgather"] if args.dispatcher == "both" else [args.dispatcher]
     backend = dist.get_backend(group) if group is not None else "none"

@@ -5,7 +5,8 @@
 The dispatch is host-bound (launch/NOTES.md): this separates the collective's own issue cost
 from ours. Each variant issues `n` small asynchronous calls back to back and reports the host
 microseconds per call (median of 5 rounds, device drained and ranks lined up before each),
-then the same for a Triton-free torch op and an empty kernel launch as yardsticks.
+then the same for a small all_reduce, one torch op (`torch.add`, one kernel) and one
+allocation (`torch.empty`, no kernel) as yardsticks.
 """
 
 from __future__ import annotations

@@ -298,8 +298,12 @@ def check_match(case: Case, group, seed: int) -> list[str]:
     # frozen experts (training adapters elsewhere): gradients reach the tokens and the router
     # through both exchanges with no expert-weight gradient in the graph
     sharded.experts.requires_grad_(False)
-    y_frozen, gx_frozen, grads_frozen = _train_step(sharded, x_all[rows], g_all[rows])
-    sharded.experts.requires_grad_(True)
+    try:
+        y_frozen, gx_frozen, grads_frozen = _train_step(sharded, x_all[rows], g_all[rows])
+        if any(p.grad is not None for p in sharded.experts.parameters()):
+            fails.append("frozen experts got a gradient")
+    finally:
+        sharded.experts.requires_grad_(True)
     fails += _compare("frozen-experts output", y_frozen, y_full[rows], dtype)
     fails += _compare("frozen-experts input grad", gx_frozen, gx_full[rows], dtype)
     router_grad = grads_frozen["router.weight"].float().clone()

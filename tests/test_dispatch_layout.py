@@ -19,7 +19,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def brute_force(topk_ids, owner, W):
     """Send rows grouped by rank, tokens in order; copy_index[t, w] the row of (t, w); the
-    send metadata: copies per rank, T, then pairs per expert of that rank (padded with 0)."""
+    send metadata: copies per rank, then pairs per expert of that rank (padded with 0)."""
     T, E = topk_ids.shape[0], owner.shape[0]
     copy_index = torch.full((T, W), -1, dtype=torch.int32)
     tokens = []
@@ -30,13 +30,12 @@ def brute_force(topk_ids, owner, W):
                 tokens.append(t)
     per_rank = [[e for e in range(E) if owner[e] == w] for w in range(W)]
     e_max = max(len(p) for p in per_rank)
-    meta = torch.zeros(W, 2 + e_max, dtype=torch.int64)
+    meta = torch.zeros(W, 1 + e_max, dtype=torch.int64)
     meta[:, 0] = (copy_index >= 0).sum(0)
-    meta[:, 1] = T
     flat = [e for e in topk_ids.reshape(-1).tolist() if 0 <= e < E]
     for w, experts in enumerate(per_rank):
         for j, e in enumerate(experts):
-            meta[w, 2 + j] = flat.count(e)
+            meta[w, 1 + j] = flat.count(e)
     return meta, copy_index, torch.tensor(tokens, dtype=torch.int64)
 
 
@@ -186,3 +185,16 @@ def test_gather_send_rows_torch_path_masks_unused_rows(monkeypatch):
     send_x, send_routing = split_packed(send, 8, 2)
     assert torch.equal(send_x[:S], x[tokens])
     assert torch.equal(send_routing[:S], torch.cat([weights, ids.float()], 1)[tokens])
+
+
+def test_gather_send_rows_validation():
+    ids, owner = routed_ids(6, 2, 8, seed=4), make_owner(8, 2, "linear")
+    lay = _layout_torch(ids, owner, make_table(owner, 2))
+    x, weights = torch.randn(6, 8), torch.rand(6, 2)
+    other = _layout_torch(ids[:4], owner, make_table(owner, 2))  # another batch's layout
+    with pytest.raises(ValueError, match="layout"):
+        gather_send_rows(x, weights, ids, other)
+    with pytest.raises(ValueError, match="device"):
+        gather_send_rows(x, weights.to("meta"), ids, lay)
+    with pytest.raises(ValueError, match="float32"):
+        gather_send_rows(x.double(), weights, ids, lay)

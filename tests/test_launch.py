@@ -25,7 +25,7 @@ def test_harness_checks_times_and_reports(tmp_path):
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "launch" / "harness.py"), "--preset", "tiny", "--tokens", "24",
-           "--iters", "1", "--dispatcher", "both"]
+           "--iters", "1", "--dispatcher", "both", "--rounds", "2"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("all_to_all", "allgather"):
@@ -40,6 +40,7 @@ def test_harness_checks_times_and_reports(tmp_path):
     for key in ("fwd_ms", "fwd_bwd_ms", "per_gpu_vs_single_fwd",
                 "dispatch_ms", "combine_ms", "dispatch_exchange_ms", "dispatch_vs_raw"):
         assert a2a[key] > 0, key
+    assert len(a2a["per_gpu_vs_single_fwd_rounds"]) == 2  # one paired ratio per round
     # every rank sends its copies and gets the same number of rows back in total
     assert sum(r["rows_sent"] for r in runs["all_to_all"]) == \
         sum(r["rows_received"] for r in runs["all_to_all"])

@@ -18,10 +18,13 @@ import triton.language as tl
 from .fused_mul_sum import FLOAT_DTYPES, _use_triton
 
 
+META_COPIES, META_PAIRS = 0, 1  # send_meta columns: copies for a rank, then its experts' pairs
+
+
 class SendLayout(NamedTuple):
-    """send_meta: (W, 2 + e_max) int64; row w = [copies sent to rank w, T, then the (token,
-        slot) pairs of each of w's experts in `table` order, 0 on padding]: the message each
-        rank sends ahead of the tokens (T lets every rank see every rank's batch size).
+    """send_meta: (W, 1 + e_max) int64; row w = [copies sent to rank w (column META_COPIES),
+        then the (token, slot) pairs of each of w's experts in `table` order, 0 on padding
+        (from column META_PAIRS)]: the message each rank sends ahead of the tokens.
     copy_index: (T, W) int32 row of token t's copy for rank w in the send buffer, -1 if none.
     send_tokens: (T * min(K, W),) int64; the first sum(send_meta[:, 0]) entries name the token
         of each send row, the rest are unused (a token goes to at most min(K, W) ranks)."""
@@ -94,17 +97,15 @@ def _place_kernel(
     totals = tl.sum(counts, axis=0)  # (W_POW2,) copies per rank
     earlier = tl.sum(tl.where(b[:, None] < pid, counts, 0), axis=0)
     first_row = tl.cumsum(totals, 0) - totals + earlier
-    if pid == 0:  # send_meta[w] = [copies for w, T, pairs for w's experts (table order)]
+    if pid == 0:  # send_meta[w] = [copies for w, pairs for w's experts (table order)]
         j = tl.arange(0, EMAX_POW2)
         in_table = (w[:, None] < W) & (j[None, :] < e_max)
         experts = tl.load(table_ptr + w[:, None] * e_max + j[None, :], mask=in_table, other=E)
         pairs = tl.load(pairs_ptr + experts, mask=in_table & (experts >= 0) & (experts < E),
                         other=0)
-        row = send_meta_ptr + w[:, None] * (2 + e_max)
-        tl.store(row + 2 + j[None, :], pairs.to(tl.int64), mask=in_table)
-        tl.store(send_meta_ptr + w * (2 + e_max), totals.to(tl.int64), mask=w < W)
-        tl.store(send_meta_ptr + w * (2 + e_max) + 1, T + tl.zeros_like(w).to(tl.int64),
-                 mask=w < W)
+        row = send_meta_ptr + w[:, None] * (1 + e_max)
+        tl.store(row + 1 + j[None, :], pairs.to(tl.int64), mask=in_table)
+        tl.store(send_meta_ptr + w * (1 + e_max), totals.to(tl.int64), mask=w < W)
     t0 = pid * BLOCK_T
     dest = _destinations(ids_ptr, owner_ptr, t0, T, K, E, K_POW2, W_POW2, BLOCK_T)
     row = first_row[None, :] + tl.cumsum(dest, 0) - 1  # (BLOCK_T, W_POW2)
@@ -142,8 +143,7 @@ def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor,
     pairs.scatter_add_(0, torch.where(valid, ids, E).reshape(-1),
                        torch.ones(topk_ids.numel(), dtype=torch.int64, device=ids.device))
     pairs[E] = 0
-    batch = torch.full((W, 1), T, dtype=torch.int64, device=topk_ids.device)
-    send_meta = torch.cat([counts[:, None].long(), batch, pairs[table]], 1)
+    send_meta = torch.cat([counts[:, None].long(), pairs[table]], 1)
     return SendLayout(send_meta, copy_index, send_tokens[:cap])
 
 
@@ -186,7 +186,7 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
     num_blocks = triton.cdiv(T, block_t)
     block_counts = torch.empty(num_blocks, W, dtype=torch.int32, device=dev)
     pairs = torch.zeros(E, dtype=torch.int32, device=dev)
-    send_meta = torch.empty(W, 2 + e_max, dtype=torch.int64, device=dev)
+    send_meta = torch.empty(W, 1 + e_max, dtype=torch.int64, device=dev)
     copy_index = torch.empty(T, W, dtype=torch.int32, device=dev)
     send_tokens = torch.empty(send_capacity(T, K, W), dtype=torch.int64, device=dev)
     ids, owner = topk_ids.contiguous(), owner.contiguous()
@@ -274,6 +274,13 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
                          f"{(T, K)}, got {tuple(x.shape)} and {tuple(topk_weights.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32/float16/bfloat16, got {x.dtype}")
+    if layout.copy_index.shape[0] != T:  # a layout of other ids would index x out of bounds
+        raise ValueError(f"layout must be the dispatch_layout of these {T} tokens, got one of "
+                         f"{layout.copy_index.shape[0]}")
+    devices = {t.device for t in (x, topk_weights, topk_ids, *layout)}
+    if len(devices) != 1:
+        raise ValueError(f"x, topk_weights, topk_ids and layout must share a device, got "
+                         f"{sorted(map(str, devices))}")
     cap, D = layout.send_tokens.shape[0], x.shape[1]
     width, _ = packed_row(D, K, x.dtype)
     send = x.new_empty(cap, width)
@@ -283,7 +290,8 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     if not _use_triton(x):
         with torch.no_grad():
             rows = torch.arange(cap, device=x.device)
-            tokens = torch.where(rows < layout.send_meta[:, 0].sum(), layout.send_tokens, 0)
+            sent = layout.send_meta[:, META_COPIES].sum()
+            tokens = torch.where(rows < sent, layout.send_tokens, 0)
             send_x.copy_(x[tokens])
             send_routing.copy_(torch.cat([topk_weights.float(), topk_ids.float()], 1)[tokens])
         return send
