@@ -297,10 +297,6 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
     return out
 
 
-def preset_config(args, dispatcher: str) -> MoEConfig:
-    return MoEConfig.preset(args.preset, dispatcher=dispatcher, placement=args.placement)
-
-
 def main():
     args = parse_args()
     group = init_distributed()
@@ -321,7 +317,7 @@ def main():
     report = {"W": W, "backend": backend, "device": name, "preset": args.preset,
               "torch": torch.__version__, "checks": {}, "runs": []}
     for kind in dispatchers:
-        cfg = preset_config(args, kind)
+        cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement)
         report["checks"][kind] = check(cfg, group, device)
         log(rank, f"check {kind}: OK " + " ".join(
             f"{k}={v:.1e}" for k, v in report["checks"][kind].items()))
@@ -329,7 +325,7 @@ def main():
         if on_gpu:
             report["copy_ceiling_gbs"] = copy_ceiling_gbs(device)
         for kind in dispatchers:
-            cfg = preset_config(args, kind)
+            cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement)
             run = bench(cfg, args, group, device, dtype)
             runs = [None] * W
             if group is not None:
