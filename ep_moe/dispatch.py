@@ -33,15 +33,17 @@ from .placement import ExpertPlacement
 # Differentiable collectives
 # --------------------------------------------------------------------------------------------
 
-def _all_to_all(x, output_splits, input_splits, group, works=None):
-    """Uneven all-to-all of rows. With a `works` list it is asynchronous: the Work is appended
-    and the caller must `wait()` it before reading the result (on NCCL a stream wait, not a
-    host block), as the split sizes' exchange does so that the send buffer fills meanwhile."""
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd records an op on these: without it the layer skips its autograd
+    Functions, each a few tens of microseconds of host time per call."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _all_to_all(x, output_splits, input_splits, group):
+    """Uneven all-to-all of rows: x (sum(input_splits), ...) -> (sum(output_splits), ...)."""
     out = x.new_empty(sum(output_splits), *x.shape[1:])
-    work = dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
-                                  group=group, async_op=works is not None)
-    if works is not None:
-        works.append(work)
+    dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
+                           group=group)
     return out
 
 
@@ -230,20 +232,23 @@ class AllToAllDispatcher(_Dispatcher):
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
         T, K = topk_ids.shape
-        W = self.world_size
         owner, table = self._owner_and_table(x.device)
         layout = dispatch_layout(topk_ids, owner, table)
-        meta_works = []
-        recv_meta = _all_to_all(layout.send_meta, [1] * W, [1] * W, self.group, meta_works)
+        meta_work = dist.all_to_all_single(layout.recv_meta, layout.send_meta, group=self.group,
+                                           async_op=True)
         send = gather_send_rows(x, topk_weights, topk_ids, layout)  # while the meta travels
-        meta_works[0].wait()
+        meta_work.wait()  # on NCCL a stream wait, not a host block
         # host sync: split sizes must be on the CPU for all_to_all_single
-        sent, received = torch.cat([layout.send_meta, recv_meta]).view(2, W, -1).tolist()
+        sent, received = layout.meta.tolist()
         input_splits = tuple(row[META_COPIES] for row in sent)
         output_splits = tuple(row[META_COPIES] for row in received)
-        recv_x, recv_routing = _SendRows.apply(
-            x, topk_weights, send[:sum(input_splits)], layout.copy_index,
-            (output_splits, input_splits), self.group)
+        send = send[:sum(input_splits)]
+        if _needs_grad(x, topk_weights):
+            recv_x, recv_routing = _SendRows.apply(x, topk_weights, send, layout.copy_index,
+                                                   (output_splits, input_splits), self.group)
+        else:  # inference: no autograd node, the rows' exchange issued sooner after the sync
+            recv = _all_to_all(send, output_splits, input_splits, self.group)
+            recv_x, recv_routing = split_packed(recv, x.shape[1], K)
         recv_ids, recv_weights = _unpack_routing(recv_routing, K)
         num_local_pairs = sum(sum(row[META_PAIRS:]) for row in received)
         handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
@@ -251,8 +256,11 @@ class AllToAllDispatcher(_Dispatcher):
         return Dispatched(recv_x, recv_ids, recv_weights, handle)
 
     def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
-        back = _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
-                                 self.group)
+        if _needs_grad(partial):
+            back = _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
+                                     self.group)
+        else:
+            back = _all_to_all(partial, handle.input_splits, handle.output_splits, self.group)
         return sum_rows(back, handle.copy_index)
 
 

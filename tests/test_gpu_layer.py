@@ -55,3 +55,26 @@ def test_forward_captures_in_a_cuda_graph():
     with torch.no_grad():
         expected = layer(fresh)
     assert torch.equal(static_y, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_logits_one_gemm_into_fp32(dtype):
+    """The 16-bit GEMM with fp32 output against the fp32 GEMM of the upcast operands: the
+    products are exact either way, so only the order of fp32 sums differs; the gradients are
+    the fp32 GEMMs autograd runs through the upcast, cast to each operand's dtype."""
+    from ep_moe.router import router_logits
+    torch.manual_seed(0)
+    x = torch.randn(333, 512, device="cuda", dtype=dtype, requires_grad=True)
+    w = (0.05 * torch.randn(64, 512, device="cuda", dtype=dtype)).requires_grad_()
+    g = torch.randn(333, 64, device="cuda")
+    logits = router_logits(x, w)
+    assert logits.dtype == torch.float32
+    gx, gw = torch.autograd.grad(logits, (x, w), g)
+    x_ref, w_ref = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = x_ref @ w_ref.t()
+    gx_ref, gw_ref = torch.autograd.grad(ref, (x_ref, w_ref), g.double())
+    assert (logits.double() - ref).abs().max() < 1e-5 * ref.abs().max()  # fp32 sums of 512
+    assert gx.dtype == dtype and gw.dtype == dtype
+    assert rel(gx, gx_ref) < 1e-2 and rel(gw, gw_ref) < 1e-2  # one 16-bit rounding each
+    with torch.no_grad():  # no autograd: the plain op, the same numbers
+        assert torch.equal(router_logits(x, w), logits.detach())

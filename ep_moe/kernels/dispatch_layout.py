@@ -22,16 +22,27 @@ META_COPIES, META_PAIRS = 0, 1  # send_meta columns: copies for a rank, then its
 
 
 class SendLayout(NamedTuple):
-    """send_meta: (W, 1 + e_max) int64; row w = [copies sent to rank w (column META_COPIES),
-        then the (token, slot) pairs of each of w's experts in `table` order, 0 on padding
-        (from column META_PAIRS)]: the message each rank sends ahead of the tokens.
+    """meta: (2, W, 1 + e_max) int64: `send_meta` and, unwritten, `recv_meta`, one buffer so
+        that both reach the host in one copy.
+    send_meta (= meta[0]): row w = [copies sent to rank w (column META_COPIES), then the
+        (token, slot) pairs of each of w's experts in `table` order, 0 on padding (from column
+        META_PAIRS)]: the message each rank sends ahead of the tokens.
+    recv_meta (= meta[1]): where the other ranks' messages to this rank are to land.
     copy_index: (T, W) int32 row of token t's copy for rank w in the send buffer, -1 if none.
     send_tokens: (T * min(K, W),) int64; the first sum(send_meta[:, 0]) entries name the token
         of each send row, the rest are unused (a token goes to at most min(K, W) ranks)."""
 
-    send_meta: torch.Tensor
+    meta: torch.Tensor
     copy_index: torch.Tensor
     send_tokens: torch.Tensor
+
+    @property
+    def send_meta(self) -> torch.Tensor:
+        return self.meta[0]
+
+    @property
+    def recv_meta(self) -> torch.Tensor:
+        return self.meta[1]
 
 
 @triton.jit
@@ -143,8 +154,9 @@ def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor,
     pairs.scatter_add_(0, torch.where(valid, ids, E).reshape(-1),
                        torch.ones(topk_ids.numel(), dtype=torch.int64, device=ids.device))
     pairs[E] = 0
-    send_meta = torch.cat([counts[:, None].long(), pairs[table]], 1)
-    return SendLayout(send_meta, copy_index, send_tokens[:cap])
+    meta = counts.new_empty(2, W, 1 + table.shape[1], dtype=torch.int64)
+    meta[0] = torch.cat([counts[:, None].long(), pairs[table]], 1)
+    return SendLayout(meta, copy_index, send_tokens[:cap])
 
 
 def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
@@ -186,18 +198,18 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
     num_blocks = triton.cdiv(T, block_t)
     block_counts = torch.empty(num_blocks, W, dtype=torch.int32, device=dev)
     pairs = torch.zeros(E, dtype=torch.int32, device=dev)
-    send_meta = torch.empty(W, 1 + e_max, dtype=torch.int64, device=dev)
+    meta_buf = torch.empty(2, W, 1 + e_max, dtype=torch.int64, device=dev)
     copy_index = torch.empty(T, W, dtype=torch.int32, device=dev)
     send_tokens = torch.empty(send_capacity(T, K, W), dtype=torch.int64, device=dev)
     ids, owner = topk_ids.contiguous(), owner.contiguous()
     meta = dict(K_POW2=k_pow2, W_POW2=w_pow2, BLOCK_T=block_t, num_warps=4)
     _count_kernel[(num_blocks,)](ids, owner, block_counts, pairs, T, K, E, W,
                                  E_POW2=e_pow2, **meta)
-    _place_kernel[(num_blocks,)](ids, owner, block_counts, pairs, table.contiguous(), send_meta,
+    _place_kernel[(num_blocks,)](ids, owner, block_counts, pairs, table.contiguous(), meta_buf,
                                  copy_index, send_tokens, T, K, E, W, num_blocks, e_max,
                                  NB_POW2=triton.next_power_of_2(num_blocks),
                                  EMAX_POW2=triton.next_power_of_2(max(e_max, 1)), **meta)
-    return SendLayout(send_meta, copy_index, send_tokens)
+    return SendLayout(meta_buf, copy_index, send_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +251,7 @@ def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
     whole number of 4-byte words), then its 2K routing values as fp32 words, bit for bit, then
     padding to a whole number of 16 bytes: NCCL moved chunks off a 16-byte boundary at half
     speed (launch/NOTES.md)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     per_word, per_16 = 4 // size, 16 // size
     Dp = -(-D // per_word) * per_word
     return -(-(Dp + 2 * K * per_word) // per_16) * per_16, Dp
@@ -297,10 +309,10 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
         return send
     if x.stride(-1) != 1:
         x = x.contiguous()
-    W = layout.send_meta.shape[0]
+    W, meta_cols = layout.meta.shape[1:]
     _gather_send_kernel[(cap,)](
         x, topk_weights.contiguous(), topk_ids.contiguous(), layout.send_tokens,
-        layout.send_meta, send, send_routing, D, K, W, layout.send_meta.shape[1], x.stride(0),
+        layout.meta, send, send_routing, D, K, W, meta_cols, x.stride(0),  # meta[0]: send_meta
         send.stride(0), send_routing.stride(0),
         W_POW2=triton.next_power_of_2(W), K_POW2=triton.next_power_of_2(K),
         BLOCK_D=min(triton.next_power_of_2(D), 2048), num_warps=4)
