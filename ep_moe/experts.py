@@ -30,8 +30,12 @@ _GROUPED_MM_DTYPES = {
 
 # Up to this many rows per local expert (mean) the Triton path is faster; above it torch's
 # grouped GEMM is (launch/sweep_gemm.py, H200: 0.57-0.84x torch's time at <= 128 rows per
-# expert, equal at 256, 1.2x at 1024 on the Mixtral shape).
+# expert, equal at 256, 1.2x at 1024 on the Mixtral shape). With a small intermediate size the
+# expand and activation passes the Triton path skips weigh more against the GEMMs: on the
+# Qwen3 shape (I = 768) it is 0.94x torch's time at 1024 rows per expert (H100).
 FUSED_MAX_ROWS_PER_EXPERT = 256
+FUSED_MAX_ROWS_PER_EXPERT_SMALL_I = 1024
+SMALL_I = 1024
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -107,7 +111,9 @@ class Experts(nn.Module):
         GEMM instead), and few enough rows per expert that it beats torch's grouped GEMM."""
         if self.config.expert_impl != "auto" or not _use_triton(x):
             return False
-        if num_pairs > FUSED_MAX_ROWS_PER_EXPERT * max(self.num_local_experts, 1):
+        max_rows = FUSED_MAX_ROWS_PER_EXPERT_SMALL_I \
+            if self.config.intermediate_size <= SMALL_I else FUSED_MAX_ROWS_PER_EXPERT
+        if num_pairs > max_rows * max(self.num_local_experts, 1):
             return False
         if torch.compiler.is_compiling():
             return False

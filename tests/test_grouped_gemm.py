@@ -425,6 +425,20 @@ def test_layer_takes_fused_path(gemm_calls, grad_enabled, params_grad, x_grad, e
 
 
 @needs_triton
+@pytest.mark.parametrize("intermediate_size,max_rows", [
+    (24, experts_module.FUSED_MAX_ROWS_PER_EXPERT_SMALL_I),  # small I: up to 1024 rows
+    (experts_module.SMALL_I + 8, experts_module.FUSED_MAX_ROWS_PER_EXPERT),  # larger: 256
+])
+def test_fused_path_row_limit(intermediate_size, max_rows):
+    # the switch to torch's grouped GEMM sits at the mean rows per expert the sweeps measured
+    moe, x = make_layer(layer_config(intermediate_size=intermediate_size))
+    e = moe.experts.num_local_experts
+    with torch.no_grad():
+        assert moe.experts.fused_forward_supported(x, max_rows * e)
+        assert not moe.experts.fused_forward_supported(x, max_rows * e + 1)
+
+
+@needs_triton
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
 def test_layer_other_impls_skip_fused_path(gemm_calls, impl):
     moe, x = make_layer(layer_config(expert_impl=impl))
