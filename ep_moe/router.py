@@ -65,10 +65,11 @@ class RouterOutput:
     num_experts: E.
     aux_loss: scalar float32, coef-weighted load-balancing + z-loss; None when both coefs
         are 0 or the module is in eval mode.
-    counts: (E,) int64 when the router counted already (training), else None.
+    counts: (E,) int64 when the router counted already (training with an aux loss), else
+        None.
     num_tokens_per_expert (property): (E,) int64 (token, slot) pairs per expert, for
-        monitoring and for updating the correction bias (aux-loss-free balancing). In eval it
-        is counted when read, so an inference forward launches nothing for it.
+        monitoring and for updating the correction bias (aux-loss-free balancing). Without
+        `counts` it is counted when read, so a forward launches nothing for it.
     """
 
     topk_ids: torch.Tensor
