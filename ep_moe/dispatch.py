@@ -25,6 +25,7 @@ from torch.distributed import ProcessGroup
 
 from .kernels.dispatch_layout import (META_COPIES, META_PAIRS, dispatch_layout,
                                       gather_send_rows, split_packed)
+from .kernels.fused_mul_sum import needs_grad
 from .permute import count_ids, sum_rows
 from .placement import ExpertPlacement
 
@@ -32,12 +33,6 @@ from .placement import ExpertPlacement
 # --------------------------------------------------------------------------------------------
 # Differentiable collectives
 # --------------------------------------------------------------------------------------------
-
-def _needs_grad(*tensors) -> bool:
-    """Whether autograd records an op on these: without it the layer skips its autograd
-    Functions, each a few tens of microseconds of host time per call."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
 
 def _all_to_all(x, output_splits, input_splits, group):
     """Uneven all-to-all of rows: x (sum(input_splits), ...) -> (sum(output_splits), ...)."""
@@ -217,6 +212,10 @@ class AllToAllDispatcher(_Dispatcher):
     The expert rank reduces the token's local slots into one partial row, which travels back;
     the home rank adds a token's partials in rank order (deterministic). Three NCCL calls per
     forward: the split sizes (the one host sync), the rows out, the partials back.
+
+    Without autograd (inference) the exchanges skip their autograd Functions. Every rank must
+    then agree on whether gradients are wanted: the backward's exchanges run on the ranks whose
+    forward recorded them, and a rank that recorded none would leave the others waiting.
     """
 
     def __init__(self, placement: ExpertPlacement, group: ProcessGroup):
@@ -243,7 +242,7 @@ class AllToAllDispatcher(_Dispatcher):
         input_splits = tuple(row[META_COPIES] for row in sent)
         output_splits = tuple(row[META_COPIES] for row in received)
         send = send[:sum(input_splits)]
-        if _needs_grad(x, topk_weights):
+        if needs_grad(x, topk_weights):
             recv_x, recv_routing = _SendRows.apply(x, topk_weights, send, layout.copy_index,
                                                    (output_splits, input_splits), self.group)
         else:  # inference: no autograd node, the rows' exchange issued sooner after the sync
@@ -256,7 +255,7 @@ class AllToAllDispatcher(_Dispatcher):
         return Dispatched(recv_x, recv_ids, recv_weights, handle)
 
     def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
-        if _needs_grad(partial):
+        if needs_grad(partial):
             back = _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
                                      self.group)
         else:

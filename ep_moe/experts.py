@@ -29,11 +29,14 @@ _GROUPED_MM_DTYPES = {
 }
 
 # Up to this many rows per local expert (mean) the Triton path is faster; above it torch's
-# grouped GEMM is (launch/sweep_gemm.py, H200: 0.57-0.84x torch's time at <= 128 rows per
-# expert, equal at 256, 1.2x at 1024 on the Mixtral shape). With a small intermediate size the
-# expand and activation passes the Triton path skips weigh more against the GEMMs: on the
-# Qwen3 shape (I = 768) it is 0.94x torch's time at 1024 rows per expert (H100).
+# grouped GEMM is (launch/sweep_gemm.py; H200: 0.57-0.84x torch's time at <= 128 rows per
+# expert, equal at 256, 1.2x at 1024 on the Mixtral shape, I = 14336).
 FUSED_MAX_ROWS_PER_EXPERT = 256
+# The expand and activation passes the Triton path skips cost per row in proportion to D + I,
+# the GEMMs to D * I: against a small I they weigh more. Measured on the Qwen3 shape (I = 768,
+# H100): 0.94x torch's time at 1024 rows per expert, 0.96x at 2048 (within noise); so up to
+# 1024 rows for I up to SMALL_I. SMALL_I is the round bound above the one shape measured;
+# DeepSeek-V3's I = 2048 (not measured) keeps 256.
 FUSED_MAX_ROWS_PER_EXPERT_SMALL_I = 1024
 SMALL_I = 1024
 

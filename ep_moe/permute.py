@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import fused_mul_sum_rows
+from .kernels.fused_mul_sum import needs_grad
 
 
 def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -42,7 +43,7 @@ class _ExpandRows(torch.autograd.Function):
 def expand_rows(x: torch.Tensor, source_rows: torch.Tensor,
                 row_index: torch.Tensor) -> torch.Tensor:
     """(T, D) -> (P, D): row p is x[source_rows[p]]; `row_index` (T, K) is the inverse map."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if needs_grad(x):
         return _ExpandRows.apply(x, source_rows, row_index)
     return x[source_rows]  # no autograd node: less host time
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .kernels.fused_mul_sum import needs_grad
 from .permute import count_ids
 
 
@@ -46,14 +47,24 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
     fp32 scores: top-k over bf16 logits flips near-ties and softmax loses mass. On CUDA with
     16-bit operands one GEMM writes them in fp32 (`_LogitsFp32`); elsewhere (CPU, fp32 inputs,
-    a torch without `torch.mm(..., out_dtype=)`) the operands are upcast first.
+    a torch without `torch.mm(..., out_dtype=)`, fp16 with cuBLAS's fp16 accumulation on) the
+    operands are upcast first. Autocast is switched off here: it would run the GEMM in 16 bits.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return router_logits(x, w)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype \
-            and _MM_OUT_DTYPE and x.shape[0] > 0:
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            and _MM_OUT_DTYPE and x.shape[0] > 0 and not _fp16_accumulation(x.dtype):
+        if needs_grad(x, w):
             return _LogitsFp32.apply(x, w)
         return torch.mm(x, w.t(), out_dtype=torch.float32)
     return F.linear(x.float(), w.float())
+
+
+def _fp16_accumulation(dtype: torch.dtype) -> bool:
+    # cuBLAS refuses an fp32 output of fp16 inputs while fp16 accumulation is allowed
+    return dtype == torch.float16 and \
+        getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False)
 
 
 @dataclass(frozen=True)
@@ -65,8 +76,8 @@ class RouterOutput:
     num_experts: E.
     aux_loss: scalar float32, coef-weighted load-balancing + z-loss; None when both coefs
         are 0 or the module is in eval mode.
-    counts: (E,) int64 when the router counted already (training with an aux loss), else
-        None.
+    counts: (E,) int64 when the router counted already (training with the load-balancing
+        loss), else None.
     num_tokens_per_expert (property): (E,) int64 (token, slot) pairs per expert, for
         monitoring and for updating the correction bias (aux-loss-free balancing). Without
         `counts` it is counted when read, so a forward launches nothing for it.
@@ -143,9 +154,10 @@ class Router(nn.Module):
         if cfg.routed_scaling_factor != 1.0:
             topk_weights = topk_weights * cfg.routed_scaling_factor
         if not self.training or (cfg.aux_loss_coef == 0 and cfg.z_loss_coef == 0):
-            # nothing to count for: the counts, if read, are counted then (no launch here)
             return RouterOutput(topk_ids, topk_weights, cfg.num_experts)
-        counts = count_ids(topk_ids, cfg.num_experts)
+        # only the load-balancing loss needs the counts; otherwise, if read, they are counted
+        # then (no launch here)
+        counts = count_ids(topk_ids, cfg.num_experts) if cfg.aux_loss_coef > 0 else None
         aux = self._aux_loss(logits, scores, counts, x.shape[0])
         return RouterOutput(topk_ids, topk_weights, cfg.num_experts, aux, counts)
 

@@ -311,6 +311,29 @@ def check_match(case: Case, group, seed: int) -> list[str]:
     fails += _compare("frozen-experts router.weight.grad (sum over ranks)",
                       router_grad.to(dtype), grads_full["router.weight"], dtype)
 
+    # inputs that need no gradient (x of a frozen embedding, say): the router's gradient still
+    # travels through the rows' exchange (in the routing weights); with the router frozen too
+    # that exchange records nothing, and the partials' exchange alone brings the experts'
+    # gradients back
+    for frozen_router in (False, True):
+        what = "x without grad" + (", router frozen" if frozen_router else "")
+        sharded.router.requires_grad_(not frozen_router)
+        try:
+            sharded.zero_grad(set_to_none=True)
+            sharded(x_all[rows].detach()).backward(g_all[rows])
+            got = {n: _grad(p) for n, p in sharded.named_parameters()}
+        finally:
+            sharded.router.requires_grad_(True)
+        for name, g in got.items():
+            if name.startswith("experts."):
+                fails += _compare(f"{what}: {name}.grad", g,
+                                  grads_full[name][sharded.local_expert_ids], dtype)
+            elif name == "router.weight" and not frozen_router:
+                total = g.float().clone()
+                dist.all_reduce(total, group=group)
+                fails += _compare(f"{what}: router.weight.grad (sum over ranks)",
+                                  total.to(dtype), grads_full[name], dtype)
+
     gathered = sharded.full_state_dict()
     for name, ref in full.state_dict().items():
         if name not in gathered or not torch.equal(gathered[name], ref):

@@ -69,6 +69,7 @@ def test_router_logits_one_gemm_into_fp32(dtype):
     g = torch.randn(333, 64, device="cuda")
     logits = router_logits(x, w)
     assert logits.dtype == torch.float32
+    assert type(logits.grad_fn).__name__ == "_LogitsFp32Backward"  # the one-GEMM path ran
     gx, gw = torch.autograd.grad(logits, (x, w), g)
     x_ref, w_ref = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = x_ref @ w_ref.t()
@@ -78,3 +79,21 @@ def test_router_logits_one_gemm_into_fp32(dtype):
     assert rel(gx, gx_ref) < 1e-2 and rel(gw, gw_ref) < 1e-2  # one 16-bit rounding each
     with torch.no_grad():  # no autograd: the plain op, the same numbers
         assert torch.equal(router_logits(x, w), logits.detach())
+
+
+def test_router_logits_fp16_accumulation_falls_back():
+    # cuBLAS refuses fp16 inputs into an fp32 output while fp16 accumulation is allowed
+    from ep_moe.router import router_logits
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "allow_fp16_accumulation"):
+        pytest.skip("this torch has no fp16-accumulation switch")
+    x = torch.randn(40, 256, device="cuda", dtype=torch.float16)
+    w = 0.05 * torch.randn(16, 256, device="cuda", dtype=torch.float16)
+    before = matmul.allow_fp16_accumulation
+    try:
+        matmul.allow_fp16_accumulation = True
+        logits = router_logits(x, w)
+    finally:
+        matmul.allow_fp16_accumulation = before
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(x.float(), w.float()))

@@ -427,6 +427,7 @@ def test_layer_takes_fused_path(gemm_calls, grad_enabled, params_grad, x_grad, e
 @needs_triton
 @pytest.mark.parametrize("intermediate_size,max_rows", [
     (24, experts_module.FUSED_MAX_ROWS_PER_EXPERT_SMALL_I),  # small I: up to 1024 rows
+    (experts_module.SMALL_I, experts_module.FUSED_MAX_ROWS_PER_EXPERT_SMALL_I),  # the edge
     (experts_module.SMALL_I + 8, experts_module.FUSED_MAX_ROWS_PER_EXPERT),  # larger: 256
 ])
 def test_fused_path_row_limit(intermediate_size, max_rows):
@@ -491,6 +492,12 @@ def test_default_config_fits_shared_memory(rows_per_expert, gated, element_size)
     assert _shared_bytes(cfg, gated, element_size) <= 227 * 1024
     if element_size == 2:  # the bf16 configs are the swept ones, untouched by the fitting
         assert cfg.num_stages >= 3
+    # a GPU with ~99 KiB a block (the 4-stage gated tile alone needs 144 KiB): fewer stages,
+    # then shorter K tiles, never below what Triton can pipeline
+    small = gemm_config(rows_per_expert, gated, element_size, shared_budget=92 * 1024)
+    assert _shared_bytes(small, gated, element_size) <= 92 * 1024
+    assert small.num_stages >= 2 and small.block_k >= 16
+    assert small._replace(num_stages=cfg.num_stages, block_k=cfg.block_k) == cfg
 
 
 # --------------------------------------------------------------------------------------------

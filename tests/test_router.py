@@ -160,14 +160,31 @@ def test_correction_bias_selects_but_does_not_weigh(norm_topk_prob):
     assert (out.topk_weights[:, 0] < 1.0).all()  # a weight of 100 + score would show here
 
 
-def test_num_tokens_per_expert():
-    router, x = make_inputs(tiny(top_k=3), T=40)
+@pytest.mark.parametrize("changes, counted", [
+    (dict(), False),                   # training without losses: counted when read
+    (dict(z_loss_coef=1e-3), False),   # the z-loss does not use the counts
+    (dict(aux_loss_coef=0.01), True),  # the load-balancing loss does: counted in the forward
+])
+def test_num_tokens_per_expert(changes, counted):
+    router, x = make_inputs(tiny(top_k=3, **changes), T=40)
     out = router(x)
+    assert (out.counts is not None) == counted
     counts = [0] * 8
     for e in out.topk_ids.flatten().tolist():
         counts[e] += 1
     assert out.num_tokens_per_expert.tolist() == counts
     assert out.num_tokens_per_expert.dtype == torch.int64
+
+
+def test_logits_stay_fp32_under_autocast():
+    # autocast would run the gate GEMM in bf16: top-k over bf16 logits flips near-ties
+    router, x = make_inputs(tiny(), T=64)
+    expected = router(x)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = router(x)
+    assert torch.equal(out.topk_ids, expected.topk_ids)
+    assert out.topk_weights.dtype == torch.float32
+    torch.testing.assert_close(out.topk_weights, expected.topk_weights, rtol=0.0, atol=0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mul_sum import _use_triton
+from .fused_mul_sum import _use_triton, needs_grad
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
 
@@ -122,7 +122,7 @@ def gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     if not _use_triton(h):
         raise ValueError(f"h must be on a CUDA device (or on the CPU under TRITON_INTERPRET=1), "
                          f"got {h.device}")
-    if torch.is_grad_enabled() and h.requires_grad:
+    if needs_grad(h):
         return _GatedActivation.apply(h.contiguous(), activation)
     return _gated_act_fwd(h.contiguous(), activation)  # no autograd node: less host time
 

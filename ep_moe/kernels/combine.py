@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .fused_mul_sum import FLOAT_DTYPES, INDEX_DTYPES, _backward_impl, _forward, _num_cols
+from .fused_mul_sum import (FLOAT_DTYPES, INDEX_DTYPES, _backward_impl, _forward, _num_cols,
+                            needs_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def fused_mul_sum_rows(
 
 def _dispatch(args, outputs):
     inputs, topk_weights = args[0], args[1]
-    grad = torch.is_grad_enabled() and (inputs.requires_grad or topk_weights.requires_grad)
+    grad = needs_grad(inputs, topk_weights)
     compiling = torch.compiler.is_compiling()
     if outputs is None:
         if compiling:

@@ -99,7 +99,8 @@ def _place_kernel(
 ):
     """Row of each copy = start of its rank's block + copies for that rank in earlier token
     blocks + earlier tokens of this block; the token of each send row; and (program 0) the
-    send metadata: copies and pairs per local expert of each rank."""
+    send metadata: copies and pairs per local expert of each rank. send_meta_ptr is the
+    layout's (2, W, 1 + e_max) buffer: its first half, at offset 0, is send_meta."""
     pid = tl.program_id(0)
     w = tl.arange(0, W_POW2)
     b = tl.arange(0, NB_POW2)
@@ -228,7 +229,8 @@ def _gather_send_kernel(
     W_POW2: tl.constexpr, K_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Send row r = [x[send_tokens[r]], then its topk_weights and topk_ids as fp32 words], for
-    r below the rows sent (summed from send_meta on the device); the rest stay unwritten.
+    r below the rows sent (summed from send_meta on the device: the first half, at offset 0, of
+    the layout's meta buffer); the rest stay unwritten.
     send_routing_ptr is the same buffer seen as fp32 words, at the routing's first word."""
     r = tl.program_id(0).to(tl.int64)
     w = tl.arange(0, W_POW2)

@@ -160,6 +160,12 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors. Where it does not (inference), the
+    callers skip their autograd Functions: each costs tens of microseconds of host time."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class FwdConfig(NamedTuple):
     block_d: int
     num_warps: int

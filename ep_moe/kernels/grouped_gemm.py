@@ -21,6 +21,7 @@ torch provides.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -142,16 +143,20 @@ class GemmConfig(NamedTuple):
     num_stages: int
 
 
-def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2) -> GemmConfig:
+def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
+                shared_budget: Optional[int] = None) -> GemmConfig:
     """Tile sizes by the mean rows per expert (launch/sweep_gemm.py, bf16, Mixtral and Qwen3
-    shapes: H200 for the brackets, H100 for the 4-stage pipelines of the 128-row tiles, which
-    beat 3 stages by 3-10% in 9 of the 11 shapes from 128 rows per expert, the rest within the
-    sweep's noise of ~8%).
+    shapes: H200 for the brackets; H100 for the 4-stage pipelines of the 128-row tiles, faster
+    than 3 stages in 9 of the 11 shapes from 128 rows per expert by 3-11%, a small gain next
+    to the sweep's run-to-run noise of up to 9%).
 
     Few rows per expert: the weights' bytes bound the time, so short row tiles keep every weight
     tile read about once; many rows: the FLOPs do, so 128-row tiles for the tensor cores.
-    4-byte dtypes get fewer pipeline stages (then shorter K tiles) until the buffers fit.
+    Where the buffers exceed `shared_budget` bytes (default: a Hopper block's; see
+    `shared_budget`), the config gets fewer pipeline stages, then shorter K tiles, until they
+    fit: 4-byte dtypes, and GPUs with less shared memory.
     """
+    budget = _SHARED_BUDGET if shared_budget is None else shared_budget
     if rows_per_expert <= 8:
         cfg = GemmConfig(16, 128, 128, 1, 4, 3)
     elif rows_per_expert <= 64:
@@ -160,7 +165,8 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2) -> G
         cfg = GemmConfig(128, 128, 64, 8, 8, 4)
     else:
         cfg = GemmConfig(128, 256, 64, 8, 8, 4)
-    while _shared_bytes(cfg, gated, element_size) > _SHARED_BUDGET:
+    while _shared_bytes(cfg, gated, element_size) > budget and \
+            (cfg.num_stages > 2 or cfg.block_k > 16):
         if cfg.num_stages > 2:
             cfg = cfg._replace(num_stages=cfg.num_stages - 1)
         else:
@@ -168,9 +174,21 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2) -> G
     return cfg
 
 
-# shared memory the pipelined A and W tiles may take: under the 227 KiB a Hopper block gets,
-# with a little room for what Triton adds
-_SHARED_BUDGET = 220 * 1024
+# shared memory the pipelined A and W tiles may take: a block's opt-in maximum (Hopper: 227
+# KiB) less a little room for what Triton adds
+_SHARED_MARGIN = 7 * 1024
+_SHARED_BUDGET = 227 * 1024 - _SHARED_MARGIN
+
+
+@functools.lru_cache(maxsize=None)
+def shared_budget(device: torch.device) -> int:
+    """Bytes of shared memory `gemm_config` may give the pipelined tiles on `device`: its
+    per-block opt-in maximum (Hopper 227 KiB, A100 163, many others ~99) less Triton's own;
+    the Hopper figure where the device does not say (the CPU interpreter, older torch)."""
+    if device.type != "cuda":
+        return _SHARED_BUDGET
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return optin - _SHARED_MARGIN if optin else _SHARED_BUDGET
 
 
 def _shared_bytes(cfg: GemmConfig, gated: bool, element_size: int) -> int:
@@ -219,7 +237,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
             Without it, row p reads a[p] and P = M.
         activation: None, or "silu" / "gelu" / "relu": `act(gate) * up` when `gated`, else
             `act(h)`.
-        config: tile sizes; default `gemm_config(P / e, gated, a.element_size())`.
+        config: tile sizes; default `gemm_config(P / e, gated, a.element_size(),
+            shared_budget(a.device))`.
 
     Returns:
         (P, N) — (P, N/2) with a gated `activation` — in a's dtype, fp32 accumulation (fp32
@@ -270,7 +289,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     if not _use_triton(a):
         raise RuntimeError("grouped_gemm runs through Triton: needs a CUDA tensor, or a CPU "
                            "tensor with TRITON_INTERPRET=1")
-    cfg = config or gemm_config(num_rows / num_experts, gated, a.element_size())
+    cfg = config or gemm_config(num_rows / num_experts, gated, a.element_size(),
+                                shared_budget(a.device))
     num_pid_m = triton.cdiv(num_rows, cfg.block_m) + num_experts  # upper bound on row blocks
     grid = (num_pid_m * triton.cdiv(n_out, cfg.block_n),)
     _grouped_gemm_kernel[grid](
