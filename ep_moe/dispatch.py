@@ -42,6 +42,12 @@ def _all_to_all(x, output_splits, input_splits, group):
     return out
 
 
+def _exchange_rows(send, splits, D, K, group):
+    """The packed rows' all-to-all: views of the received tokens (R, D) and routing (R, 2K)."""
+    output_splits, input_splits = splits
+    return split_packed(_all_to_all(send, output_splits, input_splits, group), D, K)
+
+
 class _SendRows(torch.autograd.Function):
     """The packed send rows (each a token and its routing, filled before the host sync) travel
     to the expert ranks in one all-to-all; the outputs are views of the received rows: the
@@ -53,11 +59,9 @@ class _SendRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_weights, send, copy_index, splits, group):
-        output_splits, input_splits = splits
         ctx.save_for_backward(copy_index)
         ctx.splits, ctx.group, ctx.dtypes = splits, group, (x.dtype, topk_weights.dtype)
-        recv = _all_to_all(send, output_splits, input_splits, group)
-        return split_packed(recv, x.shape[1], topk_weights.shape[1])
+        return _exchange_rows(send, splits, x.shape[1], topk_weights.shape[1], group)
 
     @staticmethod
     def backward(ctx, grad_x, grad_routing):
@@ -241,13 +245,12 @@ class AllToAllDispatcher(_Dispatcher):
         sent, received = layout.meta.tolist()
         input_splits = tuple(row[META_COPIES] for row in sent)
         output_splits = tuple(row[META_COPIES] for row in received)
-        send = send[:sum(input_splits)]
+        send, splits = send[:sum(input_splits)], (output_splits, input_splits)
         if needs_grad(x, topk_weights):
             recv_x, recv_routing = _SendRows.apply(x, topk_weights, send, layout.copy_index,
-                                                   (output_splits, input_splits), self.group)
+                                                   splits, self.group)
         else:  # inference: no autograd node, the rows' exchange issued sooner after the sync
-            recv = _all_to_all(send, output_splits, input_splits, self.group)
-            recv_x, recv_routing = split_packed(recv, x.shape[1], K)
+            recv_x, recv_routing = _exchange_rows(send, splits, x.shape[1], K, self.group)
         recv_ids, recv_weights = _unpack_routing(recv_routing, K)
         num_local_pairs = sum(sum(row[META_PAIRS:]) for row in received)
         handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,

@@ -153,7 +153,7 @@ class Router(nn.Module):
                 topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             topk_weights = topk_weights * cfg.routed_scaling_factor
-        if not self.training or (cfg.aux_loss_coef == 0 and cfg.z_loss_coef == 0):
+        if not self.training:
             return RouterOutput(topk_ids, topk_weights, cfg.num_experts)
         # only the load-balancing loss needs the counts; otherwise, if read, they are counted
         # then (no launch here)

@@ -34,11 +34,11 @@ from common import out_dir, time_ms, write_json  # noqa: E402
 from harness import raw_all_to_all_ms  # noqa: E402
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
-from ep_moe.dispatch import (AllToAllHandle, Dispatched, _all_to_all,  # noqa: E402
+from ep_moe.dispatch import (AllToAllHandle, Dispatched, _exchange_rows,  # noqa: E402
                              _unpack_routing)
 from ep_moe.distributed import init_distributed  # noqa: E402
 from ep_moe.kernels.dispatch_layout import (META_COPIES, META_PAIRS, dispatch_layout,  # noqa: E402
-                                            gather_send_rows, packed_row, split_packed)
+                                            gather_send_rows, packed_row)
 from ep_moe.permute import sum_rows  # noqa: E402
 
 
@@ -77,8 +77,8 @@ def timeline(layer: MoE, x: torch.Tensor, spin_ms: float = 0.0) -> list[tuple[st
     mark("sync")
     input_splits = tuple(r[META_COPIES] for r in sent)
     output_splits = tuple(r[META_COPIES] for r in received)
-    recv = _all_to_all(send[:sum(input_splits)], output_splits, input_splits, d.group)
-    recv_x, recv_routing = split_packed(recv, x.shape[1], K)
+    recv_x, recv_routing = _exchange_rows(send[:sum(input_splits)],
+                                          (output_splits, input_splits), x.shape[1], K, d.group)
     mark("rows_a2a_issued")
     recv_ids, recv_weights = _unpack_routing(recv_routing, K)
     num_pairs = sum(sum(r[META_PAIRS:]) for r in received)
