@@ -68,6 +68,16 @@ class MoEConfig:
     # expert parallelism
     placement: Placement = "linear"  # linear: contiguous blocks of experts per rank
     dispatcher: Dispatcher = "all_to_all"  # allgather: every rank sees every token
+    # a fixed-size exchange: every rank sends every other rank this many rows (padding
+    # included) whatever the routing, so no split size is read back to the host and the
+    # expert-parallel forward can be captured in a CUDA graph. Every rank must then pass at
+    # most this many tokens per forward. None: exact split sizes, one host sync per forward.
+    max_tokens_per_rank: Optional[int] = None
+    # with max_tokens_per_rank: the tokens in this many chunks, every chunk's rows sent before
+    # the first chunk's experts run, so chunk i + 1's rows travel while chunk i's experts run
+    # and chunk i's partials travel home while chunk i + 1's do (each chunk's exchange takes
+    # ceil(max_tokens_per_rank / dispatch_chunks) rows per rank)
+    dispatch_chunks: int = 1
 
     # init
     init_std: float = 0.02
@@ -114,6 +124,16 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a finite number, got {value!r}")
         if self.shared_intermediate_size is not None:
             _positive_int("shared_intermediate_size", self.shared_intermediate_size)
+        if self.max_tokens_per_rank is not None:
+            _positive_int("max_tokens_per_rank", self.max_tokens_per_rank)
+        _positive_int("dispatch_chunks", self.dispatch_chunks)
+        if self.dispatch_chunks > 1 and (self.max_tokens_per_rank is None
+                                         or self.dispatcher != "all_to_all"):
+            raise ValueError(
+                f"MoEConfig.dispatch_chunks > 1 needs the all_to_all dispatcher with a fixed-size "
+                f"exchange (max_tokens_per_rank set; each chunk would cost a host sync "
+                f"otherwise), got dispatch_chunks={self.dispatch_chunks}, dispatcher="
+                f"{self.dispatcher!r}, max_tokens_per_rank={self.max_tokens_per_rank}")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts > 0")
         for name in ("aux_loss_coef", "z_loss_coef", "init_std"):

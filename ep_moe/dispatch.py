@@ -170,12 +170,27 @@ Handle = Union[LocalHandle, AllToAllHandle, AllGatherHandle]
 @dataclass(frozen=True)
 class Dispatched:
     """Rows this rank computes: x (R, D), topk_ids (R, K) global ids (-1: padding row),
-    topk_weights (R, K) fp32, and the handle `combine` needs."""
+    topk_weights (R, K) fp32, and the handle `combine` needs. pairs_exact: whether
+    `handle.num_local_pairs` is the count of local pairs, or (a fixed-size exchange, which
+    reads nothing back) a bound on it."""
 
     x: torch.Tensor
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     handle: Handle
+    pairs_exact: bool = True
+
+
+def _check_capacity(T: int, capacity: int) -> None:
+    if T > capacity:  # before any collective; the other ranks then wait in theirs
+        raise ValueError(f"x has {T} tokens on this rank, more than "
+                         f"MoEConfig.max_tokens_per_rank={capacity}: a fixed-size exchange "
+                         f"takes at most that many on every rank")
+
+
+def _pairs_bound(rows: int, K: int, num_local_experts: int) -> int:
+    """Most local (row, slot) pairs `rows` received rows can hold."""
+    return rows * min(K, num_local_experts)
 
 
 def _pack_routing(topk_ids, topk_weights):
@@ -217,15 +232,38 @@ class AllToAllDispatcher(_Dispatcher):
     the home rank adds a token's partials in rank order (deterministic). Three NCCL calls per
     forward: the split sizes (the one host sync), the rows out, the partials back.
 
+    With `capacity` C (`MoEConfig.max_tokens_per_rank`) the exchange has a fixed size: rank w's
+    copies sit at rows [w * C, (w + 1) * C) of the send buffer, padding rows carry no slot, and
+    every split is C rows. No split sizes travel and nothing is read back to the host, so the
+    forward can be captured in a CUDA graph; the price is the padding's bytes, and buffers
+    sized by the bound on local pairs.
+
     Without autograd (inference) the exchanges skip their autograd Functions. Every rank must
     then agree on whether gradients are wanted: the backward's exchanges run on the ranks whose
     forward recorded them, and a rank that recorded none would leave the others waiting.
     """
 
-    def __init__(self, placement: ExpertPlacement, group: ProcessGroup):
-        self.placement, self.group = placement, group
+    def __init__(self, placement: ExpertPlacement, group: ProcessGroup, rank: int,
+                 capacity: Optional[int] = None, chunks: int = 1):
+        self.placement, self.group, self.capacity = placement, group, capacity
         self.world_size = placement.world_size
+        self.num_local_experts = len(placement.local_experts[rank])
+        self.chunks = chunks
         self._tables: dict = {}
+
+    def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
+        """Dispatch, compute, combine; with `chunks` > 1 (fixed-size exchange only) every
+        chunk's rows leave before the first chunk's experts run, so one chunk's exchanges
+        overlap another's experts. All ranks issue the same collectives in the same order."""
+        if self.chunks == 1:
+            return super().run(x, topk_ids, topk_weights, compute)
+        _check_capacity(x.shape[0], self.capacity)  # the chunks cover `capacity` tokens
+        step = -(-self.capacity // self.chunks)
+        bounds = [(min(i * step, x.shape[0]), min((i + 1) * step, x.shape[0]))
+                  for i in range(self.chunks)]
+        sent = [self._dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], step)
+                for a, b in bounds]
+        return torch.cat([self.combine(compute(s), s.handle) for s in sent])
 
     def _owner_and_table(self, device):
         if device not in self._tables:  # constants, cached per device (not module state)
@@ -234,28 +272,39 @@ class AllToAllDispatcher(_Dispatcher):
         return self._tables[device]
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
+        return self._dispatch(x, topk_ids, topk_weights, self.capacity)
+
+    def _dispatch(self, x, topk_ids, topk_weights, C: Optional[int]) -> Dispatched:
         T, K = topk_ids.shape
+        if C is not None:
+            _check_capacity(T, C)
         owner, table = self._owner_and_table(x.device)
-        layout = dispatch_layout(topk_ids, owner, table)
-        meta_work = dist.all_to_all_single(layout.recv_meta, layout.send_meta, group=self.group,
-                                           async_op=True)
+        layout = dispatch_layout(topk_ids, owner, table, capacity=C or 0)
+        if C is None:
+            meta_work = dist.all_to_all_single(layout.recv_meta, layout.send_meta,
+                                               group=self.group, async_op=True)
         send = gather_send_rows(x, topk_weights, topk_ids, layout)  # while the meta travels
-        meta_work.wait()  # on NCCL a stream wait, not a host block
-        # host sync: split sizes must be on the CPU for all_to_all_single
-        sent, received = layout.meta.tolist()
-        input_splits = tuple(row[META_COPIES] for row in sent)
-        output_splits = tuple(row[META_COPIES] for row in received)
-        send, splits = send[:sum(input_splits)], (output_splits, input_splits)
+        if C is None:
+            meta_work.wait()  # on NCCL a stream wait, not a host block
+            # host sync: split sizes must be on the CPU for all_to_all_single
+            sent, received = layout.meta.tolist()
+            input_splits = tuple(row[META_COPIES] for row in sent)
+            output_splits = tuple(row[META_COPIES] for row in received)
+            send = send[:sum(input_splits)]
+            num_local_pairs = sum(sum(row[META_PAIRS:]) for row in received)
+        else:  # fixed-size: C rows each way, known on the host
+            input_splits = output_splits = (C,) * self.world_size
+            num_local_pairs = _pairs_bound(C * self.world_size, K, self.num_local_experts)
+        splits = (output_splits, input_splits)
         if needs_grad(x, topk_weights):
             recv_x, recv_routing = _SendRows.apply(x, topk_weights, send, layout.copy_index,
                                                    splits, self.group)
         else:  # inference: no autograd node, the rows' exchange issued sooner after the sync
             recv_x, recv_routing = _exchange_rows(send, splits, x.shape[1], K, self.group)
         recv_ids, recv_weights = _unpack_routing(recv_routing, K)
-        num_local_pairs = sum(sum(row[META_PAIRS:]) for row in received)
         handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
                                 output_splits)
-        return Dispatched(recv_x, recv_ids, recv_weights, handle)
+        return Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=C is None)
 
     def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
         if needs_grad(partial):
@@ -270,25 +319,34 @@ class AllGatherDispatcher(_Dispatcher):
     """Every rank sees every token: all-gather tokens and routing, compute the local experts'
     slots for all of them, reduce-scatter (fp32) the partial sums home. One fixed-size exchange
     each way and no per-token bookkeeping; measured slower than all-to-all at 64 and at 8192
-    tokens per GPU on 4 GPUs (launch/NOTES.md), kept as the simpler baseline."""
+    tokens per GPU on 4 GPUs (launch/NOTES.md), kept as the simpler baseline.
 
-    def __init__(self, placement: ExpertPlacement, group: ProcessGroup, rank: int):
-        self.placement, self.group = placement, group
+    With `capacity` C (`MoEConfig.max_tokens_per_rank`) every rank pads to C tokens and no
+    count is gathered: nothing is read back to the host."""
+
+    def __init__(self, placement: ExpertPlacement, group: ProcessGroup, rank: int,
+                 capacity: Optional[int] = None):
+        self.placement, self.group, self.capacity = placement, group, capacity
         self.world_size = placement.world_size
         self.local_experts = list(placement.local_experts[rank])
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
         T, K = topk_ids.shape
-        E = self.placement.num_experts
-        counts = torch.cat([torch.tensor([T], device=x.device),
-                            count_ids(topk_ids, E)])
-        all_counts = counts.new_empty(self.world_size * (1 + E))
-        dist.all_gather_into_tensor(all_counts, counts, group=self.group)
-        all_counts = all_counts.view(self.world_size, 1 + E)
-        # host sync: token counts for the uneven all-gather, local pair count for the sort
-        all_counts = all_counts.cpu()
-        tokens_per_rank = tuple(all_counts[:, 0].tolist())
-        num_local_pairs = int(all_counts[:, [1 + g for g in self.local_experts]].sum())
+        E, C = self.placement.num_experts, self.capacity
+        if C is not None:
+            _check_capacity(T, C)
+            tokens_per_rank = (C,) * self.world_size
+            num_local_pairs = _pairs_bound(C * self.world_size, K, len(self.local_experts))
+        else:
+            counts = torch.cat([torch.tensor([T], device=x.device),
+                                count_ids(topk_ids, E)])
+            all_counts = counts.new_empty(self.world_size * (1 + E))
+            dist.all_gather_into_tensor(all_counts, counts, group=self.group)
+            all_counts = all_counts.view(self.world_size, 1 + E)
+            # host sync: token counts for the uneven all-gather, local pair count for the sort
+            all_counts = all_counts.cpu()
+            tokens_per_rank = tuple(all_counts[:, 0].tolist())
+            num_local_pairs = int(all_counts[:, [1 + g for g in self.local_experts]].sum())
         pad = max(tokens_per_rank) - T
         routing = _pack_routing(topk_ids, topk_weights)
         routing = torch.cat([routing, routing.new_full((pad, 2 * K), -1.0)])  # id -1: no slot
@@ -296,7 +354,7 @@ class AllGatherDispatcher(_Dispatcher):
         recv_x = _AllGather.apply(x, self.group)
         recv_ids, recv_weights = _unpack_routing(_AllGather.apply(routing, self.group), K)
         handle = AllGatherHandle(T, num_local_pairs, tokens_per_rank)
-        return Dispatched(recv_x, recv_ids, recv_weights, handle)
+        return Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=C is None)
 
     def combine(self, partial, handle: AllGatherHandle) -> torch.Tensor:
         return _ReduceScatter.apply(partial, self.group)[:handle.num_tokens].to(partial.dtype)
@@ -308,5 +366,6 @@ def make_dispatcher(config, placement: ExpertPlacement, group: Optional[ProcessG
     if placement.world_size == 1:
         return LocalDispatcher()
     if config.dispatcher == "all_to_all":
-        return AllToAllDispatcher(placement, group)
-    return AllGatherDispatcher(placement, group, rank)
+        return AllToAllDispatcher(placement, group, rank, config.max_tokens_per_rank,
+                                  config.dispatch_chunks)
+    return AllGatherDispatcher(placement, group, rank, config.max_tokens_per_rank)

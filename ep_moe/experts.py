@@ -17,7 +17,7 @@ from torch import nn
 from .config import MoEConfig
 from .kernels.activation import fused_activation_available, gated_activation
 from .kernels.fused_mul_sum import _use_triton
-from .kernels.grouped_gemm import grouped_gemm
+from .kernels.grouped_gemm import gemm_config, grouped_gemm, shared_budget
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -108,15 +108,17 @@ class Experts(nn.Module):
             return _grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # (P, D)
         return self._loop(x, num_tokens_per_expert)
 
-    def fused_forward_supported(self, x: torch.Tensor, num_pairs: int) -> bool:
+    def fused_forward_supported(self, x: torch.Tensor, num_pairs: Optional[int]) -> bool:
         """Whether `fused_forward` runs for `num_pairs` routed rows: nothing needs a gradient
         (inference), Triton is there, not inside torch.compile (which traces torch's grouped
-        GEMM instead), and few enough rows per expert that it beats torch's grouped GEMM."""
+        GEMM instead), and few enough rows per expert that it beats torch's grouped GEMM.
+        num_pairs None: only a bound is known (a fixed-size exchange); the Triton path then
+        runs whatever the rows, as torch's would expand and activate every row of the bound."""
         if self.config.expert_impl != "auto" or not _use_triton(x):
             return False
         max_rows = FUSED_MAX_ROWS_PER_EXPERT_SMALL_I \
             if self.config.intermediate_size <= SMALL_I else FUSED_MAX_ROWS_PER_EXPERT
-        if num_pairs > max_rows * max(self.num_local_experts, 1):
+        if num_pairs is not None and num_pairs > max_rows * max(self.num_local_experts, 1):
             return False
         if torch.compiler.is_compiling():
             return False
@@ -125,13 +127,16 @@ class Experts(nn.Module):
         return not (torch.is_grad_enabled() and needs_grad)
 
     def fused_forward(self, x: torch.Tensor, source_rows: torch.Tensor,
-                      num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+                      num_tokens_per_expert: torch.Tensor,
+                      rows_per_expert: Optional[float] = None) -> torch.Tensor:
         """Inference forward straight from the token rows, no autograd.
 
         Args:
             x: (R, D) token rows, in any order.
             source_rows: (P,) int row of x for each expert-sorted pair.
-            num_tokens_per_expert: (e,) int pairs per local expert, summing to P.
+            num_tokens_per_expert: (e,) int pairs per local expert, summing to at most P (rows
+                past their sum are left unwritten: P may be a bound).
+            rows_per_expert: the mean the tile sizes are chosen for; default P / e.
 
         Returns:
             (P, D) expert outputs in sorted order; the (P, D) sorted copy of x and the (P, 2I)
@@ -140,9 +145,15 @@ class Experts(nn.Module):
         cfg = self.config
         if x.stride(-1) != 1:  # the kernel reads rows with a stride, elements contiguously
             x = x.contiguous()
+        tiles = [None, None]
+        if rows_per_expert is not None:
+            budget = shared_budget(x.device)
+            tiles = [gemm_config(rows_per_expert, gated, x.element_size(), budget)
+                     for gated in (cfg.gated, False)]
         h = grouped_gemm(x, self.gate_up_proj, num_tokens_per_expert, a_rows=source_rows,
-                         activation=cfg.activation, gated=cfg.gated)  # (P, I)
-        return grouped_gemm(h, self.down_proj, num_tokens_per_expert)  # (P, D)
+                         activation=cfg.activation, gated=cfg.gated, config=tiles[0])  # (P, I)
+        return grouped_gemm(h, self.down_proj, num_tokens_per_expert,
+                            config=tiles[1])  # (P, D)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Every local expert on every row: (R, D) -> (e, R, D).

@@ -76,7 +76,7 @@ def time_fwd_and_fwd_bwd(module, x, g, device, iters, barrier=None) -> dict:
     return res
 
 
-def graph_time_us(fns, calls=12, replays=30):
+def graph_time_us(fns, calls=12, replays=30, capture_error_mode="global"):
     """Median per call of a graph that cycles through `fns` (one per input set)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -85,7 +85,7 @@ def graph_time_us(fns, calls=12, replays=30):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
         for i in range(calls):
             fns[i % len(fns)]()
     graph.replay()

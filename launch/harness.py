@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (copy_ceiling_gbs, markdown_table, out_dir, sync, time_fwd_and_fwd_bwd,
-                    time_ms, write_json)  # noqa: E402
+from common import (copy_ceiling_gbs, graph_time_us, markdown_table, out_dir, sync,  # noqa: E402
+                    time_fwd_and_fwd_bwd, time_ms, write_json)
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.distributed import group_rank_and_size, init_distributed  # noqa: E402
@@ -43,6 +43,13 @@ def parse_args():
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank (T)")
     p.add_argument("--dispatcher", default="all_to_all", choices=["all_to_all", "allgather", "both"])
     p.add_argument("--placement", default="linear", choices=["linear", "round_robin"])
+    p.add_argument("--fixed", action="store_true",
+                   help="fixed-size exchange: MoEConfig.max_tokens_per_rank = T (no host sync)")
+    p.add_argument("--chunks", type=int, default=1,
+                   help="with --fixed: MoEConfig.dispatch_chunks (exchanges overlap experts)")
+    p.add_argument("--graph", action="store_true",
+                   help="also time the no-grad forward as CUDA-graph replays (GPU; the "
+                        "expert-parallel layer only with --fixed)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES))
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--check-only", action="store_true")
@@ -80,14 +87,15 @@ def check_tokens(W: int, D: int, device) -> list[torch.Tensor]:
 
 def check(cfg: MoEConfig, group, device) -> dict:
     rank, W = group_rank_and_size(group)
-    small = cfg.replace(hidden_size=min(cfg.hidden_size, 128),
-                        intermediate_size=min(cfg.intermediate_size, 64),
-                        shared_intermediate_size=None)
+    D = min(cfg.hidden_size, 128)
+    xs = check_tokens(W, D, device)
+    cap = max(x.shape[0] for x in xs) if cfg.max_tokens_per_rank else None
+    small = cfg.replace(hidden_size=D, intermediate_size=min(cfg.intermediate_size, 64),
+                        shared_intermediate_size=None, max_tokens_per_rank=cap)
     torch.manual_seed(0)
-    full = MoE(small, device=device)
+    full = MoE(small.replace(max_tokens_per_rank=None, dispatch_chunks=1), device=device)
     torch.manual_seed(0)
     ep = MoE(small, process_group=group, device=device)
-    xs = check_tokens(W, small.hidden_size, device)
     gen = torch.Generator().manual_seed(99)
     grads = [torch.randn(x.shape, generator=gen).to(device) for x in xs]
 
@@ -150,6 +158,36 @@ def time_layer(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
     res = time_fwd_and_fwd_bwd(layer, x, g, device, iters, barrier)
     res.pop("peak_extra_gib", None)
     return res
+
+
+def time_graphs(single, layer, T: int, dtype, device, rounds: int, barrier) -> dict:
+    """No-grad forward as CUDA-graph replays (the device's time alone, as decode loops run a
+    layer): the single-GPU layer and, when its exchange has a fixed size, the expert-parallel
+    one, alternating over `rounds`."""
+    x = torch.randn(T, layer.config.hidden_size, dtype=dtype, device=device)
+    calls = 10 if T <= 256 else 3
+
+    def fwd(m):
+        with torch.no_grad():
+            m(x)
+
+    samples: dict = {}
+    for _ in range(rounds):
+        if single is not None:
+            samples.setdefault("single_graph_fwd_ms", []).append(
+                graph_time_us([lambda: fwd(single)], calls, 20) / 1e3)
+        if layer.config.max_tokens_per_rank is not None or layer.world_size == 1:
+            if barrier is not None:
+                barrier()
+            # thread-local capture: NCCL's watchdog thread queries events meanwhile
+            samples.setdefault("graph_fwd_ms", []).append(
+                graph_time_us([lambda: fwd(layer)], calls, 20, "thread_local") / 1e3)
+            if single is not None:
+                samples.setdefault("per_gpu_vs_single_graph_fwd", []).append(
+                    samples["single_graph_fwd_ms"][-1] / samples["graph_fwd_ms"][-1])
+    out = {k: statistics.median(v) for k, v in samples.items()}
+    out.update({f"{k}_rounds": v for k, v in samples.items() if "per_gpu" in k})
+    return out
 
 
 def host_ms(fn, device, barrier, iters=10) -> float:
@@ -243,7 +281,8 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
     rank, W = group_rank_and_size(group)
     T, iters = args.tokens, args.iters
     barrier = (lambda: dist.barrier(group)) if group is not None else None
-    out = {"dispatcher": cfg.dispatcher, "W": W, "T_per_rank": T}
+    out = {"dispatcher": cfg.dispatcher, "W": W, "T_per_rank": T,
+           "max_tokens_per_rank": cfg.max_tokens_per_rank, "chunks": cfg.dispatch_chunks}
     single = None
     if not args.no_baseline:
         torch.manual_seed(0)
@@ -271,6 +310,8 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
             resident = sum(p.numel() * p.element_size() for p in other.parameters()) / 2**30
             for k in [k for k in out if k.startswith(prefix)]:
                 out[k] -= resident
+    if args.graph and device.type == "cuda":
+        out.update(time_graphs(single, layer, T, dtype, device, args.rounds, barrier))
     del single
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -316,8 +357,15 @@ def main():
               f"preset={args.preset} T/rank={args.tokens} dtype={dtype}")
     report = {"W": W, "backend": backend, "device": name, "preset": args.preset,
               "torch": torch.__version__, "checks": {}, "runs": []}
+    cap = args.tokens if args.fixed else None
+
+    def config(kind):
+        chunks = args.chunks if kind == "all_to_all" else 1
+        return MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement,
+                                max_tokens_per_rank=cap, dispatch_chunks=chunks)
+
     for kind in dispatchers:
-        cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement)
+        cfg = config(kind)
         report["checks"][kind] = check(cfg, group, device)
         log(rank, f"check {kind}: OK " + " ".join(
             f"{k}={v:.1e}" for k, v in report["checks"][kind].items()))
@@ -325,7 +373,7 @@ def main():
         if on_gpu:
             report["copy_ceiling_gbs"] = copy_ceiling_gbs(device)
         for kind in dispatchers:
-            cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement)
+            cfg = config(kind)
             run = bench(cfg, args, group, device, dtype)
             runs = [None] * W
             if group is not None:
@@ -335,11 +383,13 @@ def main():
             report["runs"].append({"dispatcher": kind, "per_rank": runs})
             if rank == 0:
                 slowest = max(runs, key=lambda r: r["fwd_bwd_ms"])
-                cols = ["dispatcher", "W", "T_per_rank", "fwd_ms", "fwd_bwd_ms", "tokens_per_s",
+                cols = ["dispatcher", "max_tokens_per_rank", "chunks", "W", "T_per_rank", "fwd_ms",
+                        "fwd_bwd_ms", "graph_fwd_ms", "single_graph_fwd_ms", "tokens_per_s",
                         "route_ms", "dispatch_ms", "experts_ms", "combine_ms",
                         "dispatch_vs_raw", "combine_vs_raw", "dispatch_exchange_vs_raw",
                         "combine_exchange_vs_raw", "per_gpu_vs_single_fwd",
-                        "per_gpu_vs_single_fwd_bwd", "peak_mem_gib"]
+                        "per_gpu_vs_single_fwd_bwd", "per_gpu_vs_single_graph_fwd",
+                        "peak_mem_gib"]
                 cols += [k for k in slowest if k.endswith("_rounds")]
                 print(markdown_table([slowest], [c for c in cols if c in slowest]), flush=True)
     if rank == 0:

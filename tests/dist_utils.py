@@ -122,7 +122,8 @@ class Case:
     """One check, run by every rank of the group.
 
     kind: "match" (sharded vs single-process layer), "aux_loss" (training losses under EP),
-        "too_few_experts" (W > E must raise), "config_mismatch" (rank 1 uses another top_k).
+        "too_few_experts" (W > E must raise), "config_mismatch" (rank 1 uses another top_k),
+        "over_capacity" (more tokens than max_tokens_per_rank must raise).
     tokens: T of each rank of the expert-parallel group.
     config: overrides of `MoEConfig.tiny`.
     hot_expert: give this expert a router logit that wins for every token.
@@ -250,6 +251,54 @@ def _check_layout(cfg, full, sharded, rank: int, W: int) -> list[str]:
     return fails
 
 
+class _HostRead(RuntimeError):
+    pass
+
+
+def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
+    """A fixed-size exchange: every rank receives W * C rows, and the forward reads nothing
+    back to the host (each way a tensor reaches the host raises while it runs)."""
+    C, fails = layer.config.max_tokens_per_rank, []
+    with torch.no_grad():
+        route = layer.router(x)
+        sent = layer.dispatcher.dispatch(x, route.topk_ids, route.topk_weights)
+    if sent.x.shape[0] != W * C or sent.pairs_exact:
+        fails.append(f"fixed exchange: received {sent.x.shape[0]} rows (pairs_exact="
+                     f"{sent.pairs_exact}), expected {W * C} padded rows")
+
+    def host_read(*args, **kwargs):
+        raise _HostRead("a tensor was read back to the host")
+
+    saved = {name: getattr(torch.Tensor, name)
+             for name in ("tolist", "item", "cpu", "__bool__", "__int__", "__index__")}
+    all_to_all, calls = dist.all_to_all_single, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return all_to_all(*args, **kwargs)
+
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, host_read)
+        dist.all_to_all_single = counted
+        with torch.no_grad():
+            y = layer(x)
+    except _HostRead:
+        fails.append(f"fixed exchange read a tensor back to the host:\n{traceback.format_exc()}")
+        return fails
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        dist.all_to_all_single = all_to_all
+    if not torch.equal(y, y_expected):
+        fails.append("fixed exchange: the forward without host reads differs")
+    # rows out and partials back per chunk, no split sizes (all-gather: none)
+    expected = 2 * layer.config.dispatch_chunks if layer.config.dispatcher == "all_to_all" else 0
+    if len(calls) != expected:
+        fails.append(f"fixed exchange: {len(calls)} all-to-alls, expected {expected}")
+    return fails
+
+
 def check_match(case: Case, group, seed: int) -> list[str]:
     """Sharded layer vs single-process layer on every rank's tokens at once."""
     rank, W = dist.get_rank(group), dist.get_world_size(group)
@@ -294,6 +343,8 @@ def check_match(case: Case, group, seed: int) -> list[str]:
         y_inf_full = full(x_all)
     fails += _compare("no-grad output", y_inf, y_inf_full[rows], dtype)
     fails += _compare("no-grad output vs training forward", y_inf, y.detach(), dtype)
+    if cfg.max_tokens_per_rank is not None:
+        fails += _check_fixed_exchange(sharded, x_all[rows], y_inf, W)
 
     # frozen experts (training adapters elsewhere): gradients reach the tokens and the router
     # through both exchanges with no expert-weight gradient in the graph
@@ -432,8 +483,24 @@ def check_config_mismatch(case: Case, group, seed: int) -> list[str]:
     return fails
 
 
+def check_over_capacity(case: Case, group, seed: int) -> list[str]:
+    """Every rank passes more tokens than `max_tokens_per_rank`: each raises before any
+    collective, and the group still works."""
+    cfg = case.moe_config()
+    layer = ep_moe.MoE(cfg, process_group=group)
+    x = torch.randn(cfg.max_tokens_per_rank + 1, cfg.hidden_size)
+    fails = _same_error_everywhere(lambda: layer(x), group,
+                                   ("max_tokens_per_rank", f"{cfg.max_tokens_per_rank + 1} tokens"))
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=group)
+    if probe.item() != dist.get_world_size(group):
+        fails.append(f"all_reduce after the error gave {probe.item()}")
+    return fails
+
+
 _CHECKS = {"match": check_match, "aux_loss": check_aux_loss,
-           "too_few_experts": check_too_few_experts, "config_mismatch": check_config_mismatch}
+           "too_few_experts": check_too_few_experts, "config_mismatch": check_config_mismatch,
+           "over_capacity": check_over_capacity}
 
 
 def _ep_group(ep_size: Optional[int]):

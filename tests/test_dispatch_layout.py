@@ -198,3 +198,89 @@ def test_gather_send_rows_validation():
         gather_send_rows(x, weights.to("meta"), ids, lay)
     with pytest.raises(ValueError, match="float32"):
         gather_send_rows(x.double(), weights, ids, lay)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-size exchange: C rows per rank, whatever the routing
+# --------------------------------------------------------------------------------------------
+
+def fixed_rows(copy_index, C):
+    """The brute force's packed rows moved to w * C + (position among rank w's copies)."""
+    start = torch.cumsum((copy_index >= 0).sum(0), 0) - (copy_index >= 0).sum(0)
+    W = copy_index.shape[1]
+    moved = copy_index.long() - start[None, :] + torch.arange(W)[None, :] * C
+    return torch.where(copy_index >= 0, moved, -1).to(torch.int32)
+
+
+@pytest.mark.parametrize("T,K,E,W,kind", [
+    (7, 2, 8, 4, "linear"),         # T below one block
+    (37, 8, 16, 3, "round_robin"),  # most tokens go to every rank: blocks nearly full
+    (600, 2, 8, 2, "linear"),       # several token blocks
+    (0, 2, 8, 2, "linear"),         # no tokens: padding only
+])
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_fixed_capacity_layout(T, K, E, W, kind, impl):
+    ids, owner = routed_ids(T, K, E, seed=T + 1), make_owner(E, W, kind)
+    meta, copy_index, _ = brute_force(ids, owner, W)
+    C = T + 3  # three rows of padding at least in every rank's block
+    table = make_table(owner, W)
+    if impl == "torch":
+        got = _layout_torch(ids, owner, table, C)
+    else:
+        if not _use_triton(ids.to(DEVICE)):
+            pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+        got = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE), capacity=C)
+    expected = fixed_rows(copy_index, C)
+    assert got.capacity == C and got.send_tokens.shape == (W * C,)
+    assert torch.equal(got.send_meta.cpu(), meta)
+    assert torch.equal(got.copy_index.cpu(), expected)
+    rows, tokens = expected.reshape(-1), torch.arange(T)[:, None].expand(T, W).reshape(-1)
+    named = rows >= 0
+    assert torch.equal(got.send_tokens.cpu()[rows[named].long()], tokens[named])
+
+
+@pytest.mark.parametrize("T", [37, 0])  # 0: every row is padding (the torch path)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_send_rows_fixed_capacity(T, dtype, monkeypatch):
+    K, E, W, C = 8, 16, 3, 41
+    ids, owner = routed_ids(T, K, E, seed=5), make_owner(E, W, "round_robin")
+    table = make_table(owner, W)
+    lay = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE), capacity=C) \
+        if _use_triton(ids.to(DEVICE)) else _layout_torch(ids, owner, table, C)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, 129, generator=g).to(DEVICE, dtype)
+    weights = torch.rand(T, K, generator=g).to(DEVICE)
+    # fresh memory may read as zeros: poison it, so unwritten padding would show
+    new_empty = torch.Tensor.new_empty
+
+    def poisoned(self, *size, **kw):
+        out = new_empty(self, *size, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    send = gather_send_rows(x, weights, ids.to(DEVICE), lay)
+    monkeypatch.undo()
+    assert send.shape[0] == W * C
+    send_x, send_routing = split_packed(send, 129, K)
+    copy_index = fixed_rows(brute_force(ids, owner, W)[1], C)
+    real = torch.zeros(W * C, dtype=torch.bool)
+    for t in range(T):
+        for w in range(W):
+            r = int(copy_index[t, w])
+            if r >= 0:
+                real[r] = True
+                assert torch.equal(send_x[r].cpu(), x[t].cpu())
+                assert torch.equal(send_routing[r].cpu(), torch.cat([weights[t].cpu(),
+                                                                     ids[t].float()]))
+    pad = ~real
+    assert pad.sum() >= 3 * W  # C - T rows of padding at least per rank
+    # padding: zeros and no slot (ids -1, weights 0), so a receiver may read every row
+    assert (send_x.cpu()[pad] == 0).all()
+    assert (send_routing.cpu()[pad, :K] == 0).all() and (send_routing.cpu()[pad, K:] == -1).all()
+
+
+def test_fixed_capacity_below_T_raises():
+    ids, owner = routed_ids(6, 2, 8, seed=4), make_owner(8, 2, "linear")
+    with pytest.raises(ValueError, match="capacity"):
+        dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), make_table(owner, 2).to(DEVICE),
+                        capacity=5)

@@ -77,6 +77,23 @@ CASES = {
              config=dict(top_k=1, norm_topk_prob=False)),  # a router gradient to compare
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=1, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
+        # fixed-size exchange (max_tokens_per_rank): padding rows travel, no split sizes;
+        # one rank exactly at capacity, one below
+        Case("fixed_a2a", tokens=(5, 7), config=dict(top_k=2, max_tokens_per_rank=7)),
+        Case("fixed_allgather_K8_rank0_empty", tokens=(0, 6),
+             config=dict(top_k=8, dispatcher=AG, max_tokens_per_rank=9)),
+        Case("fixed_a2a_hot_expert_K1", tokens=(5, 6), hot_expert=7,
+             config=dict(top_k=1, max_tokens_per_rank=6)),
+        Case("fixed_a2a_dense_decode", tokens=(2, 3),
+             config=dict(top_k=2, dense_max_rows=64, max_tokens_per_rank=4)),
+        Case("fixed_a2a_bf16_shared", tokens=(6, 5), dtype=torch.bfloat16,
+             config=dict(SHARED_SIGMOID_GROUPS, max_tokens_per_rank=8)),
+        Case("fixed_over_capacity", kind="over_capacity", config=dict(max_tokens_per_rank=3)),
+        # chunks of 3 tokens: rank 0's 5 make chunks of 3, 2 and 0, rank 1's 7 of 3, 3 and 1
+        Case("fixed_chunks3_a2a", tokens=(5, 7),
+             config=dict(top_k=2, max_tokens_per_rank=7, dispatch_chunks=3)),
+        Case("fixed_chunks2_over_capacity", kind="over_capacity",
+             config=dict(max_tokens_per_rank=4, dispatch_chunks=2)),
     ],
     3: _grid(3, (5, 0, 9), (6, 7)) + [
         Case("E5_K2_linear_a2a_uneven", tokens=(4, 7, 2), config=dict(num_experts=5)),
@@ -93,6 +110,12 @@ CASES = {
         Case("K8_rr_a2a_rank1_empty", tokens=(9, 0, 5), config=dict(top_k=8, placement=RR)),
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=2, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
+        Case("fixed_K8_rr_a2a_rank1_empty", tokens=(9, 0, 5),
+             config=dict(top_k=8, placement=RR, max_tokens_per_rank=9)),
+        Case("fixed_E7_K3_allgather", tokens=(4, 2, 0),
+             config=dict(num_experts=7, top_k=3, dispatcher=AG, max_tokens_per_rank=5)),
+        Case("fixed_chunks2_rr_a2a_rank1_empty", tokens=(6, 0, 3),
+             config=dict(top_k=3, placement=RR, max_tokens_per_rank=6, dispatch_chunks=2)),
     ],
     4: _grid(4, (3, 6, 0, 5), (8, 5)) + [
         Case("hot_expert_K1_rr_a2a", tokens=(2, 3, 4, 5), config=dict(top_k=1, placement=RR),
@@ -108,6 +131,12 @@ CASES = {
              config=SHARED_SIGMOID_GROUPS),
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=3, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
+        Case("fixed_E5_K2_a2a", tokens=(3, 6, 0, 5),
+             config=dict(num_experts=5, top_k=2, max_tokens_per_rank=6)),
+        Case("fixed_E8_K8_rr_allgather", tokens=(2, 0, 3, 1),
+             config=dict(top_k=8, placement=RR, dispatcher=AG, max_tokens_per_rank=3)),
+        Case("fixed_chunks4_K8_a2a", tokens=(5, 2, 0, 7),
+             config=dict(top_k=8, max_tokens_per_rank=7, dispatch_chunks=4)),
     ],
     # the 8-GPU code path at tiny sizes: one expert per rank, and top-8 of 16 experts
     8: [

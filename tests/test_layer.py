@@ -300,6 +300,11 @@ def test_reproducible_init():
     (dict(z_loss_coef=-1e-3), "z_loss_coef"),
     (dict(init_std=-1.0), "init_std"),
     (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+    (dict(max_tokens_per_rank=0), "max_tokens_per_rank"),
+    (dict(max_tokens_per_rank=8.0), "max_tokens_per_rank"),
+    (dict(dispatch_chunks=0), "dispatch_chunks"),
+    (dict(dispatch_chunks=2), "dispatch_chunks"),  # chunks need a fixed-size exchange
+    (dict(dispatch_chunks=2, max_tokens_per_rank=8, dispatcher="allgather"), "dispatch_chunks"),
 ])
 def test_config_validation(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -30,11 +30,14 @@ class SendLayout(NamedTuple):
     recv_meta (= meta[1]): where the other ranks' messages to this rank are to land.
     copy_index: (T, W) int32 row of token t's copy for rank w in the send buffer, -1 if none.
     send_tokens: (T * min(K, W),) int64; the first sum(send_meta[:, 0]) entries name the token
-        of each send row, the rest are unused (a token goes to at most min(K, W) ranks)."""
+        of each send row, the rest are unused (a token goes to at most min(K, W) ranks).
+        With a fixed `capacity` C: (W * C,), rank w's rows at [w * C, w * C + send_meta[w, 0]).
+    capacity: 0 for the packed layout, else C, the rows each rank gets whatever it needs."""
 
     meta: torch.Tensor
     copy_index: torch.Tensor
     send_tokens: torch.Tensor
+    capacity: int = 0
 
     @property
     def send_meta(self) -> torch.Tensor:
@@ -92,13 +95,14 @@ def _place_kernel(
     ids_ptr, owner_ptr, block_counts_ptr, pairs_ptr, table_ptr, send_meta_ptr, copy_index_ptr,
     send_tokens_ptr,
     # sizes
-    T, K, E, W, num_blocks, e_max,
+    T, K, E, W, num_blocks, e_max, capacity,
     # meta-parameters
     K_POW2: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, NB_POW2: tl.constexpr,
     EMAX_POW2: tl.constexpr,
 ):
-    """Row of each copy = start of its rank's block + copies for that rank in earlier token
-    blocks + earlier tokens of this block; the token of each send row; and (program 0) the
+    """Row of each copy = start of its rank's block (the copies of earlier ranks, or w *
+    capacity for a fixed-size exchange) + copies for that rank in earlier token blocks +
+    earlier tokens of this block; the token of each send row; and (program 0) the
     send metadata: copies and pairs per local expert of each rank. send_meta_ptr is the
     layout's (2, W, 1 + e_max) buffer: its first half, at offset 0, is send_meta."""
     pid = tl.program_id(0)
@@ -108,7 +112,10 @@ def _place_kernel(
                      mask=(b[:, None] < num_blocks) & (w[None, :] < W), other=0)
     totals = tl.sum(counts, axis=0)  # (W_POW2,) copies per rank
     earlier = tl.sum(tl.where(b[:, None] < pid, counts, 0), axis=0)
-    first_row = tl.cumsum(totals, 0) - totals + earlier
+    if capacity > 0:
+        first_row = w * capacity + earlier
+    else:
+        first_row = tl.cumsum(totals, 0) - totals + earlier
     if pid == 0:  # send_meta[w] = [copies for w, pairs for w's experts (table order)]
         j = tl.arange(0, EMAX_POW2)
         in_table = (w[:, None] < W) & (j[None, :] < e_max)
@@ -134,8 +141,8 @@ def send_capacity(T: int, K: int, W: int) -> int:
     return T * min(K, W)
 
 
-def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor,
-                  table: torch.Tensor) -> SendLayout:
+def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Tensor,
+                  capacity: int = 0) -> SendLayout:
     T, E, W = topk_ids.shape[0], owner.shape[0], table.shape[0]
     valid = (topk_ids >= 0) & (topk_ids < E)
     ids = topk_ids.clamp(0, max(E - 1, 0))
@@ -144,9 +151,12 @@ def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor,
     dest = dest.scatter_(1, ranks, 1)[:, :W]  # (T, W)
     position = dest.cumsum(0, dtype=torch.int32)  # 1-based row among rank w's copies
     counts = dest.sum(0, dtype=torch.int32)
-    start = counts.cumsum(0, dtype=torch.int32) - counts
+    if capacity:
+        start = torch.arange(W, dtype=torch.int32, device=dest.device) * capacity
+    else:
+        start = counts.cumsum(0, dtype=torch.int32) - counts
     copy_index = torch.where(dest > 0, position - 1 + start, -1).to(torch.int32)
-    cap = send_capacity(T, topk_ids.shape[1], W)
+    cap = W * capacity if capacity else send_capacity(T, topk_ids.shape[1], W)
     send_tokens = torch.zeros(cap + 1, dtype=torch.int64, device=topk_ids.device)
     dump = torch.where(dest > 0, copy_index, cap).long()
     tokens = torch.arange(T, device=topk_ids.device)[:, None].expand(T, W)
@@ -157,11 +167,11 @@ def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor,
     pairs[E] = 0
     meta = counts.new_empty(2, W, 1 + table.shape[1], dtype=torch.int64)
     meta[0] = torch.cat([counts[:, None].long(), pairs[table]], 1)
-    return SendLayout(meta, copy_index, send_tokens[:cap])
+    return SendLayout(meta, copy_index, send_tokens[:cap], capacity)
 
 
-def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
-                    table: torch.Tensor) -> SendLayout:
+def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Tensor,
+                    capacity: int = 0) -> SendLayout:
     """Where each token's copies go in an all-to-all send buffer, and what to tell each rank.
 
     Args:
@@ -169,6 +179,9 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
         owner: (E,) int32/int64 rank in [0, W) that owns each expert, on topk_ids' device.
         table: (W, e_max) int64 global experts of each rank, padded with E (as
             `ExpertPlacement.padded_local_experts`), on topk_ids' device.
+        capacity: 0 packs the copies rank after rank; C > 0 gives every rank C rows, at
+            w * C, whatever it needs: a fixed-size exchange, whose split sizes the host knows
+            without reading the device (a token goes to a rank at most once, so C >= T fits).
 
     Returns:
         SendLayout (see its fields). Device-side only: nothing is read back to the host.
@@ -185,8 +198,10 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
     if table.shape[0] < 1:
         raise ValueError(f"table must have a row per rank (W >= 1), got {tuple(table.shape)}")
     T, K = topk_ids.shape
+    if not isinstance(capacity, int) or capacity < 0 or (capacity and capacity < T):
+        raise ValueError(f"capacity must be 0 or an int >= T ({T}), got {capacity!r}")
     if not _use_triton(topk_ids) or T == 0:
-        return _layout_torch(topk_ids, owner, table)
+        return _layout_torch(topk_ids, owner, table, capacity)
     dev, E, (W, e_max) = topk_ids.device, owner.shape[0], table.shape
     k_pow2, w_pow2 = triton.next_power_of_2(max(K, 1)), triton.next_power_of_2(W)
     e_pow2 = triton.next_power_of_2(max(E, 1))
@@ -195,22 +210,23 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor,
     block_t = max(16, min(256, 8192 // max(k_pow2 * w_pow2, e_pow2)),
                   triton.next_power_of_2(T) // 1024)
     if block_t * max(k_pow2 * w_pow2, e_pow2) > 1 << 17:  # millions of tokens: tiles too big
-        return _layout_torch(topk_ids, owner, table)
+        return _layout_torch(topk_ids, owner, table, capacity)
     num_blocks = triton.cdiv(T, block_t)
     block_counts = torch.empty(num_blocks, W, dtype=torch.int32, device=dev)
     pairs = torch.zeros(E, dtype=torch.int32, device=dev)
     meta_buf = torch.empty(2, W, 1 + e_max, dtype=torch.int64, device=dev)
     copy_index = torch.empty(T, W, dtype=torch.int32, device=dev)
-    send_tokens = torch.empty(send_capacity(T, K, W), dtype=torch.int64, device=dev)
+    rows = W * capacity if capacity else send_capacity(T, K, W)
+    send_tokens = torch.empty(rows, dtype=torch.int64, device=dev)
     ids, owner = topk_ids.contiguous(), owner.contiguous()
     meta = dict(K_POW2=k_pow2, W_POW2=w_pow2, BLOCK_T=block_t, num_warps=4)
     _count_kernel[(num_blocks,)](ids, owner, block_counts, pairs, T, K, E, W,
                                  E_POW2=e_pow2, **meta)
     _place_kernel[(num_blocks,)](ids, owner, block_counts, pairs, table.contiguous(), meta_buf,
                                  copy_index, send_tokens, T, K, E, W, num_blocks, e_max,
-                                 NB_POW2=triton.next_power_of_2(num_blocks),
+                                 capacity, NB_POW2=triton.next_power_of_2(num_blocks),
                                  EMAX_POW2=triton.next_power_of_2(max(e_max, 1)), **meta)
-    return SendLayout(meta_buf, copy_index, send_tokens)
+    return SendLayout(meta_buf, copy_index, send_tokens, capacity)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,30 +238,45 @@ def _gather_send_kernel(
     # pointers
     x_ptr, weights_ptr, ids_ptr, send_tokens_ptr, send_meta_ptr, send_ptr, send_routing_ptr,
     # sizes
-    D, K, W, meta_cols,
+    D, K, W, meta_cols, capacity,
     # strides
     stride_x, stride_send, stride_routing,
     # meta-parameters
     W_POW2: tl.constexpr, K_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Send row r = [x[send_tokens[r]], then its topk_weights and topk_ids as fp32 words], for
-    r below the rows sent (summed from send_meta on the device: the first half, at offset 0, of
-    the layout's meta buffer); the rest stay unwritten.
+    """Send row r = [x[send_tokens[r]], then its topk_weights and topk_ids as fp32 words].
+
+    Packed layout (capacity 0): for r below the rows sent (summed from send_meta on the
+    device: the first half, at offset 0, of the layout's meta buffer); the rest stay unwritten.
+    Fixed layout: rank w's rows are [w * capacity, w * capacity + send_meta[w, 0]); every other
+    row is padding, written as zeros with ids -1 (no slot), so a receiver can read all rows.
     send_routing_ptr is the same buffer seen as fp32 words, at the routing's first word."""
     r = tl.program_id(0).to(tl.int64)
-    w = tl.arange(0, W_POW2)
-    total = tl.sum(tl.load(send_meta_ptr + w * meta_cols, mask=w < W, other=0))
-    if r < total:
+    k = tl.arange(0, K_POW2)
+    if capacity > 0:
+        dest = r // capacity
+        valid = (r - dest * capacity) < tl.load(send_meta_ptr + dest * meta_cols)
+    else:
+        w = tl.arange(0, W_POW2)
+        valid = r < tl.sum(tl.load(send_meta_ptr + w * meta_cols, mask=w < W, other=0))
+    if valid:
         t = tl.load(send_tokens_ptr + r)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
             tl.store(send_ptr + r * stride_send + d, row, mask=d < D)
-        k = tl.arange(0, K_POW2)
         weights = tl.load(weights_ptr + t * K + k, mask=k < K).to(tl.float32)
         ids = tl.load(ids_ptr + t * K + k, mask=k < K).to(tl.float32)
         tl.store(send_routing_ptr + r * stride_routing + k, weights, mask=k < K)
         tl.store(send_routing_ptr + r * stride_routing + K + k, ids, mask=k < K)
+    elif capacity > 0:
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            zeros = tl.zeros((BLOCK_D,), dtype=send_ptr.dtype.element_ty)
+            tl.store(send_ptr + r * stride_send + d, zeros, mask=d < D)
+        no_slot = tl.zeros((K_POW2,), dtype=tl.float32)
+        tl.store(send_routing_ptr + r * stride_routing + k, no_slot, mask=k < K)
+        tl.store(send_routing_ptr + r * stride_routing + K + k, no_slot - 1.0, mask=k < K)
 
 
 def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -281,6 +312,8 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
         (weights, then ids as floats: exact below 2^24), so one all-to-all moves both; see
         `split_packed`. Only the first sum(send_meta[:, 0]) rows are written; the buffer is
         sized by the bound, so no host sync is needed.
+        With a fixed layout (capacity C): (W * C, width), every row written, padding rows as
+        zeros with weights 0 and ids -1.
     """
     T, K = topk_ids.shape
     if x.ndim != 2 or x.shape[0] != T or tuple(topk_weights.shape) != (T, K):
@@ -291,7 +324,8 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     if layout.copy_index.shape[0] != T:  # a layout of other ids would index x out of bounds
         raise ValueError(f"layout must be the dispatch_layout of these {T} tokens, got one of "
                          f"{layout.copy_index.shape[0]}")
-    devices = {t.device for t in (x, topk_weights, topk_ids, *layout)}
+    devices = {t.device for t in (x, topk_weights, topk_ids, layout.meta, layout.copy_index,
+                                  layout.send_tokens)}
     if len(devices) != 1:
         raise ValueError(f"x, topk_weights, topk_ids and layout must share a device, got "
                          f"{sorted(map(str, devices))}")
@@ -301,20 +335,26 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     if cap == 0:
         return send
     send_x, send_routing = split_packed(send, D, K)
-    if not _use_triton(x):
+    C = layout.capacity
+    if not _use_triton(x) or T == 0:
         with torch.no_grad():
             rows = torch.arange(cap, device=x.device)
-            sent = layout.send_meta[:, META_COPIES].sum()
-            tokens = torch.where(rows < sent, layout.send_tokens, 0)
-            send_x.copy_(x[tokens])
-            send_routing.copy_(torch.cat([topk_weights.float(), topk_ids.float()], 1)[tokens])
+            copies = layout.send_meta[:, META_COPIES]
+            valid = rows % C < copies[rows // C] if C else rows < copies.sum()
+            tokens = torch.where(valid, layout.send_tokens, 0)
+            routing = torch.cat([topk_weights.float(), topk_ids.float()], 1)
+            if T == 0:  # padding rows only
+                x, routing = x.new_zeros(1, D), routing.new_zeros(1, 2 * K)
+            no_slot = torch.cat([routing.new_zeros(K), routing.new_full((K,), -1.0)])
+            send_x.copy_(torch.where(valid[:, None], x[tokens], 0))
+            send_routing.copy_(torch.where(valid[:, None], routing[tokens], no_slot))
         return send
     if x.stride(-1) != 1:
         x = x.contiguous()
     W, meta_cols = layout.meta.shape[1:]
     _gather_send_kernel[(cap,)](
         x, topk_weights.contiguous(), topk_ids.contiguous(), layout.send_tokens,
-        layout.meta, send, send_routing, D, K, W, meta_cols, x.stride(0),  # meta[0]: send_meta
+        layout.meta, send, send_routing, D, K, W, meta_cols, C, x.stride(0),  # meta[0]: send_meta
         send.stride(0), send_routing.stride(0),
         W_POW2=triton.next_power_of_2(W), K_POW2=triton.next_power_of_2(K),
         BLOCK_D=min(triton.next_power_of_2(D), 2048), num_warps=4)

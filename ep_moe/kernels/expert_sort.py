@@ -89,13 +89,15 @@ def _place_kernel(
     if pid == 0:
         tl.store(counts_ptr + x, totals.to(tl.int64), mask=x < e)
         tl.store(offsets_ptr + x, tl.cumsum(totals, 0), mask=x < e)
-        # a num_pairs above the real count leaves a tail no slot fills: row 0 there, never
-        # uninitialised memory (the row index names none of it)
-        found = tl.sum(totals)
-        for p0 in range(0, num_pairs, TILE):
-            p = p0 + tl.arange(0, TILE)
-            tl.store(source_rows_ptr + p, tl.zeros_like(p).to(tl.int64),
-                     mask=(p >= found) & (p < num_pairs))
+    # a num_pairs above the real count (a bound: a fixed-size exchange) leaves a tail no slot
+    # fills: row 0 there, never uninitialised memory (the row index names none of it); each
+    # program writes its share of the positions
+    found = tl.sum(totals)
+    share = tl.cdiv(num_pairs, num_blocks)
+    for p0 in range(pid * share, (pid + 1) * share, TILE):
+        p = p0 + tl.arange(0, TILE)
+        tl.store(source_rows_ptr + p, tl.zeros_like(p).to(tl.int64),
+                 mask=(p >= found) & (p < num_pairs) & (p < (pid + 1) * share))
     # where this program's pairs of each expert begin (exclusive scans over experts and blocks)
     base = tl.cumsum(totals, 0) - totals + tl.sum(tl.where(b[:, None] < pid, blocks, 0), axis=0)
     for i in range(tiles):

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call for the fixed-size exchange (MoEConfig.max_tokens_per_rank), every GPU:
+# GPU tests of the changed kernels, then harness variants, each checked against the
+# single-process layer before it is timed. SET picks the variants:
+#   qwen3:  exact split sizes, fixed, fixed in 2 and 4 chunks (8192 tokens per GPU)
+#   mixtral: exact, fixed in 2 chunks (8192)
+#   decode: Qwen3 and Mixtral at 64 tokens per GPU, exact and fixed, CUDA-graph replays
+# The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+FINAL=${OUT:-out}; mkdir -p "$FINAL"
+export OUT=$(mktemp -d)
+n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+pack() { tar czf "$FINAL/results${TAG:-}.tgz" -C "$OUT" .; }
+harness() {  # harness NAME ARGS...: one run at W = n, its table printed, its JSON kept
+  local name=$1; shift
+  timeout "${HARNESS_TIMEOUT:-150}" python3 -m torch.distributed.run --standalone \
+    --nproc-per-node "$n" launch/harness.py --json "$name.json" "$@" 2>&1 \
+    | grep -v -i "warn" | tee "$OUT/$name.log" | grep "^| \|check\|Error\|error" | grep -v "^|---"
+  pack
+}
+nvidia-smi -L > "$OUT/gpus.txt"
+if [ -n "${TEST_FILES:-}" ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -x -m "not distributed" \
+    $TEST_FILES > "$OUT/pytest_gpu.log" 2>&1
+  tail -3 "$OUT/pytest_gpu.log"
+  pack
+fi
+for set in ${SET:-qwen3}; do
+  case $set in
+    qwen3)
+      harness qwen3_exact --preset qwen3 --tokens 8192 --graph
+      harness qwen3_fixed --preset qwen3 --tokens 8192 --fixed --graph
+      harness qwen3_fixed_c2 --preset qwen3 --tokens 8192 --fixed --chunks 2 --graph
+      harness qwen3_fixed_c4 --preset qwen3 --tokens 8192 --fixed --chunks 4 --graph ;;
+    mixtral)
+      harness mixtral_exact --preset mixtral --tokens 8192
+      harness mixtral_fixed_c2 --preset mixtral --tokens 8192 --fixed --chunks 2 --graph ;;
+    decode)
+      for p in qwen3 mixtral; do
+        harness ${p}_exact_T64 --preset $p --tokens 64 --graph
+        harness ${p}_fixed_T64 --preset $p --tokens 64 --fixed --graph
+      done ;;
+  esac
+done
+ls -la "$FINAL"
