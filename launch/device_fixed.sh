@@ -3,6 +3,7 @@
 # GPU tests of the changed kernels, then harness variants, each checked against the
 # single-process layer before it is timed. SET picks the variants:
 #   qwen3:  exact split sizes, fixed, fixed in 2 and 4 chunks (8192 tokens per GPU)
+#   qwen3_hp: fixed again, then fixed in 1, 2 and 4 chunks with NCCL's streams at high priority
 #   mixtral: exact, fixed in 2 chunks (8192)
 #   decode: Qwen3 and Mixtral at 64 tokens per GPU, exact and fixed, CUDA-graph replays
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
@@ -34,6 +35,13 @@ for set in ${SET:-qwen3}; do
       harness qwen3_fixed --preset qwen3 --tokens 8192 --fixed --graph
       harness qwen3_fixed_c2 --preset qwen3 --tokens 8192 --fixed --chunks 2 --graph
       harness qwen3_fixed_c4 --preset qwen3 --tokens 8192 --fixed --chunks 4 --graph ;;
+    qwen3_hp)  # NCCL on high-priority streams: its blocks start ahead of queued GEMM blocks
+      harness qwen3_fixed_again --preset qwen3 --tokens 8192 --fixed --graph
+      TORCH_NCCL_HIGH_PRIORITY=1 harness qwen3_fixed_hp --preset qwen3 --tokens 8192 --fixed --graph
+      TORCH_NCCL_HIGH_PRIORITY=1 harness qwen3_fixed_c2_hp --preset qwen3 --tokens 8192 --fixed \
+        --chunks 2 --graph
+      TORCH_NCCL_HIGH_PRIORITY=1 harness qwen3_fixed_c4_hp --preset qwen3 --tokens 8192 --fixed \
+        --chunks 4 --graph ;;
     mixtral)
       harness mixtral_exact --preset mixtral --tokens 8192
       harness mixtral_fixed_c2 --preset mixtral --tokens 8192 --fixed --chunks 2 --graph ;;
