@@ -43,11 +43,14 @@ SMALL_I = 1024
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
-def activate(h: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
-    """(..., 2I) -> (..., I) for gated `act(gate) * up`; (..., I) -> (..., I) otherwise."""
+def activate(h: torch.Tensor, activation: str, gated: bool,
+             num_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(..., 2I) -> (..., I) for gated `act(gate) * up`; (..., I) -> (..., I) otherwise.
+    num_rows: optional device count of the rows that matter (the fused kernel skips the rest;
+    the torch ops compute them anyway)."""
     act = _ACTIVATIONS[activation]
     if gated and h.ndim == 2 and fused_activation_available(h):
-        return gated_activation(h, activation)
+        return gated_activation(h, activation, num_rows)
     if not gated:
         return act(h)
     gate, up = h.chunk(2, dim=-1)
@@ -87,7 +90,8 @@ class Experts(nn.Module):
 
         Args:
             x: (P, D) rows sorted by local expert.
-            num_tokens_per_expert: (e,) int rows per local expert, summing to P.
+            num_tokens_per_expert: (e,) int rows per local expert, summing to P (or to less:
+                the rows past the sum are computed by nobody, and their outputs are garbage).
             offsets: optional (e,) int32 running sum of num_tokens_per_expert (the expert sort
                 writes it; one op fewer here).
 
@@ -104,7 +108,8 @@ class Experts(nn.Module):
             offs = offsets if offsets is not None else \
                 torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)
             h = _grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # (P, 2I)
-            h = activate(h, cfg.activation, cfg.gated)
+            # rows past offs[-1] (P a bound: a fixed-size exchange) hold no group's output
+            h = activate(h, cfg.activation, cfg.gated, offs[-1:])
             return _grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # (P, D)
         return self._loop(x, num_tokens_per_expert)
 

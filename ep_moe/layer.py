@@ -140,8 +140,10 @@ class MoE(nn.Module):
         # one rank: the router's own ids, all valid, and local ids = global ones
         expert_map = self.expert_map if self.world_size > 1 else None
         R, num_pairs = sent.x.shape[0], sent.handle.num_local_pairs  # a bound if not exact
-        fused = self.experts.fused_forward_supported(
-            sent.x, num_pairs if sent.pairs_exact else None)
+        # a bound: judge the paths by the pairs a balanced routing of full ranks brings,
+        # R * K / W (the bound is W * min(K, e) / K times that)
+        expected = num_pairs if sent.pairs_exact else R * self.config.top_k // self.world_size
+        fused = self.experts.fused_forward_supported(sent.x, expected)
         if not fused and 0 < R <= self.config.dense_max_rows:
             local_ids = ids if expert_map is None else \
                 torch.where(ids >= 0, expert_map[ids.clamp(min=0)], -1)
@@ -152,10 +154,7 @@ class MoE(nn.Module):
                                       row_index)
         order = sort_by_expert(ids, len(self.local_expert_ids), num_pairs, expert_map)
         if fused:  # inference: gather and activation inside the Triton GEMMs
-            # tiles for the pairs a balanced routing of full ranks brings, R * K / W (the
-            # bound's mean is W * min(K, e) / K times that)
-            e, K = self.experts.num_local_experts, self.config.top_k
-            rows = None if sent.pairs_exact else R * K / (self.world_size * e)
+            rows = expected / max(self.experts.num_local_experts, 1)  # tiles for these
             out_rows = self.experts.fused_forward(sent.x, order.source_rows,
                                                   order.num_tokens_per_expert, rows)  # (P, D)
         else:

@@ -6,6 +6,7 @@
 #   qwen3_hp: fixed again, then fixed in 1, 2 and 4 chunks with NCCL's streams at high priority
 #   mixtral: exact, fixed in 2 chunks (8192)
 #   decode: Qwen3 and Mixtral at 64 tokens per GPU, exact and fixed, CUDA-graph replays
+#   final: qwen3 and mixtral, exact and fixed, at 8192 and 64 tokens per GPU
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +46,13 @@ for set in ${SET:-qwen3}; do
     mixtral)
       harness mixtral_exact --preset mixtral --tokens 8192
       harness mixtral_fixed_c2 --preset mixtral --tokens 8192 --fixed --chunks 2 --graph ;;
+    final)  # the README's table: each shape exact and fixed, 8192 and 64 tokens per GPU
+      for p in qwen3 mixtral; do
+        harness ${p}_exact --preset $p --tokens 8192 --graph
+        harness ${p}_fixed --preset $p --tokens 8192 --fixed --graph
+        harness ${p}_exact_T64 --preset $p --tokens 64 --graph
+        harness ${p}_fixed_T64 --preset $p --tokens 64 --fixed --graph
+      done ;;
     decode)
       for p in qwen3 mixtral; do
         harness ${p}_exact_T64 --preset $p --tokens 64 --graph

@@ -72,3 +72,32 @@ def test_bad_activation():
     with pytest.raises(ValueError, match="activation"):
         gated_activation(torch.randn(2, 8), "tanh")
 
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_num_rows_leaves_the_tail_untouched(dtype, monkeypatch):
+    # a bound on the rows (fixed-size exchange): rows from num_rows on hold garbage (NaN here)
+    # and must be neither read into the first rows nor written, forward and backward
+    P, I, n = 7, 37, 4
+    h, g = make_inputs(P, I, torch.float32)
+    with torch.no_grad():
+        h[n:] = float("nan")
+    sentinel = 12345.0
+    empty = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty(t, **kw).fill_(sentinel))
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda t, *size, **kw: new_empty(t, *size, **kw).fill_(sentinel))
+    y = gated_activation(h, "silu", torch.tensor([n], dtype=dtype, device=DEVICE))
+    y.backward(g)
+    monkeypatch.undo()
+    y_ref, gh_ref = reference(h[:n], g[:n], "silu")
+    torch.testing.assert_close(y[:n].double(), y_ref, atol=TOL[torch.float32], rtol=1e-5)
+    torch.testing.assert_close(h.grad[:n].double(), gh_ref, atol=4e-5, rtol=1e-5)
+    assert (y[n:] == sentinel).all() and (h.grad[n:] == sentinel).all()
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1, 2]), torch.tensor([1.0]), 3])
+def test_bad_num_rows(bad):
+    with pytest.raises(ValueError, match="num_rows"):
+        gated_activation(torch.randn(2, 8, device=DEVICE), "silu", bad)

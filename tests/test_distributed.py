@@ -94,6 +94,9 @@ CASES = {
              config=dict(top_k=2, max_tokens_per_rank=7, dispatch_chunks=3)),
         Case("fixed_chunks2_over_capacity", kind="over_capacity",
              config=dict(max_tokens_per_rank=4, dispatch_chunks=2)),
+        # torch's grouped GEMM over buffers sized by the bound: rows past the count unread
+        Case("fixed_grouped_mm_a2a", tokens=(5, 7),
+             config=dict(top_k=2, max_tokens_per_rank=8, expert_impl="grouped_mm")),
     ],
     3: _grid(3, (5, 0, 9), (6, 7)) + [
         Case("E5_K2_linear_a2a_uneven", tokens=(4, 7, 2), config=dict(num_experts=5)),
@@ -137,6 +140,9 @@ CASES = {
              config=dict(top_k=8, placement=RR, dispatcher=AG, max_tokens_per_rank=3)),
         Case("fixed_chunks4_K8_a2a", tokens=(5, 2, 0, 7),
              config=dict(top_k=8, max_tokens_per_rank=7, dispatch_chunks=4)),
+        Case("fixed_grouped_mm_chunks2_K8_a2a", tokens=(3, 6, 0, 5),
+             config=dict(top_k=8, max_tokens_per_rank=6, dispatch_chunks=2,
+                         expert_impl="grouped_mm")),
     ],
     # the 8-GPU code path at tiny sizes: one expert per rank, and top-8 of 16 experts
     8: [

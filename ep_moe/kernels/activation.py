@@ -4,9 +4,15 @@ Eager torch reads the strided gate half, writes act(gate), reads it back with th
 writes the product: five passes over (P, I). This reads gate and up once and writes once, in
 fp32 internally, and its backward writes (P, 2I) gradients in one pass from the saved input,
 so the (P, I) act(gate) buffer is never kept for autograd.
+
+Optionally only the first `num_rows` rows (a count on the device) are touched: behind a
+fixed-size exchange P is a bound on the rows the grouped GEMM wrote, and the rest are neither
+read nor written.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -33,11 +39,15 @@ def _act_and_grad(gate, ACT: tl.constexpr):
 
 
 @triton.jit
-def _load_gate_up(h_ptr, I, BLOCK: tl.constexpr):
-    """This program's row and columns, and their fp32 gate and up values."""
+def _load_gate_up(h_ptr, rows_ptr, I, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's row and columns, and their fp32 gate and up values (masked off past
+    the device count `rows_ptr`, when given)."""
     row = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = col < I
+    if HAS_ROWS:
+        rows = tl.zeros_like(col).to(tl.int64) + row  # the row's index in every lane
+        mask = mask & (rows < tl.load(rows_ptr))
     gate = tl.load(h_ptr + row * 2 * I + col, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h_ptr + row * 2 * I + I + col, mask=mask, other=0.0).to(tl.float32)
     return row, col, mask, gate, up
@@ -46,13 +56,13 @@ def _load_gate_up(h_ptr, I, BLOCK: tl.constexpr):
 @triton.jit
 def _gated_act_fwd_kernel(
     # pointers
-    h_ptr, out_ptr,
+    h_ptr, out_ptr, rows_ptr,
     # sizes
     I,
     # meta-parameters
-    ACT: tl.constexpr, BLOCK: tl.constexpr,
+    ACT: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row, col, mask, gate, up = _load_gate_up(h_ptr, I, BLOCK)
+    row, col, mask, gate, up = _load_gate_up(h_ptr, rows_ptr, I, HAS_ROWS, BLOCK)
     act, _ = _act_and_grad(gate, ACT)
     tl.store(out_ptr + row * I + col, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -60,13 +70,13 @@ def _gated_act_fwd_kernel(
 @triton.jit
 def _gated_act_bwd_kernel(
     # pointers
-    h_ptr, grad_out_ptr, grad_h_ptr,
+    h_ptr, grad_out_ptr, grad_h_ptr, rows_ptr,
     # sizes
     I,
     # meta-parameters
-    ACT: tl.constexpr, BLOCK: tl.constexpr,
+    ACT: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row, col, mask, gate, up = _load_gate_up(h_ptr, I, BLOCK)
+    row, col, mask, gate, up = _load_gate_up(h_ptr, rows_ptr, I, HAS_ROWS, BLOCK)
     g = tl.load(grad_out_ptr + row * I + col, mask=mask, other=0.0).to(tl.float32)
     act, dact = _act_and_grad(gate, ACT)
     dtype = grad_h_ptr.dtype.element_ty
@@ -79,38 +89,45 @@ def _launch_config(I: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-def _gated_act_fwd(h: torch.Tensor, activation: str) -> torch.Tensor:
+def _gated_act_fwd(h: torch.Tensor, activation: str, num_rows) -> torch.Tensor:
     P, I = h.shape[0], h.shape[1] // 2
     out = h.new_empty(P, I)
     if P and I:
         block, warps = _launch_config(I)
         _gated_act_fwd_kernel[(P, triton.cdiv(I, block))](
-            h, out, I, ACT=ACTIVATIONS[activation], BLOCK=block, num_warps=warps)
+            h, out, h if num_rows is None else num_rows, I, ACT=ACTIVATIONS[activation],
+            HAS_ROWS=num_rows is not None, BLOCK=block, num_warps=warps)
     return out
 
 
 class _GatedActivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, activation):
-        ctx.save_for_backward(h)
+    def forward(ctx, h, activation, num_rows):
+        ctx.save_for_backward(h, num_rows)
         ctx.activation = activation
-        return _gated_act_fwd(h, activation)
+        return _gated_act_fwd(h, activation, num_rows)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (h,) = ctx.saved_tensors
+        h, num_rows = ctx.saved_tensors
         P, I = h.shape[0], h.shape[1] // 2
         grad_h = torch.empty_like(h)
         if P and I:
             block, warps = _launch_config(I)
             _gated_act_bwd_kernel[(P, triton.cdiv(I, block))](
-                h, grad_out.contiguous(), grad_h, I, ACT=ACTIVATIONS[ctx.activation],
-                BLOCK=block, num_warps=warps)
-        return grad_h, None
+                h, grad_out.contiguous(), grad_h, h if num_rows is None else num_rows, I,
+                ACT=ACTIVATIONS[ctx.activation], HAS_ROWS=num_rows is not None, BLOCK=block,
+                num_warps=warps)
+        return grad_h, None, None
 
 
-def gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+def gated_activation(h: torch.Tensor, activation: str,
+                     num_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(P, 2I) contiguous [gate | up] -> (P, I) `act(gate) * up` in h's dtype.
+
+    num_rows: optional one-element int32/int64 tensor on h's device: rows from that count on
+    are neither read nor written, in the output and in the backward's gradient (left
+    uninitialised: the caller must not read them). Read on the device, so no host sync.
 
     Triton on CUDA (and on CPU under TRITON_INTERPRET=1); the caller falls back to torch
     elsewhere and inside torch.compile, which fuses the eager ops itself.
@@ -122,9 +139,14 @@ def gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     if not _use_triton(h):
         raise ValueError(f"h must be on a CUDA device (or on the CPU under TRITON_INTERPRET=1), "
                          f"got {h.device}")
+    if num_rows is not None and (not isinstance(num_rows, torch.Tensor) or num_rows.numel() != 1
+                                 or num_rows.dtype not in (torch.int32, torch.int64)
+                                 or num_rows.device != h.device):
+        raise ValueError(f"num_rows must be a one-element int32/int64 tensor on {h.device}, got "
+                         f"{num_rows!r}")
     if needs_grad(h):
-        return _GatedActivation.apply(h.contiguous(), activation)
-    return _gated_act_fwd(h.contiguous(), activation)  # no autograd node: less host time
+        return _GatedActivation.apply(h.contiguous(), activation, num_rows)
+    return _gated_act_fwd(h.contiguous(), activation, num_rows)  # no autograd node
 
 
 def fused_activation_available(h: torch.Tensor) -> bool:
