@@ -158,7 +158,9 @@ class MoE(nn.Module):
             out_rows = self.experts.fused_forward(sent.x, order.source_rows,
                                                   order.num_tokens_per_expert, rows)  # (P, D)
         else:
-            rows = expand_rows(sent.x, order.source_rows, order.row_index)  # (P, D)
+            # P a bound: gather only the sort's real pairs (its total, on the device)
+            count = None if sent.pairs_exact else order.offsets[-1:]
+            rows = expand_rows(sent.x, order.source_rows, order.row_index, count)  # (P, D)
             out_rows = self.experts(rows, order.num_tokens_per_expert, order.offsets)  # (P, D)
         # the combine doubles as the un-permute: reads each row once, writes (R, D)
         return fused_mul_sum_rows(out_rows, sent.topk_weights, order.row_index)

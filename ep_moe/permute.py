@@ -8,9 +8,12 @@ combine: no atomics, so gradients are bitwise reproducible.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .kernels import fused_mul_sum_rows
+from .kernels.gather import gather_rows
 from .kernels.fused_mul_sum import needs_grad
 
 
@@ -25,27 +28,33 @@ def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
         0, flat, torch.ones_like(flat))
 
 
+def _gather(x, source_rows, count):
+    return x[source_rows] if count is None else gather_rows(x, source_rows, count)
+
+
 class _ExpandRows(torch.autograd.Function):
     """rows[row_index[t, k]] = x[t]; the backward sums each token's rows back (fixed order)."""
 
     @staticmethod
-    def forward(ctx, x, source_rows, row_index):
+    def forward(ctx, x, source_rows, row_index, count):
         ctx.save_for_backward(row_index)
-        return x[source_rows]
+        return _gather(x, source_rows, count)
 
     @staticmethod
     def backward(ctx, grad_rows):
         (row_index,) = ctx.saved_tensors
         ones = torch.ones(row_index.shape, dtype=torch.float32, device=grad_rows.device)
-        return fused_mul_sum_rows(grad_rows.contiguous(), ones, row_index), None, None
+        return fused_mul_sum_rows(grad_rows.contiguous(), ones, row_index), None, None, None
 
 
-def expand_rows(x: torch.Tensor, source_rows: torch.Tensor,
-                row_index: torch.Tensor) -> torch.Tensor:
-    """(T, D) -> (P, D): row p is x[source_rows[p]]; `row_index` (T, K) is the inverse map."""
+def expand_rows(x: torch.Tensor, source_rows: torch.Tensor, row_index: torch.Tensor,
+                count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(T, D) -> (P, D): row p is x[source_rows[p]]; `row_index` (T, K) is the inverse map.
+    count: optional one-element device tensor: only rows p < count are real (P a bound, as
+    behind a fixed-size exchange); the rest are left unwritten where Triton runs."""
     if needs_grad(x):
-        return _ExpandRows.apply(x, source_rows, row_index)
-    return x[source_rows]  # no autograd node: less host time
+        return _ExpandRows.apply(x, source_rows, row_index, count)
+    return _gather(x, source_rows, count)  # no autograd node: less host time
 
 
 def sum_rows(rows: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@
 #   mixtral: exact, fixed in 2 chunks (8192)
 #   decode: Qwen3 and Mixtral at 64 tokens per GPU, exact and fixed, CUDA-graph replays
 #   final: qwen3 and mixtral, exact and fixed, at 8192 and 64 tokens per GPU
+#   recheck: qwen3 exact and fixed, mixtral fixed (8192), qwen3 fixed at 64
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +54,11 @@ for set in ${SET:-qwen3}; do
         harness ${p}_exact_T64 --preset $p --tokens 64 --graph
         harness ${p}_fixed_T64 --preset $p --tokens 64 --fixed --graph
       done ;;
+    recheck)  # after a change to the fixed path: Qwen3 exact and fixed, Mixtral fixed, decode
+      harness qwen3_exact --preset qwen3 --tokens 8192 --graph
+      harness qwen3_fixed --preset qwen3 --tokens 8192 --fixed --graph
+      harness mixtral_fixed --preset mixtral --tokens 8192 --fixed --graph
+      harness qwen3_fixed_T64 --preset qwen3 --tokens 64 --fixed --graph ;;
     decode)
       for p in qwen3 mixtral; do
         harness ${p}_exact_T64 --preset $p --tokens 64 --graph
