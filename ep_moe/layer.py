@@ -143,7 +143,7 @@ class MoE(nn.Module):
         # a bound: judge the paths by the pairs a balanced routing of full ranks brings,
         # R * K / W (the bound is W * min(K, e) / K times that)
         expected = num_pairs if sent.pairs_exact else R * self.config.top_k // self.world_size
-        fused = self.experts.fused_forward_supported(sent.x, expected)
+        fused = self.experts.fused_forward_supported(sent.x, expected, sent.pairs_exact)
         if not fused and 0 < R <= self.config.dense_max_rows:
             local_ids = ids if expert_map is None else \
                 torch.where(ids >= 0, expert_map[ids.clamp(min=0)], -1)
