@@ -181,16 +181,20 @@ class Dispatched:
     pairs_exact: bool = True
 
 
-def _check_capacity(T: int, capacity: int) -> None:
-    if T > capacity:  # before any collective; the other ranks then wait in theirs
+def check_capacity(T: int, capacity: int) -> None:
+    # raised before any collective, on this rank: checking every rank's T together would
+    # take the very host sync a fixed-size exchange exists to avoid, so a rank over capacity
+    # leaves the others waiting in their first collective (as any error on one rank does)
+    if T > capacity:
         raise ValueError(f"x has {T} tokens on this rank, more than "
                          f"MoEConfig.max_tokens_per_rank={capacity}: a fixed-size exchange "
                          f"takes at most that many on every rank")
 
 
-def _pairs_bound(rows: int, K: int, num_local_experts: int) -> int:
-    """Most local (row, slot) pairs `rows` received rows can hold."""
-    return rows * min(K, num_local_experts)
+def _pairs_bound(rows: int, K: int) -> int:
+    """Most local (row, slot) pairs `rows` received rows can hold: every slot, so the bound
+    holds even for ids repeated within a token (the router never repeats one)."""
+    return rows * K
 
 
 def _pack_routing(topk_ids, topk_weights):
@@ -247,7 +251,6 @@ class AllToAllDispatcher(_Dispatcher):
                  capacity: Optional[int] = None, chunks: int = 1):
         self.placement, self.group, self.capacity = placement, group, capacity
         self.world_size = placement.world_size
-        self.num_local_experts = len(placement.local_experts[rank])
         self.chunks = chunks
         self._tables: dict = {}
 
@@ -257,7 +260,7 @@ class AllToAllDispatcher(_Dispatcher):
         overlap another's experts. All ranks issue the same collectives in the same order."""
         if self.chunks == 1:
             return super().run(x, topk_ids, topk_weights, compute)
-        _check_capacity(x.shape[0], self.capacity)  # the chunks cover `capacity` tokens
+        check_capacity(x.shape[0], self.capacity)  # the chunks cover `capacity` tokens
         step = -(-self.capacity // self.chunks)
         bounds = [(min(i * step, x.shape[0]), min((i + 1) * step, x.shape[0]))
                   for i in range(self.chunks)]
@@ -277,7 +280,7 @@ class AllToAllDispatcher(_Dispatcher):
     def _dispatch(self, x, topk_ids, topk_weights, C: Optional[int]) -> Dispatched:
         T, K = topk_ids.shape
         if C is not None:
-            _check_capacity(T, C)
+            check_capacity(T, C)
         owner, table = self._owner_and_table(x.device)
         layout = dispatch_layout(topk_ids, owner, table, capacity=C or 0)
         if C is None:
@@ -294,7 +297,7 @@ class AllToAllDispatcher(_Dispatcher):
             num_local_pairs = sum(sum(row[META_PAIRS:]) for row in received)
         else:  # fixed-size: C rows each way, known on the host
             input_splits = output_splits = (C,) * self.world_size
-            num_local_pairs = _pairs_bound(C * self.world_size, K, self.num_local_experts)
+            num_local_pairs = _pairs_bound(C * self.world_size, K)
         splits = (output_splits, input_splits)
         if needs_grad(x, topk_weights):
             recv_x, recv_routing = _SendRows.apply(x, topk_weights, send, layout.copy_index,
@@ -334,9 +337,9 @@ class AllGatherDispatcher(_Dispatcher):
         T, K = topk_ids.shape
         E, C = self.placement.num_experts, self.capacity
         if C is not None:
-            _check_capacity(T, C)
+            check_capacity(T, C)
             tokens_per_rank = (C,) * self.world_size
-            num_local_pairs = _pairs_bound(C * self.world_size, K, len(self.local_experts))
+            num_local_pairs = _pairs_bound(C * self.world_size, K)
         else:
             counts = torch.cat([torch.tensor([T], device=x.device),
                                 count_ids(topk_ids, E)])

@@ -182,12 +182,14 @@ class Experts(nn.Module):
         # host sync: the per-expert loop needs the row counts on the CPU
         counts = num_tokens_per_expert.tolist()
         outs = []
-        for e, rows in enumerate(x.split(counts)):
+        # x may be sized by a bound (fixed-size exchange): its rows past the counts are unused
+        for e, rows in enumerate(x[:sum(counts)].split(counts)):
             if rows.shape[0] == 0:
                 continue
             h = activate(F.linear(rows, self.gate_up_proj[e]), cfg.activation, cfg.gated)
             outs.append(F.linear(h, self.down_proj[e]))
-        return torch.cat(outs) if outs else x.new_zeros(x.shape)
+        tail = x.new_zeros(x.shape[0] - sum(counts), x.shape[1])
+        return torch.cat(outs + [tail]) if outs else x.new_zeros(x.shape)
 
 
 class SharedExperts(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .config import MoEConfig
-from .dispatch import Dispatched, make_dispatcher
+from .dispatch import Dispatched, check_capacity, make_dispatcher
 from .distributed import all_gather_rows, check_same_config, group_rank_and_size
 from .experts import Experts, SharedExperts
 from .kernels import fused_mul_sum_rows
@@ -120,6 +120,8 @@ class MoE(nn.Module):
             raise ValueError(f"x must match the layer's parameters ({weight.dtype} on "
                              f"{weight.device}), got {x.dtype} on {x.device}")
         x_TD = x.reshape(-1, D)
+        if self.config.max_tokens_per_rank is not None:  # on one rank too, as on many
+            check_capacity(x_TD.shape[0], self.config.max_tokens_per_rank)
         route = self.router(x_TD)
         y_TD = self._routed(x_TD, route)
         if self.shared_experts is not None:
@@ -141,7 +143,7 @@ class MoE(nn.Module):
         expert_map = self.expert_map if self.world_size > 1 else None
         R, num_pairs = sent.x.shape[0], sent.handle.num_local_pairs  # a bound if not exact
         # a bound: judge the paths by the pairs a balanced routing of full ranks brings,
-        # R * K / W (the bound is W * min(K, e) / K times that)
+        # R * K / W (the bound, R * K, is W times that)
         expected = num_pairs if sent.pairs_exact else R * self.config.top_k // self.world_size
         fused = self.experts.fused_forward_supported(sent.x, expected, sent.pairs_exact)
         if not fused and 0 < R <= self.config.dense_max_rows:

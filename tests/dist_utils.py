@@ -123,7 +123,8 @@ class Case:
 
     kind: "match" (sharded vs single-process layer), "aux_loss" (training losses under EP),
         "too_few_experts" (W > E must raise), "config_mismatch" (rank 1 uses another top_k),
-        "over_capacity" (more tokens than max_tokens_per_rank must raise).
+        "over_capacity" (more tokens than max_tokens_per_rank must raise), "one_over_capacity"
+        (rank 0 alone over it must raise before any collective).
     tokens: T of each rank of the expert-parallel group.
     config: overrides of `MoEConfig.tiny`.
     hot_expert: give this expert a router logit that wins for every token.
@@ -212,7 +213,8 @@ def _train_step(layer, x, grad_out):
 def _build(case: Case, group, dtype, seed: int):
     cfg = case.moe_config()
     torch.manual_seed(seed)
-    full = ep_moe.MoE(cfg, dtype=dtype)
+    # the single-process layer takes every rank's tokens: no per-rank capacity
+    full = ep_moe.MoE(cfg.replace(max_tokens_per_rank=None, dispatch_chunks=1), dtype=dtype)
     if case.hot_expert is not None:
         with torch.no_grad():  # channel 0 is rank + 1 >= 1: expert `hot` wins every token
             full.router.weight[:, 0] = 0.0
@@ -277,8 +279,10 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
         calls.append(1)
         return all_to_all(*args, **kwargs)
 
+    # the per-expert loop reads its row counts back by design; every other path reads nothing
+    patched = saved if layer.config.expert_impl != "loop" else {}
     try:
-        for name in saved:
+        for name in patched:
             setattr(torch.Tensor, name, host_read)
         dist.all_to_all_single = counted
         with torch.no_grad():
@@ -498,9 +502,28 @@ def check_over_capacity(case: Case, group, seed: int) -> list[str]:
     return fails
 
 
+def check_one_over_capacity(case: Case, group, seed: int) -> list[str]:
+    """Rank 0 alone passes too many tokens: it must raise before any collective (the others
+    call nothing; had it entered one, it would wait there until the collective timeout)."""
+    cfg, fails = case.moe_config(), []
+    layer = ep_moe.MoE(cfg, process_group=group)
+    if dist.get_rank(group) == 0:
+        try:
+            layer(torch.randn(cfg.max_tokens_per_rank + 1, cfg.hidden_size))
+            fails.append("no ValueError raised")
+        except ValueError as e:
+            if "max_tokens_per_rank" not in str(e):
+                fails.append(f"message lacks max_tokens_per_rank: {e}")
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=group)
+    if probe.item() != dist.get_world_size(group):
+        fails.append(f"all_reduce after the error gave {probe.item()}")
+    return fails
+
+
 _CHECKS = {"match": check_match, "aux_loss": check_aux_loss,
            "too_few_experts": check_too_few_experts, "config_mismatch": check_config_mismatch,
-           "over_capacity": check_over_capacity}
+           "over_capacity": check_over_capacity, "one_over_capacity": check_one_over_capacity}
 
 
 def _ep_group(ep_size: Optional[int]):

@@ -97,6 +97,10 @@ CASES = {
         # torch's grouped GEMM over buffers sized by the bound: rows past the count unread
         Case("fixed_grouped_mm_a2a", tokens=(5, 7),
              config=dict(top_k=2, max_tokens_per_rank=8, expert_impl="grouped_mm")),
+        Case("fixed_loop_a2a", tokens=(5, 7),  # the per-expert loop over a bound-sized buffer
+             config=dict(top_k=2, max_tokens_per_rank=8, expert_impl="loop")),
+        Case("fixed_one_rank_over_capacity", kind="one_over_capacity",
+             config=dict(max_tokens_per_rank=3)),
     ],
     3: _grid(3, (5, 0, 9), (6, 7)) + [
         Case("E5_K2_linear_a2a_uneven", tokens=(4, 7, 2), config=dict(num_experts=5)),

@@ -311,6 +311,16 @@ def test_config_validation(changes, match):
         MoEConfig.tiny(**changes)
 
 
+def test_max_tokens_per_rank_holds_on_one_rank():
+    # no exchange on one rank, but the same limit as on many: a model tested on one GPU
+    # fails there, not at scale
+    layer = MoE(MoEConfig.tiny(max_tokens_per_rank=4))
+    x = torch.randn(5, layer.config.hidden_size)
+    with pytest.raises(ValueError, match="max_tokens_per_rank=4"):
+        layer(x)
+    assert layer(x[:4]).shape == (4, layer.config.hidden_size)
+
+
 @pytest.mark.parametrize("name, fields", [
     ("tiny", dict(hidden_size=16, num_experts=8, top_k=2)),
     ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2)),
