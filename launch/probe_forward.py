@@ -34,8 +34,9 @@ from common import out_dir, time_ms, write_json  # noqa: E402
 from harness import raw_all_to_all_ms  # noqa: E402
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
-from ep_moe.dispatch import (AllToAllHandle, Dispatched, _exchange_rows,  # noqa: E402
-                             _unpack_routing)
+from ep_moe.dispatch import AllToAllHandle, Dispatched  # noqa: E402
+from ep_moe.dispatch.collectives import _exchange_rows  # noqa: E402
+from ep_moe.dispatch.dispatchers import _unpack_routing  # noqa: E402
 from ep_moe.distributed import init_distributed  # noqa: E402
 from ep_moe.kernels.dispatch_layout import (META_COPIES, META_PAIRS, dispatch_layout,  # noqa: E402
                                             gather_send_rows, packed_row)

@@ -1,16 +1,6 @@
-"""Dispatch tokens to the ranks that own their experts, and combine the results back.
+"""The dispatchers and their handles: local, all-to-all (exact or fixed-size) and all-gather.
 
-The only module that moves activations between ranks. Three dispatchers share one interface:
-
-    dispatched = dispatcher.dispatch(x, topk_ids, topk_weights)   # rows this rank computes
-    y = dispatcher.combine(partial, dispatched.handle)             # (T, D) on the home rank
-    y = dispatcher.run(x, topk_ids, topk_weights, compute)         # both, compute in between
-
-`partial` (R, D) holds, per received row, the weighted sum over the row's slots whose expert is
-local. The handle is a frozen dataclass: nothing per call is kept on the dispatcher.
-
-Every collective here is differentiable: the backward of a dispatch all-to-all is the reverse
-all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
+See the package docstring for the interface they share.
 """
 
 from __future__ import annotations
@@ -23,113 +13,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from .kernels.dispatch_layout import (META_COPIES, META_PAIRS, dispatch_layout,
-                                      gather_send_rows, split_packed)
-from .kernels.fused_mul_sum import needs_grad
-from .permute import count_ids, sum_rows
-from .placement import ExpertPlacement
-
-
-# --------------------------------------------------------------------------------------------
-# Differentiable collectives
-# --------------------------------------------------------------------------------------------
-
-def _all_to_all(x, output_splits, input_splits, group):
-    """Uneven all-to-all of rows: x (sum(input_splits), ...) -> (sum(output_splits), ...)."""
-    out = x.new_empty(sum(output_splits), *x.shape[1:])
-    dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
-                           group=group)
-    return out
-
-
-def _exchange_rows(send, splits, D, K, group):
-    """The packed rows' all-to-all: views of the received tokens (R, D) and routing (R, 2K)."""
-    output_splits, input_splits = splits
-    return split_packed(_all_to_all(send, output_splits, input_splits, group), D, K)
-
-
-class _SendRows(torch.autograd.Function):
-    """The packed send rows (each a token and its routing, filled before the host sync) travel
-    to the expert ranks in one all-to-all; the outputs are views of the received rows: the
-    tokens (R, D) and the routing (R, 2K) fp32.
-
-    Backward: the reverse all-to-all brings the gradients of the copies home and each token
-    sums its copies in rank order (deterministic); the weights' gradient is the first K routing
-    columns. x and topk_weights are inputs only so that their gradients land there."""
-
-    @staticmethod
-    def forward(ctx, x, topk_weights, send, copy_index, splits, group):
-        ctx.save_for_backward(copy_index)
-        ctx.splits, ctx.group, ctx.dtypes = splits, group, (x.dtype, topk_weights.dtype)
-        return _exchange_rows(send, splits, x.shape[1], topk_weights.shape[1], group)
-
-    @staticmethod
-    def backward(ctx, grad_x, grad_routing):
-        (copy_index,) = ctx.saved_tensors
-        output_splits, input_splits = ctx.splits
-        K = grad_routing.shape[1] // 2
-        grads = []
-        for i, grad in enumerate((grad_x, grad_routing[:, :K])):
-            if ctx.needs_input_grad[i]:
-                back = _all_to_all(grad, input_splits, output_splits, ctx.group)
-                grads.append(sum_rows(back, copy_index).to(ctx.dtypes[i]))
-            else:
-                grads.append(None)
-        return (*grads, None, None, None, None)
-
-
-class _ReturnRows(torch.autograd.Function):
-    """Partial rows travel back to their tokens' home ranks; backward: the reverse all-to-all
-    of their gradients."""
-
-    @staticmethod
-    def forward(ctx, partial, output_splits, input_splits, group):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
-        return _all_to_all(partial, output_splits, input_splits, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        output_splits, input_splits = ctx.splits
-        return _all_to_all(grad, input_splits, output_splits, ctx.group), None, None, None
-
-
-class _AllGather(torch.autograd.Function):
-    """(N, ...) per rank -> (W*N, ...); backward: fp32 reduce-scatter (sum) of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.dtype = group, x.dtype
-        out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group).to(ctx.dtype), None
-
-
-def _reduce_scatter(x, group):
-    # fp32 reduction: the partial sums of W ranks lose bits when added in bf16
-    x = x.float().contiguous()
-    out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
-    dist.reduce_scatter_tensor(out, x, group=group)
-    return out
-
-
-class _ReduceScatter(torch.autograd.Function):
-    """(W*N, ...) -> (N, ...) fp32 sum over ranks; backward: all-gather of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.dtype = group, x.dtype
-        return _reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.to(ctx.dtype).contiguous()
-        out = grad.new_empty(dist.get_world_size(ctx.group) * grad.shape[0], *grad.shape[1:])
-        dist.all_gather_into_tensor(out, grad, group=ctx.group)
-        return out, None
+from ..kernels.dispatch_layout import META_COPIES, META_PAIRS, dispatch_layout, gather_send_rows
+from ..kernels.fused_mul_sum import needs_grad
+from ..permute import count_ids, sum_rows
+from ..placement import ExpertPlacement
+from .collectives import (_AllGather, _all_to_all, _exchange_rows, _ReduceScatter, _ReturnRows,
+                          _SendRows)
 
 
 # --------------------------------------------------------------------------------------------
