@@ -466,6 +466,15 @@ def _same_error_everywhere(build: Callable, group, must_contain: tuple) -> list[
     return fails
 
 
+def _group_still_works(group) -> list[str]:
+    """After an error: no rank left waiting in a collective, so a fresh one completes."""
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=group)
+    if probe.item() != dist.get_world_size(group):
+        return [f"all_reduce after the error gave {probe.item()}"]
+    return []
+
+
 def check_too_few_experts(case: Case, group, seed: int) -> list[str]:
     cfg = case.moe_config()
     return _same_error_everywhere(lambda: ep_moe.MoE(cfg, process_group=group), group,
@@ -479,12 +488,7 @@ def check_config_mismatch(case: Case, group, seed: int) -> list[str]:
         cfg = cfg.replace(top_k=cfg.top_k + 1)
     fails = _same_error_everywhere(lambda: ep_moe.MoE(cfg, process_group=group), group,
                                    ("differs between the ranks", "top_k"))
-    # the group must still work after the error: no rank left waiting in a collective
-    probe = torch.ones(1)
-    dist.all_reduce(probe, group=group)
-    if probe.item() != dist.get_world_size(group):
-        fails.append(f"all_reduce after the error gave {probe.item()}")
-    return fails
+    return fails + _group_still_works(group)
 
 
 def check_over_capacity(case: Case, group, seed: int) -> list[str]:
@@ -495,11 +499,7 @@ def check_over_capacity(case: Case, group, seed: int) -> list[str]:
     x = torch.randn(cfg.max_tokens_per_rank + 1, cfg.hidden_size)
     fails = _same_error_everywhere(lambda: layer(x), group,
                                    ("max_tokens_per_rank", f"{cfg.max_tokens_per_rank + 1} tokens"))
-    probe = torch.ones(1)
-    dist.all_reduce(probe, group=group)
-    if probe.item() != dist.get_world_size(group):
-        fails.append(f"all_reduce after the error gave {probe.item()}")
-    return fails
+    return fails + _group_still_works(group)
 
 
 def check_one_over_capacity(case: Case, group, seed: int) -> list[str]:
@@ -514,11 +514,7 @@ def check_one_over_capacity(case: Case, group, seed: int) -> list[str]:
         except ValueError as e:
             if "max_tokens_per_rank" not in str(e):
                 fails.append(f"message lacks max_tokens_per_rank: {e}")
-    probe = torch.ones(1)
-    dist.all_reduce(probe, group=group)
-    if probe.item() != dist.get_world_size(group):
-        fails.append(f"all_reduce after the error gave {probe.item()}")
-    return fails
+    return fails + _group_still_works(group)
 
 
 _CHECKS = {"match": check_match, "aux_loss": check_aux_loss,
