@@ -181,15 +181,15 @@ class Experts(nn.Module):
         cfg = self.config
         # host sync: the per-expert loop needs the row counts on the CPU
         counts = num_tokens_per_expert.tolist()
+        real = sum(counts)  # x may be sized by a bound (fixed-size exchange): rows past it unused
         outs = []
-        # x may be sized by a bound (fixed-size exchange): its rows past the counts are unused
-        for e, rows in enumerate(x[:sum(counts)].split(counts)):
+        for e, rows in enumerate(x[:real].split(counts)):
             if rows.shape[0] == 0:
                 continue
             h = activate(F.linear(rows, self.gate_up_proj[e]), cfg.activation, cfg.gated)
             outs.append(F.linear(h, self.down_proj[e]))
-        tail = x.new_zeros(x.shape[0] - sum(counts), x.shape[1])
-        return torch.cat(outs + [tail]) if outs else x.new_zeros(x.shape)
+        return torch.cat(outs + [x.new_zeros(x.shape[0] - real, x.shape[1])]) if outs else \
+            x.new_zeros(x.shape)
 
 
 class SharedExperts(nn.Module):

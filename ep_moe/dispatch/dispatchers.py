@@ -136,7 +136,7 @@ class AllToAllDispatcher(_Dispatcher):
     forward recorded them, and a rank that recorded none would leave the others waiting.
     """
 
-    def __init__(self, placement: ExpertPlacement, group: ProcessGroup, rank: int,
+    def __init__(self, placement: ExpertPlacement, group: ProcessGroup,
                  capacity: Optional[int] = None, chunks: int = 1):
         self.placement, self.group, self.capacity = placement, group, capacity
         self.world_size = placement.world_size
@@ -258,6 +258,6 @@ def make_dispatcher(config, placement: ExpertPlacement, group: Optional[ProcessG
     if placement.world_size == 1:
         return LocalDispatcher()
     if config.dispatcher == "all_to_all":
-        return AllToAllDispatcher(placement, group, rank, config.max_tokens_per_rank,
+        return AllToAllDispatcher(placement, group, config.max_tokens_per_rank,
                                   config.dispatch_chunks)
     return AllGatherDispatcher(placement, group, rank, config.max_tokens_per_rank)
