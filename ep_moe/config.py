@@ -73,10 +73,12 @@ class MoEConfig:
     # expert-parallel forward can be captured in a CUDA graph. Every rank must then pass at
     # most this many tokens per forward. None: exact split sizes, one host sync per forward.
     max_tokens_per_rank: Optional[int] = None
-    # with max_tokens_per_rank: the tokens in this many chunks, every chunk's rows sent before
-    # the first chunk's experts run, so chunk i + 1's rows travel while chunk i's experts run
-    # and chunk i's partials travel home while chunk i + 1's do (each chunk's exchange takes
-    # ceil(max_tokens_per_rank / dispatch_chunks) rows per rank)
+    # with max_tokens_per_rank, inference: the tokens in this many chunks, every chunk's rows
+    # sent before the first chunk's experts run, so chunk i + 1's rows travel while chunk i's
+    # experts run and chunk i's partials travel home while chunk i + 1's do. From 3 chunks on
+    # the first and last are half-size (their exchanges are the ones left exposed); each
+    # chunk's exchange takes its share of max_tokens_per_rank rows per rank
+    # (`ep_moe.dispatch.chunk_bounds`). Training runs the chunks in turn.
     dispatch_chunks: int = 1
 
     # init

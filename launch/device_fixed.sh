@@ -8,6 +8,7 @@
 #   decode: Qwen3 and Mixtral at 64 tokens per GPU, exact and fixed, CUDA-graph replays
 #   final: qwen3 and mixtral, exact and fixed, at 8192 and 64 tokens per GPU
 #   recheck: qwen3 exact and fixed, mixtral fixed (8192), qwen3 fixed at 64
+#   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,13 @@ for set in ${SET:-qwen3}; do
       harness qwen3_fixed --preset qwen3 --tokens 8192 --fixed --graph
       harness mixtral_fixed --preset mixtral --tokens 8192 --fixed --graph
       harness qwen3_fixed_T64 --preset qwen3 --tokens 64 --fixed --graph ;;
+    pipeline)  # the chunks' exchanges issued ahead and waited for only where read
+      for c in ${QWEN3_CHUNKS:-1 2 3 4}; do
+        harness qwen3_fixed_c$c --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
+      done
+      for c in ${MIXTRAL_CHUNKS:-1 2 4}; do
+        harness mixtral_fixed_c$c --preset mixtral --tokens 8192 --fixed --chunks $c --graph
+      done ;;
     decode)
       for p in qwen3 mixtral; do
         harness ${p}_exact_T64 --preset $p --tokens 64 --graph

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ep_moe
+from ep_moe.dispatch import chunk_bounds
 
 # Per-dtype tolerances, relative to the largest magnitude of the expected tensor.
 # fp32: both layers run the same fp32 GEMMs on the same rows; only the order of a token's K
@@ -297,7 +298,9 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
     if not torch.equal(y, y_expected):
         fails.append("fixed exchange: the forward without host reads differs")
     # rows out and partials back per chunk, no split sizes (all-gather: none)
-    expected = 2 * layer.config.dispatch_chunks if layer.config.dispatcher == "all_to_all" else 0
+    cfg = layer.config
+    chunks = len(chunk_bounds(cfg.max_tokens_per_rank, cfg.dispatch_chunks))
+    expected = 2 * chunks if cfg.dispatcher == "all_to_all" else 0
     if len(calls) != expected:
         fails.append(f"fixed exchange: {len(calls)} all-to-alls, expected {expected}")
     return fails

@@ -89,7 +89,7 @@ CASES = {
         Case("fixed_a2a_bf16_shared", tokens=(6, 5), dtype=torch.bfloat16,
              config=dict(SHARED_SIGMOID_GROUPS, max_tokens_per_rank=8)),
         Case("fixed_over_capacity", kind="over_capacity", config=dict(max_tokens_per_rank=3)),
-        # chunks of 3 tokens: rank 0's 5 make chunks of 3, 2 and 0, rank 1's 7 of 3, 3 and 1
+        # chunks of 2, 4 and 1 tokens: rank 0's 5 make chunks of 2, 3 and 0, rank 1's 7 of 2, 4, 1
         Case("fixed_chunks3_a2a", tokens=(5, 7),
              config=dict(top_k=2, max_tokens_per_rank=7, dispatch_chunks=3)),
         Case("fixed_chunks2_over_capacity", kind="over_capacity",

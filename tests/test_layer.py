@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ep_moe import MoE, MoEConfig
+from ep_moe.dispatch import chunk_bounds
 from ep_moe.experts import grouped_mm_supported
 from ep_moe.reference import reference_moe
 
@@ -372,3 +373,20 @@ def test_load_full_state_dict_round_trip():
     bad["experts.down_proj"] = bad["experts.down_proj"][:4]
     with pytest.raises(ValueError, match="experts.down_proj"):
         target.load_full_state_dict(bad)
+
+
+@pytest.mark.parametrize("capacity,chunks", [
+    (5, 1),      # one chunk: the whole capacity
+    (7, 2),      # two equal-ish halves
+    (7, 3),      # tapered: 2, 4, 1
+    (8192, 4),   # tapered at a real size: ends half the middles
+    (3, 5),      # more chunks than tokens: empty ranges dropped
+])
+def test_chunk_bounds_cover_the_capacity(capacity, chunks):
+    bounds = chunk_bounds(capacity, chunks)
+    sizes = [b - a for a, b in bounds]
+    assert bounds[0][0] == 0 and bounds[-1][1] == capacity
+    assert all(b == a for (_, b), (a, _) in zip(bounds, bounds[1:]))  # contiguous
+    assert min(sizes) > 0 and len(bounds) <= chunks
+    if chunks >= 3 and capacity >= 8 * chunks:  # the exposed ends are half-size
+        assert abs(2 * sizes[0] - sizes[1]) <= 2 and abs(2 * sizes[-1] - sizes[-2]) <= 2

@@ -15,8 +15,8 @@ all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
 
 from .dispatchers import (AllGatherDispatcher, AllGatherHandle, AllToAllDispatcher,
                           AllToAllHandle, Dispatched, Handle, LocalDispatcher, LocalHandle,
-                          check_capacity, make_dispatcher)
+                          check_capacity, chunk_bounds, make_dispatcher)
 
 __all__ = ["AllGatherDispatcher", "AllGatherHandle", "AllToAllDispatcher", "AllToAllHandle",
            "Dispatched", "Handle", "LocalDispatcher", "LocalHandle", "check_capacity",
-           "make_dispatcher"]
+           "chunk_bounds", "make_dispatcher"]

@@ -13,18 +13,37 @@ from ..kernels.dispatch_layout import split_packed
 from ..permute import sum_rows
 
 
+def _start_all_to_all(x, output_splits, input_splits, group):
+    """Uneven all-to-all of rows, issued and not waited for: x (sum(input_splits), ...) ->
+    (out (sum(output_splits), ...), work). On NCCL the exchange runs on the group's stream;
+    `work.wait()` makes the current stream wait for it (no host block), so work issued in
+    between overlaps the exchange."""
+    out = x.new_empty(sum(output_splits), *x.shape[1:])
+    work = dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
+                                  group=group, async_op=True)
+    return out, work
+
+
 def _all_to_all(x, output_splits, input_splits, group):
     """Uneven all-to-all of rows: x (sum(input_splits), ...) -> (sum(output_splits), ...)."""
-    out = x.new_empty(sum(output_splits), *x.shape[1:])
-    dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
-                           group=group)
+    out, work = _start_all_to_all(x, output_splits, input_splits, group)
+    work.wait()
     return out
+
+
+def _start_exchange_rows(send, splits, D, K, group):
+    """The packed rows' all-to-all, not waited for: views of the received tokens (R, D) and
+    routing (R, 2K), and the work to wait for before reading them."""
+    output_splits, input_splits = splits
+    out, work = _start_all_to_all(send, output_splits, input_splits, group)
+    return (*split_packed(out, D, K), work)
 
 
 def _exchange_rows(send, splits, D, K, group):
     """The packed rows' all-to-all: views of the received tokens (R, D) and routing (R, 2K)."""
-    output_splits, input_splits = splits
-    return split_packed(_all_to_all(send, output_splits, input_splits, group), D, K)
+    recv_x, recv_routing, work = _start_exchange_rows(send, splits, D, K, group)
+    work.wait()
+    return recv_x, recv_routing
 
 
 class _SendRows(torch.autograd.Function):

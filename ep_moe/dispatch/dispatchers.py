@@ -17,8 +17,8 @@ from ..kernels.dispatch_layout import META_COPIES, META_PAIRS, dispatch_layout, 
 from ..kernels.fused_mul_sum import needs_grad
 from ..permute import count_ids, sum_rows
 from ..placement import ExpertPlacement
-from .collectives import (_AllGather, _all_to_all, _exchange_rows, _ReduceScatter, _ReturnRows,
-                          _SendRows)
+from .collectives import (_AllGather, _ReduceScatter, _ReturnRows, _SendRows,
+                          _start_all_to_all, _start_exchange_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,6 +70,30 @@ class Dispatched:
     pairs_exact: bool = True
 
 
+def _wait(work: Optional[dist.Work]) -> None:
+    """Make the current stream wait for an exchange issued earlier (None: already done)."""
+    if work is not None:
+        work.wait()
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A dispatch whose rows' exchange may still run (work None: done, as under autograd,
+    whose Function waits). `wait()` waits on the current stream, then unpacks the routing."""
+
+    recv_x: torch.Tensor
+    recv_routing: torch.Tensor
+    handle: AllToAllHandle
+    pairs_exact: bool
+    work: Optional[dist.Work]
+
+    def wait(self) -> Dispatched:
+        _wait(self.work)
+        K = self.recv_routing.shape[1] // 2
+        recv_ids, recv_weights = _unpack_routing(self.recv_routing, K)
+        return Dispatched(self.recv_x, recv_ids, recv_weights, self.handle, self.pairs_exact)
+
+
 def check_capacity(T: int, capacity: int) -> None:
     # raised before any collective, on this rank: checking every rank's T together would
     # take the very host sync a fixed-size exchange exists to avoid, so a rank over capacity
@@ -78,6 +102,21 @@ def check_capacity(T: int, capacity: int) -> None:
         raise ValueError(f"x has {T} tokens on this rank, more than "
                          f"MoEConfig.max_tokens_per_rank={capacity}: a fixed-size exchange "
                          f"takes at most that many on every rank")
+
+
+def chunk_bounds(capacity: int, chunks: int) -> list[tuple[int, int]]:
+    """Token ranges [a, b) of a pipelined fixed-size exchange's chunks, covering [0, capacity).
+
+    From three chunks on, the first and the last are half the size of the others: the first
+    chunk's rows and the last chunk's partials travel while no experts run, so they are the
+    exchange time left exposed. Empty ranges (capacity < chunks) are dropped; every rank gets
+    the same ranges from the same config."""
+    weights = [1] * chunks if chunks < 3 else [1] + [2] * (chunks - 2) + [1]
+    edges, total = [0], 0
+    for w in weights:
+        total += w
+        edges.append(-(-capacity * total // sum(weights)))  # ceil
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
 def _pairs_bound(rows: int, K: int) -> int:
@@ -144,18 +183,34 @@ class AllToAllDispatcher(_Dispatcher):
         self._tables: dict = {}
 
     def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
-        """Dispatch, compute, combine; with `chunks` > 1 (fixed-size exchange only) every
-        chunk's rows leave before the first chunk's experts run, so one chunk's exchanges
-        overlap another's experts. All ranks issue the same collectives in the same order."""
+        """Dispatch, compute, combine; with `chunks` > 1 (fixed-size exchange only) a pipeline.
+
+        Inference: every chunk's rows are issued at once, and no exchange is waited for before
+        its result is read, so chunk i + 1's rows travel while chunk i's experts run and chunk
+        i's partials travel home while chunk i + 1's experts run (on NCCL the exchanges run
+        on the group's stream). Training: the chunks in turn. All ranks issue the same
+        collectives in the same order."""
         if self.chunks == 1:
             return super().run(x, topk_ids, topk_weights, compute)
-        check_capacity(x.shape[0], self.capacity)  # the chunks cover `capacity` tokens
-        step = -(-self.capacity // self.chunks)
-        bounds = [(min(i * step, x.shape[0]), min((i + 1) * step, x.shape[0]))
-                  for i in range(self.chunks)]
-        sent = [self._dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], step)
-                for a, b in bounds]
-        return torch.cat([self.combine(compute(s), s.handle) for s in sent])
+        T = x.shape[0]
+        check_capacity(T, self.capacity)  # the chunks cover `capacity` tokens
+        bounds = [(min(a, T), min(b, T), b - a) for a, b in chunk_bounds(self.capacity,
+                                                                        self.chunks)]
+        if needs_grad(x, topk_weights):
+            sent = [self.dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], C)
+                    for a, b, C in bounds]
+            return torch.cat([self.combine(compute(s), s.handle) for s in sent])
+        started = [self._start_dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], C)
+                   for a, b, C in bounds]
+        returning = []
+        for flight in started:
+            sent = flight.wait()
+            returning.append((sent.handle, *self._start_return(compute(sent), sent.handle)))
+        outs = []
+        for handle, back, work in returning:
+            _wait(work)
+            outs.append(sum_rows(back, handle.copy_index))
+        return torch.cat(outs)
 
     def _owner_and_table(self, device):
         if device not in self._tables:  # constants, cached per device (not module state)
@@ -163,10 +218,11 @@ class AllToAllDispatcher(_Dispatcher):
                                     self.placement.padded_local_experts(device))
         return self._tables[device]
 
-    def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
-        return self._dispatch(x, topk_ids, topk_weights, self.capacity)
+    def dispatch(self, x, topk_ids, topk_weights, capacity: Optional[int] = None) -> Dispatched:
+        """capacity: the fixed-size exchange's rows per rank (default: the dispatcher's)."""
+        return self._start_dispatch(x, topk_ids, topk_weights, capacity or self.capacity).wait()
 
-    def _dispatch(self, x, topk_ids, topk_weights, C: Optional[int]) -> Dispatched:
+    def _start_dispatch(self, x, topk_ids, topk_weights, C: Optional[int]) -> "_InFlight":
         T, K = topk_ids.shape
         if C is not None:
             check_capacity(T, C)
@@ -188,22 +244,27 @@ class AllToAllDispatcher(_Dispatcher):
             input_splits = output_splits = (C,) * self.world_size
             num_local_pairs = _pairs_bound(C * self.world_size, K)
         splits = (output_splits, input_splits)
+        work = None
         if needs_grad(x, topk_weights):
             recv_x, recv_routing = _SendRows.apply(x, topk_weights, send, layout.copy_index,
                                                    splits, self.group)
         else:  # inference: no autograd node, the rows' exchange issued sooner after the sync
-            recv_x, recv_routing = _exchange_rows(send, splits, x.shape[1], K, self.group)
-        recv_ids, recv_weights = _unpack_routing(recv_routing, K)
+            recv_x, recv_routing, work = _start_exchange_rows(send, splits, x.shape[1], K,
+                                                              self.group)
         handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
                                 output_splits)
-        return Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=C is None)
+        return _InFlight(recv_x, recv_routing, handle, C is None, work)
+
+    def _start_return(self, partial, handle: AllToAllHandle):
+        """The partials' exchange home: (rows, work to wait for); work None: done."""
+        if needs_grad(partial):
+            return _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
+                                     self.group), None
+        return _start_all_to_all(partial, handle.input_splits, handle.output_splits, self.group)
 
     def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
-        if needs_grad(partial):
-            back = _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
-                                     self.group)
-        else:
-            back = _all_to_all(partial, handle.input_splits, handle.output_splits, self.group)
+        back, work = self._start_return(partial, handle)
+        _wait(work)
         return sum_rows(back, handle.copy_index)
 
 
