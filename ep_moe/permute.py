@@ -57,7 +57,9 @@ def expand_rows(x: torch.Tensor, source_rows: torch.Tensor, row_index: torch.Ten
     return _gather(x, source_rows, count)  # no autograd node: less host time
 
 
-def sum_rows(rows: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
-    """(P, D) -> (T, D): token t gets the plain sum of its rows, in slot order."""
+def sum_rows(rows: torch.Tensor, row_index: torch.Tensor,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(P, D) -> (T, D): token t gets the plain sum of its rows, in slot order; written into
+    `out` (T, D) when given."""
     ones = torch.ones(row_index.shape, dtype=torch.float32, device=rows.device)
-    return fused_mul_sum_rows(rows, ones, row_index)
+    return fused_mul_sum_rows(rows, ones, row_index, outputs=out)

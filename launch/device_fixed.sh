@@ -8,6 +8,7 @@
 #   decode: Qwen3 and Mixtral at 64 tokens per GPU, exact and fixed, CUDA-graph replays
 #   final: qwen3 and mixtral, exact and fixed, at 8192 and 64 tokens per GPU
 #   recheck: qwen3 exact and fixed, mixtral fixed (8192), qwen3 fixed at 64
+#   channels: Qwen3 fixed, in 3 chunks, in 3 chunks under NCCL_MAX_P2P_NCHANNELS 16 and 8
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 set -uo pipefail
@@ -67,6 +68,14 @@ for set in ${SET:-qwen3}; do
       for c in ${MIXTRAL_CHUNKS:-1 2 4}; do
         harness mixtral_fixed_c$c --preset mixtral --tokens 8192 --fixed --chunks $c --graph
       done ;;
+    channels)  # Qwen3 in 3 chunks with NCCL held to fewer channels (SMs) beside the GEMMs
+      harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
+      harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      NCCL_MAX_P2P_NCHANNELS=16 harness qwen3_fixed_c3_p2p16 --preset qwen3 --tokens 8192 \
+        --fixed --chunks 3 --graph
+      NCCL_MAX_P2P_NCHANNELS=8 harness qwen3_fixed_c3_p2p8 --preset qwen3 --tokens 8192 \
+        --fixed --chunks 3 --graph
+      harness qwen3_fixed_c3_again --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph ;;
     decode)
       for p in qwen3 mixtral; do
         harness ${p}_exact_T64 --preset $p --tokens 64 --graph

@@ -289,6 +289,21 @@ def test_outputs_poisoned_and_overwritten(grad, routing):
     assert_close_to("outputs", outputs.detach(), ref, out_abs, torch.bfloat16)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_gathered_rows_into_poisoned_slice(grad):
+    """The pipelined exchange sums each chunk into a row slice of one output."""
+    case = make_inputs(6, 4, 129, torch.bfloat16, routing="map", gathered=True,
+                       ids_dtype=torch.int32)  # (T, K, D)
+    full = torch.full((9, 129), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    x = case.inputs.clone().requires_grad_(grad)
+    result = fused_mul_sum_rows(x, case.topk_weights, case.row_index, case.topk_ids,
+                                case.expert_map, outputs=full[2:8])
+    assert result.data_ptr() == full[2:8].data_ptr()
+    ref, _, _, out_abs, _ = combine_reference(case, grad_out_for(case, 6, 129))
+    assert_close_to("outputs", full[2:8].detach(), ref, out_abs, torch.bfloat16)
+    assert full[:2].isnan().all() and full[8:].isnan().all()  # nothing outside the slice
+
+
 def test_weights_grad_matches_finite_differences():
     """fp32, tiny: the combine is linear in the weights, so a large step is exact up to the
     rounding of the output; skipped slots (NaN inputs) must have exactly zero difference."""
@@ -410,6 +425,12 @@ BAD_ROWS_ARGS = [
     ("weights_T_mismatch", lambda a: {"topk_weights": a["topk_weights"][:-1]}, ValueError,
      "topk_weights"),
     ("map_without_ids", lambda a: {"topk_ids": None}, ValueError, "expert_map"),
+    ("rows_outputs_shape", lambda a: {"outputs": a["inputs"].new_empty(1, 1)}, ValueError,
+     "outputs"),
+    ("rows_outputs_non_contiguous",
+     lambda a: {"outputs": a["inputs"].new_empty(a["inputs"].shape[1],
+                                                 a["row_index"].shape[0]).t()},
+     ValueError, "outputs"),
 ]
 
 

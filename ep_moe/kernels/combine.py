@@ -162,15 +162,20 @@ def moe_fused_mul_sum(
                          f"for shape {tuple(inputs.shape)}")
     T, K, D = inputs.shape
     _check_routing(T, K, inputs.device, topk_weights, topk_ids, expert_map)
-    if outputs is not None:
-        _check_tensor("outputs", outputs, 2, FLOAT_DTYPES, inputs.device)
-        if tuple(outputs.shape) != (T, D) or outputs.dtype != inputs.dtype:
-            raise ValueError(f"outputs must be ({T}, {D}) {inputs.dtype}, got "
-                             f"{tuple(outputs.shape)} {outputs.dtype}")
-        if not outputs.is_contiguous():
-            raise ValueError(f"outputs must be contiguous, got strides {outputs.stride()}")
+    _check_outputs(outputs, T, D, inputs)
     args = (inputs, _contig(topk_weights), _contig(topk_ids), _contig(expert_map), None)
     return _dispatch(args, outputs)
+
+
+def _check_outputs(outputs, T, D, inputs):
+    if outputs is None:
+        return
+    _check_tensor("outputs", outputs, 2, FLOAT_DTYPES, inputs.device)
+    if tuple(outputs.shape) != (T, D) or outputs.dtype != inputs.dtype:
+        raise ValueError(f"outputs must be ({T}, {D}) {inputs.dtype}, got "
+                         f"{tuple(outputs.shape)} {outputs.dtype}")
+    if not outputs.is_contiguous():
+        raise ValueError(f"outputs must be contiguous, got strides {outputs.stride()}")
 
 
 def fused_mul_sum_rows(
@@ -179,6 +184,7 @@ def fused_mul_sum_rows(
     row_index: torch.Tensor,
     topk_ids: Optional[torch.Tensor] = None,
     expert_map: Optional[torch.Tensor] = None,
+    outputs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gathered-layout combine: `out[t] = sum_k w[t, k] * inputs[row_index[t, k]]`.
 
@@ -187,6 +193,7 @@ def fused_mul_sum_rows(
         topk_weights: (T, K) float weights.
         row_index: (T, K) int32 / int64 row of each slot in `inputs`, -1 for none (never read).
         topk_ids, expert_map: as in `moe_fused_mul_sum`, further masks.
+        outputs: optional (T, D) contiguous tensor of inputs' dtype: written and returned.
 
     Returns:
         (T, D) tensor of inputs' dtype, deterministic, differentiable in inputs and weights.
@@ -197,9 +204,10 @@ def fused_mul_sum_rows(
     _check_tensor("row_index", row_index, 2, INDEX_DTYPES, inputs.device)
     T, K = row_index.shape
     _check_routing(T, K, inputs.device, topk_weights, topk_ids, expert_map)
+    _check_outputs(outputs, T, inputs.shape[1], inputs)
     args = (inputs, _contig(topk_weights), _contig(topk_ids), _contig(expert_map),
             row_index.contiguous())
-    return _dispatch(args, None)
+    return _dispatch(args, outputs)
 
 
 def _dispatch(args, outputs):
