@@ -8,7 +8,8 @@
 #   decode: Qwen3 and Mixtral at 64 tokens per GPU, exact and fixed, CUDA-graph replays
 #   final: qwen3 and mixtral, exact and fixed, at 8192 and 64 tokens per GPU
 #   recheck: qwen3 exact and fixed, mixtral fixed (8192), qwen3 fixed at 64
-#   channels: Qwen3 fixed, in 3 chunks, in 3 chunks under NCCL_MAX_P2P_NCHANNELS 16 and 8
+#   channels: Qwen3 fixed, in 3 chunks, in 3 chunks with NCCL at high priority, under
+#             NCCL_MAX_P2P_NCHANNELS 16 and 8, and in 3 chunks again
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 set -uo pipefail
@@ -62,15 +63,17 @@ for set in ${SET:-qwen3}; do
       harness mixtral_fixed --preset mixtral --tokens 8192 --fixed --graph
       harness qwen3_fixed_T64 --preset qwen3 --tokens 64 --fixed --graph ;;
     pipeline)  # the chunks' exchanges issued ahead and waited for only where read
-      for c in ${QWEN3_CHUNKS:-1 2 3 4}; do
+      for c in ${QWEN3_CHUNKS-1 2 3 4}; do
         harness qwen3_fixed_c$c --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
       done
-      for c in ${MIXTRAL_CHUNKS:-1 2 4}; do
+      for c in ${MIXTRAL_CHUNKS-1 2 4}; do
         harness mixtral_fixed_c$c --preset mixtral --tokens 8192 --fixed --chunks $c --graph
       done ;;
     channels)  # Qwen3 in 3 chunks with NCCL held to fewer channels (SMs) beside the GEMMs
       harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
       harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      TORCH_NCCL_HIGH_PRIORITY=1 harness qwen3_fixed_c3_hp --preset qwen3 --tokens 8192 \
+        --fixed --chunks 3 --graph
       NCCL_MAX_P2P_NCHANNELS=16 harness qwen3_fixed_c3_p2p16 --preset qwen3 --tokens 8192 \
         --fixed --chunks 3 --graph
       NCCL_MAX_P2P_NCHANNELS=8 harness qwen3_fixed_c3_p2p8 --preset qwen3 --tokens 8192 \
