@@ -152,8 +152,9 @@ def poisoned_outputs(monkeypatch):
     return poisoned
 
 
-def check(case: Case, activation=None, gated=True, config=None):
-    out = grouped_gemm(case.a, case.w, case.counts, case.a_rows, activation, gated, config)
+def check(case: Case, activation=None, gated=True, config=None, persistent=False):
+    out = grouped_gemm(case.a, case.w, case.counts, case.a_rows, activation, gated, config,
+                       persistent)
     ref, bound = reference(case, activation, gated)
     assert_close_to(out, ref, bound, case.a.dtype)
     return out
@@ -180,13 +181,36 @@ SHAPE_IDS = ["empty_mid_end", "empty_lead_k40", "one_expert", "e1_k1", "e6", "p0
 
 
 @needs_triton
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
 @pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("counts,K,N", SHAPES, ids=SHAPE_IDS)
-def test_matches_reference(poisoned_outputs, counts, K, N, dtype, gather):
+def test_matches_reference(poisoned_outputs, counts, K, N, dtype, gather, persistent):
+    # persistent: 4 programs on the CPU, so each loops over several tiles
     case = make_inputs(counts, K, N, dtype, gather=gather)
-    out = check(case, "silu", True, SMALL)
+    out = check(case, "silu", True, SMALL, persistent)
     assert out.shape == (sum(counts), N // 2)
+
+
+@needs_triton
+@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, None)])
+def test_persistent_over_a_bound(poisoned_outputs, gated, activation):
+    """A buffer sized by a bound (a fixed-size exchange): P = 4x the counts' sum. The
+    persistent launch covers only the real tiles; its real rows are bitwise the grid's, and
+    the rows past the sum stay unwritten (poisoned here, left NaN)."""
+    case = make_inputs([9, 0, 23, 5], 40, 48, torch.bfloat16, gather=True, seed=3)
+    real = int(case.counts.sum())
+    pad = torch.full((3 * real,), 0, dtype=case.a_rows.dtype, device=case.a_rows.device)
+    a_rows = torch.cat([case.a_rows, pad])
+    outs = []
+    for persistent in (False, True):
+        out = grouped_gemm(case.a, case.w, case.counts, a_rows, activation, gated, SMALL,
+                           persistent)
+        outs.append(out)
+    ref, bound = reference(case, activation, gated)
+    assert_close_to(outs[1][:real], ref, bound, case.a.dtype)
+    assert torch.equal(outs[0][:real], outs[1][:real])
+    assert all(out[real:].isnan().all() for out in outs)
 
 
 @needs_triton

@@ -12,7 +12,8 @@ The tile schedule: expert i owns `ceil(count_i / BLOCK_M)` row blocks, laid end 
 program finds its expert by comparing its block number with the cumulative block counts, which
 it sums itself from the (e,) counts: no torch op runs before the launch.
 Programs are launched for the upper bound `ceil(P / BLOCK_M) + e` and those past the last
-block return at once. Row tiles of one group of GROUP_M blocks sweep all column tiles before
+block return at once; for a P far above the real rows (a buffer sized by a bound), `persistent`
+launches one program per SM that loops over the real tiles instead. Row tiles of one group of GROUP_M blocks sweep all column tiles before
 the next group starts, so the A rows stay in L2 while the weights stream.
 
 Only used where nothing needs a gradient: training keeps torch's grouped GEMM, whose backward
@@ -59,75 +60,104 @@ def _grouped_gemm_kernel(
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    # grouped order: GROUP_M row blocks sweep every column tile before the next group
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
-
-    # which expert owns row block pid_m: the row and block counts are read and summed here (a
+    # which expert owns which row block: the row and block counts are read and summed here (a
     # vector of E_POW2 lanes), so the launcher runs no torch ops before the kernel
     e = tl.arange(0, E_POW2)
     counts = tl.load(counts_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
     counts = tl.maximum(counts, 0)  # a negative count must not move other experts' rows
     blocks = (counts + BLOCK_M - 1) // BLOCK_M
     block_ends = tl.cumsum(blocks, 0)
-    expert = tl.sum((block_ends <= pid_m).to(tl.int32))  # empty experts count as passed
-    if expert >= num_experts:
-        return  # past the last block: the grid is an upper bound
-    mine = e == expert
-    row_end = tl.sum(tl.where(mine, tl.cumsum(counts, 0), 0))
-    row_begin = row_end - tl.sum(tl.where(mine, counts, 0))
-    first_block = tl.sum(tl.where(mine, block_ends - blocks, 0))
-
-    rows = row_begin + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
-    # counts summing past the P output rows must not write past them (device data: no check)
-    row_ok = (rows < row_end) & (rows < num_rows)
-    if GATHER:
-        a_row = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        a_ok = row_ok & (a_row >= 0) & (a_row < num_a_rows)  # a bad index reads nothing
+    row_ends = tl.cumsum(counts, 0)
+    if PERSISTENT:
+        # a few programs loop over the real tiles only, counted from the device counts
+        real_m = tl.minimum(tl.sum(blocks), num_pid_m)
+        num_tiles = real_m * tl.cdiv(N, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm_tile(tile, real_m, e, counts, blocks, block_ends, row_ends,
+                       a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
+                       num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                       GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
-        a_row = rows.to(tl.int64)
-        a_ok = row_ok
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    ks = tl.arange(0, BLOCK_K)
+        _gemm_tile(tl.program_id(0), num_pid_m, e, counts, blocks, block_ends, row_ends,
+                   a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
+                   num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                   GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
-    a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
-    # (BLOCK_K, BLOCK_N) tile of w[expert].T; w is (e, N', K) with K contiguous
-    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-              + cols[None, :].to(tl.int64) * stride_wn + ks[:, None])
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+
+@triton.jit
+def _gemm_tile(
+    tile, num_pid_m, e, counts, blocks, block_ends, row_ends,
+    a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems, num_rows, num_a_rows,
+    stride_am, stride_we, stride_wn, stride_om,
+    GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+    EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) output tile; tiles past the last row block write nothing."""
+    # grouped order: GROUP_M row blocks sweep every column tile before the next group
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = tile // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % (GROUP_M * num_pid_n)) % group_m
+    pid_n = (tile % (GROUP_M * num_pid_n)) // group_m
+
+    expert = tl.sum((block_ends <= pid_m).to(tl.int32))  # empty experts count as passed
+    if expert < num_experts:  # else past the last block: the grid is an upper bound
+        mine = e == expert
+        row_end = tl.sum(tl.where(mine, row_ends, 0))
+        row_begin = row_end - tl.sum(tl.where(mine, counts, 0))
+        first_block = tl.sum(tl.where(mine, block_ends - blocks, 0))
+
+        rows = row_begin + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+        # counts summing past the P output rows must not write past them (device data)
+        row_ok = (rows < row_end) & (rows < num_rows)
+        if GATHER:
+            a_row = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            a_ok = row_ok & (a_row >= 0) & (a_row < num_a_rows)  # a bad index reads nothing
         else:
-            k_ok = ks < K - k0
-            a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, w, acc, IEEE, UPCAST)
-        if GATED:
-            up_ptrs = w_ptrs + up_elems  # the up rows: N rows further, counted on the host
-            if EVEN_K:
-                w_up = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                w_up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+            a_row = rows.to(tl.int64)
+            a_ok = row_ok
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        ks = tl.arange(0, BLOCK_K)
 
-    if HAS_ACT:
-        acc, _ = _act_and_grad(acc, ACT)
-        if GATED:
-            acc = acc * acc_up
-    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
+        # (BLOCK_K, BLOCK_N) tile of w[expert].T; w is (e, N', K) with K contiguous
+        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+                  + cols[None, :].to(tl.int64) * stride_wn + ks[:, None])
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = ks < K - k0
+                a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(a, w, acc, IEEE, UPCAST)
+            if GATED:
+                up_ptrs = w_ptrs + up_elems  # the up rows: N rows further, counted on the host
+                if EVEN_K:
+                    w_up = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
+                else:
+                    w_up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+        if HAS_ACT:
+            acc, _ = _act_and_grad(acc, ACT)
+            if GATED:
+                acc = acc * acc_up
+        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +251,8 @@ def _check(name: str, t: torch.Tensor, ndim: int, dtypes) -> None:
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.Tensor,
                  a_rows: Optional[torch.Tensor] = None, activation: Optional[str] = None,
-                 gated: bool = True, config: Optional[GemmConfig] = None) -> torch.Tensor:
+                 gated: bool = True, config: Optional[GemmConfig] = None,
+                 persistent: bool = False) -> torch.Tensor:
     """Per-expert `a_sorted @ w[i].T`, optionally gathering rows and applying an activation.
 
     Args:
@@ -239,6 +270,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
             `act(h)`.
         config: tile sizes; default `gemm_config(P / e, gated, a.element_size(),
             shared_budget(a.device))`.
+        persistent: one program per SM, each looping over the tiles of the real row blocks
+            (counted on the device). For a P far above the counts' sum (a buffer sized by a
+            bound), where the grid sized by P would be mostly programs that exit at once,
+            each still holding its SM's shared memory while it starts.
 
     Returns:
         (P, N) — (P, N/2) with a gated `activation` — in a's dtype, fp32 accumulation (fp32
@@ -292,7 +327,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     cfg = config or gemm_config(num_rows / num_experts, gated, a.element_size(),
                                 shared_budget(a.device))
     num_pid_m = triton.cdiv(num_rows, cfg.block_m) + num_experts  # upper bound on row blocks
-    grid = (num_pid_m * triton.cdiv(n_out, cfg.block_n),)
+    num_tiles = num_pid_m * triton.cdiv(n_out, cfg.block_n)
+    grid = (min(num_tiles, _num_sms(a.device)) if persistent else num_tiles,)
     _grouped_gemm_kernel[grid](
         a, a_rows.contiguous() if a_rows is not None else a, w, out,
         num_tokens_per_expert.contiguous(),
@@ -303,5 +339,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
         IEEE=a.dtype == torch.float32, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         E_POW2=triton.next_power_of_2(num_experts),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PERSISTENT=persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so the loop runs several tiles each
+    return torch.cuda.get_device_properties(device).multi_processor_count
