@@ -8,6 +8,7 @@
 #   decode: Qwen3 and Mixtral at 64 tokens per GPU, exact and fixed, CUDA-graph replays
 #   final: qwen3 and mixtral, exact and fixed, at 8192 and 64 tokens per GPU
 #   recheck: qwen3 exact and fixed, mixtral fixed (8192), qwen3 fixed at 64
+#   final11: Qwen3 fixed in 1 and 3 chunks (8192), fixed at 64, Mixtral exact (8192)
 #   channels: Qwen3 fixed, in 3 chunks, in 3 chunks with NCCL at high priority, under
 #             NCCL_MAX_P2P_NCHANNELS 16 and 8, and in 3 chunks again
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
@@ -69,6 +70,11 @@ for set in ${SET:-qwen3}; do
       for c in ${MIXTRAL_CHUNKS-1 2 4}; do
         harness mixtral_fixed_c$c --preset mixtral --tokens 8192 --fixed --chunks $c --graph
       done ;;
+    final11)  # stop 11's code: Qwen3 fixed in 1 and 3 chunks, decode, Mixtral exact
+      harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
+      harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      harness qwen3_fixed_T64 --preset qwen3 --tokens 64 --fixed --graph
+      harness mixtral_exact --preset mixtral --tokens 8192 ;;
     channels)  # Qwen3 in 3 chunks with NCCL held to fewer channels (SMs) beside the GEMMs
       harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
       harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
