@@ -13,12 +13,7 @@
 #             NCCL_MAX_P2P_NCHANNELS 16 and 8, and in 3 chunks again
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-FINAL=${OUT:-out}; mkdir -p "$FINAL"
-export OUT=$(mktemp -d)
-n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
 pack() { tar czf "$FINAL/results${TAG:-}.tgz" -C "$OUT" .; }
 harness() {  # harness NAME ARGS...: one run at W = n, its table printed, its JSON kept
   local name=$1; shift

@@ -7,12 +7,7 @@
 # Everything lands in two archives under $OUT (the device tool brings back few files), named
 # with $TAG so that several invocations in one call keep theirs. WS lists the world sizes,
 # PRESETS the shapes; extra arguments go to the harness.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-FINAL=${OUT:-out}; mkdir -p "$FINAL"
-export OUT=$(mktemp -d)  # the scripts write here; packed into $FINAL at the end
-n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
 tokens=${TOKENS:-8192}
 pack() {  # after every stage, so a stage cut off by the call's limit loses only itself
   mkdir -p "$OUT/traces"; mv "$OUT"/*.trace.json "$OUT/traces/" 2>/dev/null

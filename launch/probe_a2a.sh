@@ -3,12 +3,7 @@
 # communicator, so a fresh torchrun); then the Qwen3 fixed-exchange harness (8192 tokens per
 # GPU, CUDA graphs) without any setting and under the one fastest at 128 MiB. One archive,
 # results${TAG}.tgz, under $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-FINAL=${OUT:-out}; mkdir -p "$FINAL"
-export OUT=$(mktemp -d)
-n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
 probe() {  # probe NAME [VAR=VALUE ...]
   local name=$1; shift
   env "$@" timeout 90 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
