@@ -296,6 +296,45 @@ def test_index_dtypes(poisoned_outputs, counts_dtype, rows_dtype):
     check(case, "silu", True, SMALL)
 
 
+# TMA loads want rows of a multiple of 16 bytes: K of 8, 16, 24 ... in 16-bit dtypes
+TMA_SHAPES = [s for s in SHAPES if s[1] % 8 == 0 and s[1] > 0 and sum(s[0]) > 0]
+
+
+@needs_triton
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, None)])
+@pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("counts,K,N", TMA_SHAPES,
+                         ids=[i for s, i in zip(SHAPES, SHAPE_IDS) if s in TMA_SHAPES])
+def test_tma_loads(poisoned_outputs, counts, K, N, dtype, gather, gated, activation,
+                   persistent):
+    """Tiles loaded through tensor descriptors: the same products as the pointer loads, bit
+    for bit, though their tiles run past an expert's rows (sorted a) and columns (N not a
+    multiple of BLOCK_N) and past K, where the pointer loads mask."""
+    case = make_inputs(counts, K, N, dtype, gather=gather, seed=5)
+    outs = [grouped_gemm(case.a, case.w, case.counts, case.a_rows, activation, gated, SMALL,
+                         persistent, tma=tma) for tma in (False, True)]
+    ref, bound = reference(case, activation, gated)
+    assert_close_to(outs[1], ref, bound, dtype)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_triton
+def test_tma_auto_and_refused():
+    case = make_inputs([3, 9], 24, 32, torch.bfloat16)
+    assert gg.tma_ok(case.a, case.w)  # 16-bit, 48-byte rows: taken by default (tma=None)
+    odd = make_inputs([3, 9], 20, 32, torch.bfloat16)  # 40-byte rows: no descriptor
+    wide = make_inputs([3, 9], 24, 32, torch.float32)  # 4-byte elements: pointer loads
+    for c in (odd, wide):
+        assert not gg.tma_ok(c.a, c.w)
+        ref, bound = reference(c)
+        assert_close_to(grouped_gemm(c.a, c.w, c.counts, config=SMALL), ref, bound,
+                        c.a.dtype)  # tma=None falls back to the pointer loads
+        with pytest.raises(ValueError, match=r"^tma=True needs 16-bit a and w"):
+            grouped_gemm(c.a, c.w, c.counts, config=SMALL, tma=True)
+
+
 @needs_triton
 @pytest.mark.parametrize("config", [None, GemmConfig(16, 32, 32, 2, 4, 2)], ids=str)
 def test_deterministic(config):

@@ -29,6 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side tensor descriptors (Hopper's TMA): triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer loads only
+    TensorDescriptor = None
+
 from .activation import ACTIVATIONS, _act_and_grad
 from .fused_mul_sum import _INTERPRET, _use_triton
 
@@ -60,7 +65,7 @@ def _grouped_gemm_kernel(
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
 ):
     # which expert owns which row block: the row and block counts are read and summed here (a
     # vector of E_POW2 lanes), so the launcher runs no torch ops before the kernel
@@ -79,13 +84,13 @@ def _grouped_gemm_kernel(
                        a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
                        num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
                        GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W)
     else:
         _gemm_tile(tl.program_id(0), num_pid_m, e, counts, blocks, block_ends, row_ends,
                    a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
                    num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
                    GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W)
 
 
 @triton.jit
@@ -96,8 +101,16 @@ def _gemm_tile(
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA_A: tl.constexpr, TMA_W: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) output tile; tiles past the last row block write nothing."""
+    """One (BLOCK_M, BLOCK_N) output tile; tiles past the last row block write nothing.
+
+    With TMA_W, `w_ptr` is a tensor descriptor over w viewed as (e * N', K): whole weight tiles
+    come in by the copy engine of the SM (TMA), zero-filled past K and past the last expert; a
+    tile that runs past an expert's N columns reads the next rows, whose products land in
+    columns that are never stored. With TMA_A (rows not gathered), `a_ptr` is one over a
+    (M, K): a row tile that runs past its expert's rows reads the next expert's, again only
+    into rows that are never stored."""
     # grouped order: GROUP_M row blocks sweep every column tile before the next group
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = tile // (GROUP_M * num_pid_n)
@@ -126,30 +139,45 @@ def _gemm_tile(
         col_ok = cols < N
         ks = tl.arange(0, BLOCK_K)
 
-        a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
-        # (BLOCK_K, BLOCK_N) tile of w[expert].T; w is (e, N', K) with K contiguous
-        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-                  + cols[None, :].to(tl.int64) * stride_wn + ks[:, None])
+        if TMA_A:
+            a_first = row_begin + (pid_m - first_block) * BLOCK_M
+        else:
+            a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
+        if TMA_W:
+            w_first = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
+        else:
+            # (BLOCK_K, BLOCK_N) tile of w[expert].T; w is (e, N', K) with K contiguous
+            w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+                      + cols[None, :].to(tl.int64) * stride_wn + ks[:, None])
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
+            if TMA_A:
+                a = a_ptr.load([a_first, k0])
+            elif EVEN_K:
                 a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=a_ok[:, None] & (ks[None, :] < K - k0), other=0.0)
+            if TMA_W:
+                w = w_ptr.load([w_first, k0]).T
+            elif EVEN_K:
                 w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
             else:
-                k_ok = ks < K - k0
-                a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
             acc = _dot(a, w, acc, IEEE, UPCAST)
             if GATED:
-                up_ptrs = w_ptrs + up_elems  # the up rows: N rows further, counted on the host
-                if EVEN_K:
-                    w_up = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
+                if TMA_W:  # the up rows: N rows further
+                    w_up = w_ptr.load([w_first + N, k0]).T
+                elif EVEN_K:  # the up rows: N rows further, counted on the host
+                    w_up = tl.load(w_ptrs + up_elems, mask=col_ok[None, :], other=0.0)
                 else:
-                    w_up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    w_up = tl.load(w_ptrs + up_elems,
+                                   mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
                 acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+            if not TMA_A:
+                a_ptrs += BLOCK_K
+            if not TMA_W:
+                w_ptrs += BLOCK_K
 
         if HAS_ACT:
             acc, _ = _act_and_grad(acc, ACT)
@@ -252,7 +280,7 @@ def _check(name: str, t: torch.Tensor, ndim: int, dtypes) -> None:
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.Tensor,
                  a_rows: Optional[torch.Tensor] = None, activation: Optional[str] = None,
                  gated: bool = True, config: Optional[GemmConfig] = None,
-                 persistent: bool = False) -> torch.Tensor:
+                 persistent: bool = False, tma: Optional[bool] = None) -> torch.Tensor:
     """Per-expert `a_sorted @ w[i].T`, optionally gathering rows and applying an activation.
 
     Args:
@@ -274,6 +302,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
             (counted on the device). For a P far above the counts' sum (a buffer sized by a
             bound), where the grid sized by P would be mostly programs that exit at once,
             each still holding its SM's shared memory while it starts.
+        tma: load the weight tiles (and a's, when rows are not gathered) through tensor
+            descriptors (Hopper's TMA) instead of per-thread pointers. None: wherever
+            `tma_ok` allows it; True where it does not is an error.
 
     Returns:
         (P, N) — (P, N/2) with a gated `activation` — in a's dtype, fp32 accumulation (fp32
@@ -326,11 +357,24 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
                            "tensor with TRITON_INTERPRET=1")
     cfg = config or gemm_config(num_rows / num_experts, gated, a.element_size(),
                                 shared_budget(a.device))
+    if tma is None:
+        tma = tma_ok(a, w)
+    elif tma and not tma_ok(a, w):
+        raise ValueError("tma=True needs 16-bit a and w on a CUDA device of compute capability "
+                         ">= 9 (or the interpreter), w contiguous, rows of a multiple of 16 "
+                         f"bytes; got {a.dtype} on {a.device}, w strides {w.stride()}")
+    tma_a = tma and a_rows is None
+    a_arg, w_arg = a, w
+    if tma:
+        w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
+                                             [cfg.block_n, cfg.block_k])
+    if tma_a:
+        a_arg = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
     num_pid_m = triton.cdiv(num_rows, cfg.block_m) + num_experts  # upper bound on row blocks
     num_tiles = num_pid_m * triton.cdiv(n_out, cfg.block_n)
     grid = (min(num_tiles, _num_sms(a.device)) if persistent else num_tiles,)
     _grouped_gemm_kernel[grid](
-        a, a_rows.contiguous() if a_rows is not None else a, w, out,
+        a_arg, a_rows.contiguous() if a_rows is not None else a, w_arg, out,
         num_tokens_per_expert.contiguous(),
         n_out, k_dim, num_experts, num_pid_m, n_out * w.stride(1), num_rows, a.shape[0],
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
@@ -339,8 +383,22 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
         IEEE=a.dtype == torch.float32, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         E_POW2=triton.next_power_of_2(num_experts),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PERSISTENT=persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PERSISTENT=persistent, TMA_A=tma_a, TMA_W=tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `grouped_gemm` can load through tensor descriptors: 16-bit operands (a 4-byte
+    K tile would outgrow the 128-byte swizzle), w contiguous, 16-byte aligned rows and bases,
+    and Hopper or newer (or the interpreter, which emulates them)."""
+    if TensorDescriptor is None or a.element_size() != 2 or not w.is_contiguous():
+        return False
+    if (a.stride(0) * 2) % 16 or (w.shape[2] * 2) % 16 or a.data_ptr() % 16 or w.data_ptr() % 16:
+        return False
+    if a.device.type == "cuda":
+        return torch.cuda.get_device_capability(a.device)[0] >= 9
+    return _INTERPRET
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One GPU: the grouped GEMM's descriptor (TMA) loads against pointer loads, then the GEMM tests
+# (STEP=probe), or the single-GPU layer benchmark with the default loads (STEP=layer).
+# Logs and JSON packed into $OUT/tma_${STEP}.tgz.
+source "$(dirname "$0")/device_env.sh"
+case "${STEP:-probe}" in
+  probe)
+    python3 -c 'import triton; print("triton", triton.__version__)' | tee "$OUT/versions.log"
+    timeout 420 python3 launch/probe_tma.py 2>&1 | tee "$OUT/probe_tma.log"
+    timeout 150 python3 -m pytest -q -x tests/test_grouped_gemm.py -p no:cacheprovider 2>&1 \
+      | tail -8 | tee "$OUT/pytest_gemm.log" ;;
+  layer)
+    timeout 560 python3 launch/bench_layer.py --tokens ${TOKENS:-512 4096 16384} 2>&1 \
+      | tee "$OUT/bench_layer.log" ;;
+esac
+tar czf "$FINAL/tma_${STEP:-probe}.tgz" -C "$OUT" .

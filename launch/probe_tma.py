@@ -1,0 +1,124 @@
+"""The grouped GEMM's tiles loaded through tensor descriptors (Hopper's TMA) against per-thread
+pointer loads, on the layer's shapes, one GPU. Each variant is checked bitwise against the
+pointer-load kernel with the same config and against torch's path, then the variants are timed
+by CUDA-graph replay, in turn, twice (a difference smaller than a variant's two readings is
+noise). Writes probe_tma.json under $OUT.
+
+    python launch/probe_tma.py [--presets qwen3 mixtral] [--tokens 64 512 4096 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (copy_ceiling_gbs, graph_time_us, markdown_table,  # noqa: E402
+                    matmul_ceiling_tflops, write_json)
+from sweep_gemm import SHAPES, rel, routing  # noqa: E402
+
+from ep_moe.experts import _grouped_mm  # noqa: E402
+from ep_moe.kernels.activation import gated_activation  # noqa: E402
+from ep_moe.kernels.grouped_gemm import GemmConfig, gemm_config, grouped_gemm  # noqa: E402
+
+# extra configs for the descriptor loads: longer K tiles (fewer, larger copies), fewer stages
+EXTRA = {1: [(128, 128, 128, 8, 8, 3), (128, 64, 128, 8, 4, 3)],
+         2: [(128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 2)]}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--presets", nargs="+", default=["qwen3", "mixtral"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[64, 512, 4096, 16384])
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    copy_gbs, mm_tflops = copy_ceiling_gbs(dev), matmul_ceiling_tflops(dev)
+    print(f"# {torch.cuda.get_device_name(dev)}: copy {copy_gbs:.0f} GB/s, "
+          f"matmul {mm_tflops:.0f} TFLOP/s", flush=True)
+    rows = []
+    for preset in args.presets:
+        E, D, I, K = SHAPES[preset]
+        w13 = torch.randn(E, 2 * I, D, device=dev, dtype=torch.bfloat16) * D ** -0.5
+        w2 = torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
+        for T in args.tokens:
+            if preset == "mixtral" and T > 4096:
+                continue  # torch's path from 256 rows per expert on this shape
+            torch.manual_seed(T)
+            x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+            src, counts = routing(T, E, K, dev)
+            P, hit = T * K, int((counts > 0).sum())
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            h_ref = gated_activation(_grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu")
+            y_ref = _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)
+            calls, replays = (3, 10) if T >= 4096 else (10, 20)
+            floors = {
+                1: max(2 * P * D * 2 * I / mm_tflops / 1e6,
+                       (hit * 2 * I * D + T * D + P * I) * 2 / copy_gbs / 1e3),
+                2: max(2 * P * I * D / mm_tflops / 1e6,
+                       (hit * D * I + P * I + P * D) * 2 / copy_gbs / 1e3),
+            }
+            torch_fns = {1: lambda: gated_activation(
+                _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu"),
+                2: lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)}
+            for gemm in (1, 2):
+                default = gemm_config(P / E, gemm == 1)
+                cfgs = [default] + [GemmConfig(*c) for c in EXTRA[gemm]
+                                    if T >= 512 and GemmConfig(*c) != default]
+
+                def fn(cfg, tma, persistent=False, gemm=gemm):
+                    if gemm == 1:
+                        return lambda: grouped_gemm(x, w13, counts, a_rows=src, activation="silu",
+                                                    config=cfg, tma=tma, persistent=persistent)
+                    return lambda: grouped_gemm(h_ref, w2, counts, config=cfg, tma=tma,
+                                                persistent=persistent)
+
+                variants = {"pointers": fn(default, False), "tma": fn(default, True),
+                            "tma_persistent": fn(default, True, True)}
+                for c in cfgs[1:]:
+                    variants["tma_" + "_".join(map(str, c))] = fn(c, True)
+                    variants["pointers_" + "_".join(map(str, c))] = fn(c, False)
+                ref = h_ref if gemm == 1 else y_ref
+                base = variants["pointers"]()
+                row = {"preset": preset, "T": T, "gemm": gemm, "default": list(default),
+                       "floor_us": floors[gemm]}
+                for name, f in variants.items():
+                    try:
+                        out = f()
+                        err = rel(out, ref)
+                        row[f"{name}_err"] = err
+                        if not err < 2e-2:
+                            raise RuntimeError(f"rel err {err:.3g} vs torch")
+                        if name in ("tma", "tma_persistent"):
+                            row[f"{name}_same"] = bool(torch.equal(out, base))
+                    except Exception as exc:  # a config that does not compile or fit: go on
+                        row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                        variants[name] = None
+                timed = {"torch": torch_fns[gemm], **{k: v for k, v in variants.items() if v}}
+                for rnd in range(2):
+                    for name, f in timed.items():
+                        row.setdefault(f"{name}_us", []).append(
+                            graph_time_us([f], calls, replays))
+                for name in timed:
+                    row[f"{name}_vs_floor"] = min(row[f"{name}_us"]) / floors[gemm]
+                rows.append(row)
+                print({k: ([round(u, 1) for u in v] if isinstance(v, list) and k.endswith("us")
+                           else round(v, 3) if isinstance(v, float) else v)
+                       for k, v in row.items()}, flush=True)
+        del w13, w2
+        torch.cuda.empty_cache()
+    write_json("probe_tma.json", {"device": torch.cuda.get_device_name(dev),
+                                  "copy_ceiling_gbs": copy_gbs,
+                                  "matmul_ceiling_tflops": mm_tflops, "rows": rows})
+    table = [{"preset": r["preset"], "T": r["T"], "gemm": r["gemm"],
+              "floor": round(r["floor_us"], 1),
+              **{k[:-3]: "/".join(f"{u:.0f}" for u in r[k]) for k in
+                 ("torch_us", "pointers_us", "tma_us", "tma_persistent_us") if k in r}}
+             for r in rows]
+    print(markdown_table(table, list(table[0])))
+
+
+if __name__ == "__main__":
+    main()
