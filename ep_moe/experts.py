@@ -157,8 +157,8 @@ class Experts(nn.Module):
         tiles, persistent = [None, None], [False, False]
         if rows_per_expert is not None:
             budget = shared_budget(x.device)
-            tiles = [gemm_config(rows_per_expert, gated, x.element_size(), budget)
-                     for gated in (cfg.gated, False)]
+            tiles = [gemm_config(rows_per_expert, gated, x.element_size(), budget,
+                                 self.num_local_experts) for gated in (cfg.gated, False)]
             # P a loose bound (a fixed-size exchange: W times the expected pairs): a grid sized
             # by P is mostly programs with nothing to do, and with 128-row tiles each holds an
             # SM's shared memory alone while it starts and exits (H100, Qwen3 at W = 4, 8192

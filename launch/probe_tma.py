@@ -27,13 +27,29 @@ from ep_moe.kernels.grouped_gemm import GemmConfig, gemm_config, grouped_gemm  #
 # extra configs for the descriptor loads: longer K tiles (fewer, larger copies), fewer stages
 EXTRA = {1: [(128, 128, 128, 8, 8, 3), (128, 64, 128, 8, 4, 3)],
          2: [(128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 2)]}
+# --sweep NAME: more tiles, descriptor loads only (the first probe found longer K tiles slower)
+SWEEPS = {
+    "wide": {1: [(128, 128, 64, 8, 8, 3), (128, 128, 64, 4, 8, 4), (128, 128, 64, 16, 8, 4),
+                 (128, 64, 64, 8, 4, 4), (128, 64, 64, 8, 4, 5), (64, 128, 64, 8, 4, 4),
+                 (128, 128, 32, 8, 8, 6)],
+             2: [(128, 256, 64, 8, 8, 3), (128, 256, 64, 4, 8, 4), (128, 256, 64, 16, 8, 4),
+                 (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4), (128, 256, 32, 8, 8, 6),
+                 (64, 256, 64, 8, 8, 4)]},
+    # few experts (Mixtral): groups spanning every row block, i.e. column tiles in turn
+    "group": {1: [(128, 128, 64, 16, 8, 4), (128, 128, 64, 32, 8, 4), (128, 128, 64, 16, 8, 3),
+                  (64, 128, 64, 16, 4, 4)],
+              2: [(128, 128, 128, 8, 8, 3), (128, 128, 128, 16, 8, 3), (128, 256, 64, 16, 8, 4),
+                  (128, 128, 64, 16, 8, 4), (64, 128, 64, 16, 4, 4)]},
+}
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--presets", nargs="+", default=["qwen3", "mixtral"])
     p.add_argument("--tokens", nargs="+", type=int, default=[64, 512, 4096, 16384])
+    p.add_argument("--sweep", choices=list(SWEEPS), help="more tiles, descriptor loads only")
     args = p.parse_args()
+    extra = SWEEPS[args.sweep] if args.sweep else EXTRA
     dev = torch.device("cuda")
     copy_gbs, mm_tflops = copy_ceiling_gbs(dev), matmul_ceiling_tflops(dev)
     print(f"# {torch.cuda.get_device_name(dev)}: copy {copy_gbs:.0f} GB/s, "
@@ -65,8 +81,8 @@ def main():
                 2: lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)}
             for gemm in (1, 2):
                 default = gemm_config(P / E, gemm == 1)
-                cfgs = [default] + [GemmConfig(*c) for c in EXTRA[gemm]
-                                    if T >= 512 and GemmConfig(*c) != default]
+                cfgs = [default] + [GemmConfig(*c) for c in extra[gemm]
+                                    if T >= 256 and GemmConfig(*c) != default]
 
                 def fn(cfg, tma, persistent=False, gemm=gemm):
                     if gemm == 1:
@@ -79,7 +95,8 @@ def main():
                             "tma_persistent": fn(default, True, True)}
                 for c in cfgs[1:]:
                     variants["tma_" + "_".join(map(str, c))] = fn(c, True)
-                    variants["pointers_" + "_".join(map(str, c))] = fn(c, False)
+                    if not args.sweep:
+                        variants["pointers_" + "_".join(map(str, c))] = fn(c, False)
                 ref = h_ref if gemm == 1 else y_ref
                 base = variants["pointers"]()
                 row = {"preset": preset, "T": T, "gemm": gemm, "default": list(default),
@@ -109,7 +126,7 @@ def main():
                        for k, v in row.items()}, flush=True)
         del w13, w2
         torch.cuda.empty_cache()
-    write_json("probe_tma.json", {"device": torch.cuda.get_device_name(dev),
+    write_json(f"probe_tma_{args.sweep}.json" if args.sweep else "probe_tma.json", {"device": torch.cuda.get_device_name(dev),
                                   "copy_ceiling_gbs": copy_gbs,
                                   "matmul_ceiling_tflops": mm_tflops, "rows": rows})
     table = [{"preset": r["preset"], "T": r["T"], "gemm": r["gemm"],

@@ -253,16 +253,20 @@ def test_pinned_configs(poisoned_outputs, config, gather):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("counts,gated", [  # rows per expert across gemm_config's brackets
     ([5, 7, 0, 3], True),        # 3.75 rows per expert, an idle expert: short row tiles
-    ([30, 50], True),            # 40 rows per expert
-    ([130, 0, 170], False),      # 100 rows per expert, an idle one between
+    ([30, 50], True),            # 40 rows per expert, few experts: 128-row tiles, groups of 16
+    ([130, 0, 170], False),      # 100 rows per expert, an idle one between; few experts, plain
+    ([30, 50, 41, 0, 38, 47, 33, 45, 52], True),  # 9 experts of ~38 rows: 64-row tiles
+    ([60, 71, 0, 66, 90, 75, 80, 69, 88], False),  # 9 experts of ~67 rows, plain
     ([150, 160], True),          # 155 rows per expert, gated
     ([150, 160], False),         # the same, not gated: the widest column tiles
-], ids=["few_rows", "mid_rows", "more_rows_empty", "many_rows_gated", "many_rows_plain"])
+], ids=["few_rows", "mid_rows_few_experts", "more_rows_empty", "mid_rows", "more_rows",
+        "many_rows_gated", "many_rows_plain"])
 def test_default_config(poisoned_outputs, counts, gated, dtype):
     case = make_inputs(counts, 40, 48, dtype, gather=True, seed=3)
     out = check(case, "silu", gated)
     # what config=None stands for (4-byte dtypes may get fewer stages or shorter K tiles)
-    pinned = gemm_config(sum(counts) / len(counts), gated, case.a.element_size())
+    pinned = gemm_config(sum(counts) / len(counts), gated, case.a.element_size(),
+                         num_experts=len(counts))
     assert torch.equal(out, grouped_gemm(case.a, case.w, case.counts, case.a_rows, "silu",
                                          gated, pinned))
 
@@ -551,18 +555,20 @@ def test_layer_fused_no_tokens(gemm_calls):
     assert y.shape == (0, 16) and len(gemm_calls) == 2
 
 
+@pytest.mark.parametrize("num_experts", [None, 8, 128])
 @pytest.mark.parametrize("rows_per_expert", [1, 8, 40, 100, 500])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("element_size", [2, 4])
-def test_default_config_fits_shared_memory(rows_per_expert, gated, element_size):
+def test_default_config_fits_shared_memory(rows_per_expert, gated, element_size, num_experts):
     # fp32 tiles at the bf16 stage counts needed 240-272 KiB: Triton refused them on an H200
-    cfg = gemm_config(rows_per_expert, gated, element_size)
+    cfg = gemm_config(rows_per_expert, gated, element_size, num_experts=num_experts)
     assert _shared_bytes(cfg, gated, element_size) <= 227 * 1024
     if element_size == 2:  # the bf16 configs are the swept ones, untouched by the fitting
         assert cfg.num_stages >= 3
     # a GPU with ~99 KiB a block (the 4-stage gated tile alone needs 144 KiB): fewer stages,
     # then shorter K tiles, never below what Triton can pipeline
-    small = gemm_config(rows_per_expert, gated, element_size, shared_budget=92 * 1024)
+    small = gemm_config(rows_per_expert, gated, element_size, shared_budget=92 * 1024,
+                        num_experts=num_experts)
     assert _shared_bytes(small, gated, element_size) <= 92 * 1024
     assert small.num_stages >= 2 and small.block_k >= 16
     assert small._replace(num_stages=cfg.num_stages, block_k=cfg.block_k) == cfg
