@@ -2,7 +2,7 @@
 # One GPU: the grouped GEMM's descriptor (TMA) loads against pointer loads, then the GEMM tests
 # (STEP=probe); a wider tile sweep with them and the persistent probe (STEP=sweep); or the
 # single-GPU layer benchmark with the default loads (STEP=layer), after the one-process
-# tests (STEP=full).
+# tests (STEP=full); the host time of the launches (STEP=host).
 # Logs and JSON packed into $OUT/tma_${STEP}.tgz.
 source "$(dirname "$0")/device_env.sh"
 case "${STEP:-probe}" in
@@ -22,6 +22,8 @@ case "${STEP:-probe}" in
       | tail -15 | tee "$OUT/pytest_gpu.log"
     timeout 240 python3 launch/bench_layer.py --tokens ${TOKENS:-16 512 4096 16384} 2>&1 \
       | tee "$OUT/bench_layer.log" ;;
+  host)  # host time of the launches, descriptor loads against pointer loads
+    timeout 300 python3 launch/probe_host.py 2>&1 | tee "$OUT/probe_host.log" ;;
   layer)
     timeout 560 python3 launch/bench_layer.py --tokens ${TOKENS:-512 4096 16384} 2>&1 \
       | tee "$OUT/bench_layer.log" ;;
