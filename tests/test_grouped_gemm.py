@@ -324,17 +324,39 @@ def test_tma_loads(poisoned_outputs, counts, K, N, dtype, gather, gated, activat
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.fixture
+def descriptors(monkeypatch):
+    """Counts the tensor descriptors `grouped_gemm` makes."""
+    made = []
+
+    def counting(tensor, block_shape):
+        made.append(tuple(block_shape))
+        return gg.TensorDescriptor(tensor, tensor.shape, tensor.stride(), block_shape)
+
+    monkeypatch.setattr(gg.TensorDescriptor, "from_tensor", staticmethod(counting))
+    return made
+
+
 @needs_triton
-def test_tma_auto_and_refused():
+def test_tma_auto_and_refused(descriptors):
     case = make_inputs([3, 9], 24, 32, torch.bfloat16)
-    assert gg.tma_ok(case.a, case.w)  # 16-bit, 48-byte rows: taken by default (tma=None)
+    assert gg.tma_ok(case.a, case.w)  # 16-bit, 48-byte rows
+    ref, bound = reference(case)
+    tall = GemmConfig(128, 16, 16, 1, 4, 2)
+    for config, made in ((SMALL, []), (tall, [(16, 16), (128, 16)])):
+        # tma=None: descriptors for 128-row tiles only (w's, then a's: rows not gathered)
+        descriptors.clear()
+        assert_close_to(grouped_gemm(case.a, case.w, case.counts, config=config), ref, bound,
+                        case.a.dtype)
+        assert descriptors == made
     odd = make_inputs([3, 9], 20, 32, torch.bfloat16)  # 40-byte rows: no descriptor
     wide = make_inputs([3, 9], 24, 32, torch.float32)  # 4-byte elements: pointer loads
     for c in (odd, wide):
         assert not gg.tma_ok(c.a, c.w)
+        descriptors.clear()
         ref, bound = reference(c)
-        assert_close_to(grouped_gemm(c.a, c.w, c.counts, config=SMALL), ref, bound,
-                        c.a.dtype)  # tma=None falls back to the pointer loads
+        assert_close_to(grouped_gemm(c.a, c.w, c.counts, config=tall), ref, bound, c.a.dtype)
+        assert descriptors == []  # tma=None falls back to the pointer loads
         with pytest.raises(ValueError, match=r"^tma=True needs 16-bit a and w"):
             grouped_gemm(c.a, c.w, c.counts, config=SMALL, tma=True)
 

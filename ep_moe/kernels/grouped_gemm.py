@@ -316,8 +316,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
             bound), where the grid sized by P would be mostly programs that exit at once,
             each still holding its SM's shared memory while it starts.
         tma: load the weight tiles (and a's, when rows are not gathered) through tensor
-            descriptors (Hopper's TMA) instead of per-thread pointers. None: wherever
-            `tma_ok` allows it; True where it does not is an error.
+            descriptors (Hopper's TMA) instead of per-thread pointers. None: for 128-row
+            tiles wherever `tma_ok` allows it (launch/probe_tma.py, H100: 3-16% faster GEMMs
+            there; the same time with shorter tiles, where each launch's ~35 us more of host
+            time, launch/probe_host.py, would be a loss when eager); True where `tma_ok`
+            refuses is an error.
 
     Returns:
         (P, N) — (P, N/2) with a gated `activation` — in a's dtype, fp32 accumulation (fp32
@@ -371,7 +374,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     cfg = config or gemm_config(num_rows / num_experts, gated, a.element_size(),
                                 shared_budget(a.device), num_experts)
     if tma is None:
-        tma = tma_ok(a, w)
+        tma = cfg.block_m >= 128 and tma_ok(a, w)
     elif tma and not tma_ok(a, w):
         raise ValueError("tma=True needs 16-bit a and w on a CUDA device of compute capability "
                          ">= 9 (or the interpreter), w contiguous, rows of a multiple of 16 "
@@ -410,8 +413,13 @@ def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     if (a.stride(0) * 2) % 16 or (w.shape[2] * 2) % 16 or a.data_ptr() % 16 or w.data_ptr() % 16:
         return False
     if a.device.type == "cuda":
-        return torch.cuda.get_device_capability(a.device)[0] >= 9
+        return _capability_major(a.device) >= 9
     return _INTERPRET
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 @functools.lru_cache(maxsize=None)
