@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (copy_ceiling_gbs, graph_time_us, markdown_table,  # noqa: E402
                     matmul_ceiling_tflops, write_json)
-from sweep_gemm import SHAPES, rel, routing  # noqa: E402
+from sweep_gemm import SHAPES, gemm_case, rel  # noqa: E402
 
 from ep_moe.experts import _grouped_mm  # noqa: E402
 from ep_moe.kernels.activation import gated_activation  # noqa: E402
@@ -62,20 +62,10 @@ def main():
         for T in args.tokens:
             if preset == "mixtral" and T > 4096:
                 continue  # torch's path from 256 rows per expert on this shape
-            torch.manual_seed(T)
-            x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
-            src, counts = routing(T, E, K, dev)
-            P, hit = T * K, int((counts > 0).sum())
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            h_ref = gated_activation(_grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu")
-            y_ref = _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)
+            x, src, counts, offs, h_ref, y_ref, floors = gemm_case(
+                T, K, w13, w2, copy_gbs, mm_tflops)
+            P = T * K
             calls, replays = (3, 10) if T >= 4096 else (10, 20)
-            floors = {
-                1: max(2 * P * D * 2 * I / mm_tflops / 1e6,
-                       (hit * 2 * I * D + T * D + P * I) * 2 / copy_gbs / 1e3),
-                2: max(2 * P * I * D / mm_tflops / 1e6,
-                       (hit * D * I + P * I + P * D) * 2 / copy_gbs / 1e3),
-            }
             torch_fns = {1: lambda: gated_activation(
                 _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu"),
                 2: lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)}

@@ -49,6 +49,28 @@ def routing(T, E, K, dev):
     return order // K, counts
 
 
+def gemm_case(T, K, w13, w2, copy_gbs, mm_tflops):
+    """T tokens routed at random to K of the weights' experts: the token rows, each sorted
+    pair's token, the counts and their running sum, torch's GEMM 1 and GEMM 2 outputs (the
+    references), and each GEMM's floor in us from the ceilings."""
+    E, I2, D = w13.shape
+    I = I2 // 2
+    torch.manual_seed(T)
+    x = torch.randn(T, D, device=w13.device, dtype=torch.bfloat16)
+    src, counts = routing(T, E, K, w13.device)
+    P, hit = T * K, int((counts > 0).sum())
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    h_ref = gated_activation(_grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu")
+    y_ref = _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)
+    floors = {
+        1: max(2 * P * D * 2 * I / mm_tflops / 1e6,
+               (hit * 2 * I * D + T * D + P * I) * 2 / copy_gbs / 1e3),
+        2: max(2 * P * I * D / mm_tflops / 1e6,
+               (hit * D * I + P * I + P * D) * 2 / copy_gbs / 1e3),
+    }
+    return x, src, counts, offs, h_ref, y_ref, floors
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--presets", nargs="+", default=list(SHAPES))
@@ -64,24 +86,14 @@ def main():
         w13 = torch.randn(E, 2 * I, D, device=dev, dtype=torch.bfloat16) * D ** -0.5
         w2 = torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
         for T in args.tokens:
-            torch.manual_seed(T)
-            x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
-            src, counts = routing(T, E, K, dev)
-            P, hit = T * K, int((counts > 0).sum())
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            h_ref = gated_activation(_grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu")
-            y_ref = _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)
+            x, src, counts, offs, h_ref, y_ref, floors = gemm_case(
+                T, K, w13, w2, copy_gbs, mm_tflops)
+            P = T * K
             calls, replays = (2, 6) if T >= 4096 else (10, 20)
             t1 = graph_time_us([lambda: gated_activation(
                 _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu")], calls, replays)
             t2 = graph_time_us([lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)],
                                calls, replays)
-            floors = {
-                1: max(2 * P * D * 2 * I / mm_tflops / 1e6,
-                       (hit * 2 * I * D + T * D + P * I) * 2 / copy_gbs / 1e3),
-                2: max(2 * P * I * D / mm_tflops / 1e6,
-                       (hit * D * I + P * I + P * D) * 2 / copy_gbs / 1e3),
-            }
             for gemm, cands, torch_us in ((1, SMALL + LARGE, t1),
                                           (2, SMALL + LARGE + PLAIN_ONLY, t2)):
                 best = None
