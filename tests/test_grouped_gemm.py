@@ -627,6 +627,21 @@ def test_negative_count_counts_as_zero():
 
 
 @needs_triton
+@pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
+@pytest.mark.parametrize("counts", [[10, 7, 23], [-5, 30, 0], [0, 0, 45]],
+                         ids=["sum_past_p", "negative", "one_past_p"])
+def test_tma_bad_counts_like_pointers(counts, gather):
+    """Counts that break the invariants (device data, never checked): the descriptor loads,
+    whose tiles run past a's 30 rows where the pointer loads mask, give the same output."""
+    case = make_inputs([10, 7, 13], 32, 32, torch.bfloat16, gather=gather, seed=6)
+    bad = torch.tensor(counts, device=DEVICE)
+    outs = [grouped_gemm(case.a, case.w, bad, case.a_rows, "silu", True, SMALL, tma=tma)
+            for tma in (False, True)]
+    assert outs[0].shape == (30, 16)
+    assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
+
+
+@needs_triton
 def test_out_of_range_a_rows_read_zeros():
     a = torch.randn(8, 32, device=DEVICE)
     w = torch.randn(1, 16, 32, device=DEVICE)
