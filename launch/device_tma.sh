@@ -2,7 +2,7 @@
 # One GPU: the grouped GEMM's descriptor (TMA) loads against pointer loads, then the GEMM tests
 # (STEP=probe); a wider tile sweep with them and the persistent probe (STEP=sweep); or the
 # single-GPU layer benchmark with the default loads (STEP=layer), after the one-process
-# tests (STEP=full); the host time of the launches (STEP=host).
+# tests (STEP=full); the host time of the launches (STEP=host); kernel profiles (STEP=profile).
 # Logs and JSON packed into $OUT/tma_${STEP}.tgz.
 source "$(dirname "$0")/device_env.sh"
 case "${STEP:-probe}" in
@@ -24,6 +24,11 @@ case "${STEP:-probe}" in
       | tee "$OUT/bench_layer.log" ;;
   host)  # host time of the launches, descriptor loads against pointer loads
     timeout 300 python3 launch/probe_host.py 2>&1 | tee "$OUT/probe_host.log" ;;
+  profile)  # where a training step's forward+backward spends its time, and an inference forward's
+    timeout 200 python3 launch/profile_layer.py --backward --tokens ${TOKENS:-512 4096 16384} \
+      2>&1 | tee "$OUT/profile_bwd.log"
+    timeout 120 python3 launch/profile_layer.py --tokens ${TOKENS:-512 4096 16384} 2>&1 \
+      | tee "$OUT/profile_fwd.log" ;;
   layer)
     timeout 560 python3 launch/bench_layer.py --tokens ${TOKENS:-512 4096 16384} 2>&1 \
       | tee "$OUT/bench_layer.log" ;;
