@@ -54,7 +54,12 @@ def time_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3, barrier=
 
 def time_fwd_and_fwd_bwd(module, x, g, device, iters, barrier=None) -> dict:
     """Median forward (no grad) and forward+backward ms of module(x), with peak device memory
-    of the forward+backward: absolute, and above what was allocated before it."""
+    of the forward+backward: absolute, and above what was allocated before it.
+
+    Each forward+backward starts from gradients set to None, as a training step does after
+    `zero_grad(set_to_none=True)`: the backward writes the gradients, and the time holds no
+    addition into the last call's (for Mixtral's 2.8 GB of expert weights that addition alone
+    took 2.8 ms of a 7.4 ms step on an H100: launch/profile_layer.py --backward)."""
     xg = x.clone().requires_grad_()
 
     def fwd():
@@ -62,6 +67,8 @@ def time_fwd_and_fwd_bwd(module, x, g, device, iters, barrier=None) -> dict:
             module(x)
 
     def fwd_bwd():
+        module.zero_grad(set_to_none=True)
+        xg.grad = None
         module(xg).backward(g)
 
     res = {"fwd_ms": time_ms(fwd, device, iters, barrier=barrier)}
