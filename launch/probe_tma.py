@@ -70,7 +70,7 @@ def main():
                 _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu"),
                 2: lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)}
             for gemm in (1, 2):
-                default = gemm_config(P / E, gemm == 1)
+                default = gemm_config(P / E, gemm == 1, num_experts=E)
                 cfgs = [default] + [GemmConfig(*c) for c in extra[gemm]
                                     if T >= 256 and GemmConfig(*c) != default]
 
@@ -116,9 +116,9 @@ def main():
                        for k, v in row.items()}, flush=True)
         del w13, w2
         torch.cuda.empty_cache()
-    write_json(f"probe_tma_{args.sweep}.json" if args.sweep else "probe_tma.json", {"device": torch.cuda.get_device_name(dev),
-                                  "copy_ceiling_gbs": copy_gbs,
-                                  "matmul_ceiling_tflops": mm_tflops, "rows": rows})
+    write_json(f"probe_tma_{args.sweep}.json" if args.sweep else "probe_tma.json",
+               {"device": torch.cuda.get_device_name(dev), "copy_ceiling_gbs": copy_gbs,
+                "matmul_ceiling_tflops": mm_tflops, "rows": rows})
     table = [{"preset": r["preset"], "T": r["T"], "gemm": r["gemm"],
               "floor": round(r["floor_us"], 1),
               **{k[:-3]: "/".join(f"{u:.0f}" for u in r[k]) for k in

@@ -34,7 +34,9 @@ def kernel_times(layer: MoE, x: torch.Tensor, backward: bool = False,
         x = x.detach().requires_grad_()
         g = torch.randn_like(x)
 
-        def call():
+        def call():  # a training step: gradients from None, not added into the last call's
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
             layer(x).backward(g)
     else:
         def call():

@@ -107,7 +107,7 @@ def main():
                         ref = y_ref
                     row = {"preset": preset, "T": T, "gemm": gemm,
                            "config": "default" if c is None else list(c),
-                           "default_is": list(gemm_config(P / E, gemm == 1)),
+                           "default_is": list(gemm_config(P / E, gemm == 1, num_experts=E)),
                            "torch_us": torch_us, "floor_us": floors[gemm]}
                     try:
                         err = rel(fn(), ref)

@@ -25,6 +25,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_RUNS = gg._use_triton(torch.empty(0, device=DEVICE))
 needs_triton = pytest.mark.skipif(
     not TRITON_RUNS, reason="the Triton path needs CUDA or TRITON_INTERPRET=1")
+# tensor descriptors: Hopper or newer, or the interpreter
+_PROBE = torch.empty(8, 8, dtype=torch.bfloat16, device=DEVICE)
+needs_tma = pytest.mark.skipif(
+    not (TRITON_RUNS and gg.tma_ok(_PROBE, _PROBE[None])),
+    reason="tensor descriptors need a GPU of compute capability >= 9 or TRITON_INTERPRET=1")
 
 # Allowed error = rtol * |ref| + atol + ACCUM_RTOL * bound, where `bound` carries the sums of
 # |terms| of the fp32 GEMM sums through the epilogue (see `reference`). Every dtype accumulates
@@ -304,7 +309,7 @@ def test_index_dtypes(poisoned_outputs, counts_dtype, rows_dtype):
 TMA_SHAPES = [s for s in SHAPES if s[1] % 8 == 0 and s[1] > 0 and sum(s[0]) > 0]
 
 
-@needs_triton
+@needs_tma
 @pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
 @pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, None)])
 @pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
@@ -337,7 +342,7 @@ def descriptors(monkeypatch):
     return made
 
 
-@needs_triton
+@needs_tma
 def test_tma_auto_and_refused(descriptors):
     case = make_inputs([3, 9], 24, 32, torch.bfloat16)
     assert gg.tma_ok(case.a, case.w)  # 16-bit, 48-byte rows
@@ -359,6 +364,23 @@ def test_tma_auto_and_refused(descriptors):
         assert descriptors == []  # tma=None falls back to the pointer loads
         with pytest.raises(ValueError, match=r"^tma=True needs 16-bit a and w"):
             grouped_gemm(c.a, c.w, c.counts, config=SMALL, tma=True)
+
+
+@needs_tma
+def test_tma_strided_a(descriptors):
+    """a a view with a row stride of K + 8 and NaN past K: its descriptor walks the real
+    stride and reads only K columns. Gathered rows of an a whose stride no descriptor takes
+    (K + 5) still get the weights' descriptor."""
+    for extra, gather, made in ((8, False, [(16, 16), (16, 16)]), (5, True, [(16, 16)])):
+        case = make_inputs([4, 17, 0, 9], 32, 32, torch.bfloat16, gather=gather, seed=8)
+        M, K = case.a.shape
+        a = torch.cat([case.a, case.a.new_full((M, extra), float("nan"))], 1)[:, :K]
+        assert a.stride(0) == K + extra
+        descriptors.clear()
+        out = grouped_gemm(a, case.w, case.counts, case.a_rows, "silu", True, SMALL, tma=True)
+        assert descriptors == made
+        ref, bound = reference(case, "silu", True)
+        assert_close_to(out, ref, bound, torch.bfloat16)
 
 
 @needs_triton
@@ -577,6 +599,41 @@ def test_layer_fused_no_tokens(gemm_calls):
     assert y.shape == (0, 16) and len(gemm_calls) == 2
 
 
+@pytest.mark.parametrize("rows_per_expert,num_experts,gated,expected", [
+    (64, 8, True, GemmConfig(128, 128, 64, 16, 8, 4)),    # few experts: every row block in
+    (128, 2, False, GemmConfig(128, 128, 128, 16, 8, 3)),  # one group of 16
+    (64, 9, True, GemmConfig(64, 128, 64, 4, 4, 4)),      # more experts: the rows decide
+    (64, None, False, GemmConfig(64, 128, 64, 4, 4, 4)),
+    (32, 8, True, GemmConfig(64, 128, 64, 4, 4, 4)),      # 32 rows and fewer: not measured
+    (200, 8, False, GemmConfig(128, 256, 64, 8, 8, 4)),   # past 128 rows: no gain measured
+])
+def test_gemm_config_few_experts(rows_per_expert, num_experts, gated, expected):
+    assert gemm_config(rows_per_expert, gated, num_experts=num_experts) == expected
+
+
+@needs_triton
+def test_default_config_gets_num_experts(monkeypatch):
+    """The launcher's default config and the layer's fused path both pass the expert count."""
+    seen = []
+    real = gg.gemm_config
+
+    def recording(*args, **kwargs):
+        seen.append(args[4] if len(args) > 4 else kwargs.get("num_experts"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gg, "gemm_config", recording)
+    monkeypatch.setattr(experts_module, "gemm_config", recording)
+    case = make_inputs([3, 9, 5], 24, 32, torch.float32)
+    grouped_gemm(case.a, case.w, case.counts)
+    assert seen == [3]
+    moe, x = make_layer(layer_config())
+    seen.clear()
+    with torch.no_grad():
+        moe.experts.fused_forward(x, torch.arange(x.shape[0], device=DEVICE),
+                                  torch.tensor([x.shape[0]] + [0] * 7, device=DEVICE), 4.0)
+    assert seen == [8, 8]
+
+
 @pytest.mark.parametrize("num_experts", [None, 8, 128])
 @pytest.mark.parametrize("rows_per_expert", [1, 8, 40, 100, 500])
 @pytest.mark.parametrize("gated", [True, False])
@@ -626,7 +683,7 @@ def test_negative_count_counts_as_zero():
     torch.testing.assert_close(out.double(), a.double() @ w[1].double().t(), rtol=1e-5, atol=1e-5)
 
 
-@needs_triton
+@needs_tma
 @pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
 @pytest.mark.parametrize("counts", [[10, 7, 23], [-5, 30, 0], [0, 0, 45]],
                          ids=["sum_past_p", "negative", "one_past_p"])

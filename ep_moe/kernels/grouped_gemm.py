@@ -55,7 +55,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _grouped_gemm_kernel(
-    # pointers
+    # pointers (a and w: tensor descriptors with TMA_A / TMA_W)
     a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr,
     # sizes
     N, K, num_experts, num_pid_m, up_elems, num_rows, num_a_rows,
@@ -201,6 +201,10 @@ class GemmConfig(NamedTuple):
     num_stages: int
 
 
+# up to this many experts, groups of 16 row blocks of at most 128 rows an expert span them all
+FEW_EXPERTS = 8
+
+
 def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
                 shared_budget: Optional[int] = None,
                 num_experts: Optional[int] = None) -> GemmConfig:
@@ -239,10 +243,6 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
         else:
             cfg = cfg._replace(block_k=cfg.block_k // 2)
     return cfg
-
-
-# up to this many experts, groups of 16 row blocks of at most 128 rows an expert span them all
-FEW_EXPERTS = 8
 
 
 # shared memory the pipelined A and W tiles may take: a block's opt-in maximum (Hopper: 227
@@ -373,13 +373,16 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
                            "tensor with TRITON_INTERPRET=1")
     cfg = config or gemm_config(num_rows / num_experts, gated, a.element_size(),
                                 shared_budget(a.device), num_experts)
+    gathered = a_rows is not None
     if tma is None:
-        tma = cfg.block_m >= 128 and tma_ok(a, w)
-    elif tma and not tma_ok(a, w):
+        tma = cfg.block_m >= 128 and tma_ok(a, w, gathered)
+    elif tma and not tma_ok(a, w, gathered):
         raise ValueError("tma=True needs 16-bit a and w on a CUDA device of compute capability "
                          ">= 9 (or the interpreter), w contiguous, rows of a multiple of 16 "
-                         f"bytes; got {a.dtype} on {a.device}, w strides {w.stride()}")
-    tma_a = tma and a_rows is None
+                         "bytes and 16-byte aligned bases (a's only when its rows are not "
+                         f"gathered); got {a.dtype} on {a.device}, a strides {a.stride()}, "
+                         f"w strides {w.stride()}")
+    tma_a = tma and not gathered
     a_arg, w_arg = a, w
     if tma:
         w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
@@ -404,13 +407,17 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     return out
 
 
-def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `grouped_gemm` can load through tensor descriptors: 16-bit operands (a 4-byte
-    K tile would outgrow the 128-byte swizzle), w contiguous, 16-byte aligned rows and bases,
-    and Hopper or newer (or the interpreter, which emulates them)."""
+def tma_ok(a: torch.Tensor, w: torch.Tensor, gathered: bool = False) -> bool:
+    """Whether `grouped_gemm` can load through tensor descriptors: 16-bit operands (fp32 takes
+    the IEEE products, and its descriptor loads were never measured), w contiguous with rows
+    of a multiple of 16 bytes, and a too unless its rows are gathered (then a gets no
+    descriptor), 16-byte aligned bases, on Hopper or newer (or the interpreter, which emulates
+    them)."""
     if TensorDescriptor is None or a.element_size() != 2 or not w.is_contiguous():
         return False
-    if (a.stride(0) * 2) % 16 or (w.shape[2] * 2) % 16 or a.data_ptr() % 16 or w.data_ptr() % 16:
+    if (w.shape[2] * 2) % 16 or w.data_ptr() % 16:
+        return False
+    if not gathered and ((a.stride(0) * 2) % 16 or a.data_ptr() % 16):
         return False
     if a.device.type == "cuda":
         return _capability_major(a.device) >= 9
