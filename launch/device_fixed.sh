@@ -10,6 +10,7 @@
 #   recheck: qwen3 exact and fixed, mixtral fixed (8192), qwen3 fixed at 64
 #   final11: Qwen3 fixed in 1 and 3 chunks (8192), fixed at 64, Mixtral exact (8192)
 #   step: Mixtral and Qwen3 exact (8192), forward+backward timed as training steps
+#   final12: final11 and step together (stop 12's code; the first thing to run at W = 4)
 #   channels: Qwen3 fixed, in 3 chunks, in 3 chunks with NCCL at high priority, under
 #             NCCL_MAX_P2P_NCHANNELS 16 and 8, and in 3 chunks again
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
@@ -44,6 +45,13 @@ for set in ${SET:-qwen3}; do
         --chunks 2 --graph
       TORCH_NCCL_HIGH_PRIORITY=1 harness qwen3_fixed_c4_hp --preset qwen3 --tokens 8192 --fixed \
         --chunks 4 --graph ;;
+    final12)  # stop 12's code at W = n: Qwen3 fixed in 1 and 3 chunks (graph), decode, and the
+      # exact exchange's forwards and training steps for both shapes
+      harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
+      harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      harness qwen3_fixed_T64 --preset qwen3 --tokens 64 --fixed --graph
+      harness mixtral_exact --preset mixtral --tokens 8192
+      harness qwen3_exact --preset qwen3 --tokens 8192 ;;
     step)  # forward+backward as a training step (gradients from None), exact exchange
       harness mixtral_exact --preset mixtral --tokens 8192
       harness qwen3_exact --preset qwen3 --tokens 8192 ;;
