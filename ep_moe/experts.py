@@ -17,7 +17,8 @@ from torch import nn
 from .config import MoEConfig
 from .kernels.activation import fused_activation_available, gated_activation
 from .kernels.fused_mul_sum import _use_triton
-from .kernels.grouped_gemm import gemm_config, grouped_gemm, shared_budget
+from .kernels.gemm_configs import gemm_config, shared_budget
+from .kernels.grouped_gemm import grouped_gemm
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 

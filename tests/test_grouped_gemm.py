@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from ep_moe import MoE, MoEConfig
 from ep_moe import experts as experts_module
 from ep_moe.kernels import grouped_gemm as gg
-from ep_moe.kernels.grouped_gemm import GemmConfig, _shared_bytes, gemm_config, grouped_gemm
+from ep_moe.kernels.gemm_configs import _shared_bytes
+from ep_moe.kernels.grouped_gemm import GemmConfig, gemm_config, grouped_gemm
 from ep_moe.reference import reference_moe
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

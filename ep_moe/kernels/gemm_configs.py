@@ -1,0 +1,99 @@
+"""Tile configs of the grouped expert GEMM (`grouped_gemm.py`): the named tuple, the choice by
+rows per expert and expert count (from the H200 and H100 sweeps in launch/), and the fitting
+of the pipelined tiles into a GPU's shared memory."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# up to this many experts, groups of 16 row blocks of at most 128 rows an expert span them all
+FEW_EXPERTS = 8
+
+
+def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
+                shared_budget: Optional[int] = None,
+                num_experts: Optional[int] = None) -> GemmConfig:
+    """Tile sizes by the mean rows per expert (launch/sweep_gemm.py, bf16, Mixtral and Qwen3
+    shapes: H200 for the brackets; H100 for the 4-stage pipelines of the 128-row tiles, faster
+    than 3 stages in 9 of the 11 shapes from 128 rows per expert by 3-11%, a small gain next
+    to the sweep's run-to-run noise of up to 9%).
+
+    Few rows per expert: the weights' bytes bound the time, so short row tiles keep every weight
+    tile read about once; many rows: the FLOPs do, so 128-row tiles for the tensor cores.
+    Few experts (`num_experts` <= FEW_EXPERTS) with 33-128 rows each (Mixtral, 256-512
+    tokens): 128-row tiles in groups of 16 row blocks, which cover every expert's rows, so each
+    column tile of all the experts' weights is read at once (launch/probe_tma.py, H100, TMA
+    loads: Mixtral at 64 rows per expert 836 -> 680 us and 386 -> 330 us, at 128 rows 806 ->
+    725 and 415 -> 382; Qwen3's 128 experts were slower in such groups).
+    Where the buffers exceed `shared_budget` bytes (default: a Hopper block's; see
+    `shared_budget`), the config gets fewer pipeline stages, then shorter K tiles, until they
+    fit: 4-byte dtypes, and GPUs with less shared memory.
+    """
+    budget = _SHARED_BUDGET if shared_budget is None else shared_budget
+    few_experts = num_experts is not None and num_experts <= FEW_EXPERTS
+    if rows_per_expert <= 8:
+        cfg = GemmConfig(16, 128, 128, 1, 4, 3)
+    elif few_experts and 32 < rows_per_expert <= 128:
+        cfg = GemmConfig(128, 128, 64, 16, 8, 4) if gated else GemmConfig(128, 128, 128, 16, 8, 3)
+    elif rows_per_expert <= 64:
+        cfg = GemmConfig(64, 128, 64, 4, 4, 4)
+    elif gated or rows_per_expert <= 128:
+        cfg = GemmConfig(128, 128, 64, 8, 8, 4)
+    else:
+        cfg = GemmConfig(128, 256, 64, 8, 8, 4)
+    while _shared_bytes(cfg, gated, element_size) > budget and \
+            (cfg.num_stages > 2 or cfg.block_k > 16):
+        if cfg.num_stages > 2:
+            cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+        else:
+            cfg = cfg._replace(block_k=cfg.block_k // 2)
+    return cfg
+
+
+# shared memory the pipelined A and W tiles may take: a block's opt-in maximum (Hopper: 227
+# KiB) less a little room for what Triton adds
+_SHARED_MARGIN = 7 * 1024
+_SHARED_BUDGET = 227 * 1024 - _SHARED_MARGIN
+
+
+@functools.lru_cache(maxsize=None)
+def shared_budget(device: torch.device) -> int:
+    """Bytes of shared memory `gemm_config` may give the pipelined tiles on `device`: its
+    per-block opt-in maximum (Hopper 227 KiB, A100 163, many others ~99) less Triton's own;
+    the Hopper figure where the device does not say (the CPU interpreter, older torch)."""
+    if device.type != "cuda":
+        return _SHARED_BUDGET
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return optin - _SHARED_MARGIN if optin else _SHARED_BUDGET
+
+
+def _shared_bytes(cfg: GemmConfig, gated: bool, element_size: int) -> int:
+    w_tiles = 2 if gated else 1
+    per_stage = (cfg.block_m + w_tiles * cfg.block_n) * cfg.block_k * element_size
+    return (cfg.num_stages - 1) * per_stage  # Triton buffers num_stages - 1 tiles ahead
+
+
+def _check_config(cfg) -> None:
+    if not isinstance(cfg, GemmConfig):
+        raise TypeError(f"config must be a GemmConfig, got {type(cfg).__name__}")
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= 16, got {v!r}")
+    for name in ("group_m", "num_warps", "num_stages"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.{name} must be an int >= 1, got {v!r}")
