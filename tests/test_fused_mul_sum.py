@@ -330,6 +330,27 @@ def test_weights_grad_matches_finite_differences():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_zero_width_rows(impl, monkeypatch):
+    """D = 0: nothing to sum, so the weights' gradient is exactly zero, and it must be written
+    (the Triton backward launches no program then; the buffer it would fill comes from
+    `empty_like`, NaN-filled here so an unset gradient shows)."""
+    real_empty_like = torch.empty_like
+
+    def poisoned_empty_like(t, *args, **kwargs):
+        out = real_empty_like(t, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
+    case = make_inputs(3, 2, 0)  # (T, K, D)
+    g = grad_out_for(case, 3, 0)
+    out, gx, gw = RUN[impl](case, g)
+    assert out.shape == (3, 0)
+    assert gx.shape == (3, 2, 0)
+    assert gw.shape == (3, 2) and gw.dtype == torch.float32
+    assert torch.equal(gw, torch.zeros(3, 2, device=DEVICE))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_deterministic(impl):
     case = make_inputs(5, 8, 2500, torch.bfloat16)  # (T, K, D): several D blocks, K=8
     g = grad_out_for(case, 5, 2500)
@@ -380,6 +401,7 @@ BAD_ARGS = [  # (name, change to the valid kwargs, exception, argument named)
     ("ids_float", lambda a: {"topk_ids": a["topk_ids"].float()}, TypeError, "topk_ids"),
     ("ids_1d", lambda a: {"topk_ids": a["topk_ids"][:, 0]}, ValueError, "topk_ids"),
     ("ids_T_mismatch", lambda a: {"topk_ids": a["topk_ids"][:-1]}, ValueError, "topk_ids"),
+    ("ids_K_mismatch", lambda a: {"topk_ids": a["topk_ids"][:, :1]}, ValueError, "topk_ids"),
     ("ids_other_device", lambda a: {"topk_ids": a["topk_ids"].to(META)}, ValueError,
      "topk_ids"),
     ("map_without_ids", lambda a: {"topk_ids": None}, ValueError, "expert_map"),

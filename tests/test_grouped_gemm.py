@@ -607,6 +607,7 @@ def test_layer_fused_no_tokens(gemm_calls):
     (64, None, False, GemmConfig(64, 128, 64, 4, 4, 4)),
     (32, 8, True, GemmConfig(64, 128, 64, 4, 4, 4)),      # 32 rows and fewer: not measured
     (200, 8, False, GemmConfig(128, 256, 64, 8, 8, 4)),   # past 128 rows: no gain measured
+    (8, None, True, GemmConfig(16, 128, 128, 1, 4, 3)),   # edge of rows <= 8: short row tiles
 ])
 def test_gemm_config_few_experts(rows_per_expert, num_experts, gated, expected):
     assert gemm_config(rows_per_expert, gated, num_experts=num_experts) == expected
@@ -652,6 +653,15 @@ def test_default_config_fits_shared_memory(rows_per_expert, gated, element_size,
     assert _shared_bytes(small, gated, element_size) <= 92 * 1024
     assert small.num_stages >= 2 and small.block_k >= 16
     assert small._replace(num_stages=cfg.num_stages, block_k=cfg.block_k) == cfg
+
+
+def test_gemm_config_fitting_order():
+    """Stages go first, K tiles only once at 2 stages. 100 rows gated: (128, 128, 64, 8, 8, 4),
+    (128 + 2 * 128) * 64 * 2 bytes = 48 KiB a stage, buffered num_stages - 1 times: 4 stages
+    need 144 KiB and 3 stages 96 KiB, both over 92 KiB; 2 stages need 48 KiB and fit. (Halving
+    BLOCK_K first would give (128, 128, 32, 8, 8, 4) at 72 KiB.)"""
+    cfg = gemm_config(100, True, 2, shared_budget=92 * 1024)
+    assert cfg == GemmConfig(128, 128, 64, 8, 8, 2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ def params_of(router):
 @pytest.mark.parametrize("changes", [
     dict(),  # Mixtral: softmax, renormalised
     dict(norm_topk_prob=False),  # Qwen3 without renormalisation
+    dict(routed_scaling_factor=2.5),  # softmax, renormalised, then scaled: the fast path
     dict(score_func="sigmoid", routed_scaling_factor=2.5),
     # DeepSeek-V3 at toy size: 16 experts in 4 groups, best 2 groups kept, K=4, bias
     dict(num_experts=16, top_k=4, score_func="sigmoid", num_expert_groups=4, topk_groups=2,
@@ -104,8 +105,9 @@ def test_norm_topk_prob(score_func):
         assert (raw.sum(-1) < 1 - 1e-3).all()
 
 
-def test_routed_scaling_factor():
-    router, x = make_inputs(tiny(score_func="sigmoid"))
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_routed_scaling_factor(score_func):
+    router, x = make_inputs(tiny(score_func=score_func))
     plain = router(x)
     scaled = with_config(router, routed_scaling_factor=2.5)(x)
     assert torch.equal(scaled.topk_ids, plain.topk_ids)  # selection unchanged
