@@ -73,13 +73,12 @@ class MoEConfig:
     # expert-parallel forward can be captured in a CUDA graph. Every rank must then pass at
     # most this many tokens per forward. None: exact split sizes, one host sync per forward.
     max_tokens_per_rank: Optional[int] = None
-    # all_to_all, inference: the tokens in this many chunks, every chunk's rows sent before
-    # the first chunk's experts run, so chunk i + 1's rows travel while chunk i's experts run
-    # and chunk i's partials travel home while chunk i + 1's do. From 3 chunks on the first
-    # and last are half-size (their exchanges are the ones left exposed;
-    # `ep_moe.dispatch.chunk_bounds`). With max_tokens_per_rank each chunk's exchange takes
-    # its share of those rows; with exact split sizes every chunk's go to the host in one
-    # sync. Training runs the chunks' experts in turn.
+    # with max_tokens_per_rank, inference: the tokens in this many chunks, every chunk's rows
+    # sent before the first chunk's experts run, so chunk i + 1's rows travel while chunk i's
+    # experts run and chunk i's partials travel home while chunk i + 1's do. From 3 chunks on
+    # the first and last are half-size (their exchanges are the ones left exposed); each
+    # chunk's exchange takes its share of max_tokens_per_rank rows per rank
+    # (`ep_moe.dispatch.chunk_bounds`). Training runs the chunks in turn.
     dispatch_chunks: int = 1
 
     # init
@@ -130,11 +129,13 @@ class MoEConfig:
         if self.max_tokens_per_rank is not None:
             _positive_int("max_tokens_per_rank", self.max_tokens_per_rank)
         _positive_int("dispatch_chunks", self.dispatch_chunks)
-        if self.dispatch_chunks > 1 and self.dispatcher != "all_to_all":
+        if self.dispatch_chunks > 1 and (self.max_tokens_per_rank is None
+                                         or self.dispatcher != "all_to_all"):
             raise ValueError(
-                f"MoEConfig.dispatch_chunks > 1 needs the all_to_all dispatcher (all-gather "
-                f"has no pipeline), got dispatch_chunks={self.dispatch_chunks}, dispatcher="
-                f"{self.dispatcher!r}")
+                f"MoEConfig.dispatch_chunks > 1 needs the all_to_all dispatcher with a fixed-size "
+                f"exchange (max_tokens_per_rank set; each chunk would cost a host sync "
+                f"otherwise), got dispatch_chunks={self.dispatch_chunks}, dispatcher="
+                f"{self.dispatcher!r}, max_tokens_per_rank={self.max_tokens_per_rank}")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts > 0")
         for name in ("aux_loss_coef", "z_loss_coef", "init_std"):

@@ -13,7 +13,6 @@
 #   final12: final11 and step together (stop 12's code; the first thing to run at W = 4)
 #   persist: Qwen3 fixed in 1 and 3 chunks, the persistent GEMM claiming tiles from a counter
 #            (this checkout) against its fixed stride (the package copied to .old, carried)
-#   exact_chunks: the exact exchange in MIXTRAL_CHUNKS (1 2 3 4) chunks, and Qwen3 in 1 and 3
 #   channels: Qwen3 fixed, in 3 chunks, in 3 chunks with NCCL at high priority, under
 #             NCCL_MAX_P2P_NCHANNELS 16 and 8, and in 3 chunks again
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
@@ -60,13 +59,6 @@ for set in ${SET:-qwen3}; do
         PYTHONPATH="$PWD/.old:$PYTHONPATH" harness qwen3_fixed_c${c}_stride --preset qwen3 \
           --tokens 8192 --fixed --chunks $c --graph
         harness qwen3_fixed_c${c}_counter --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
-      done ;;
-    exact_chunks)  # the exact exchange pipelined: one host sync for every chunk's split sizes
-      for c in ${MIXTRAL_CHUNKS-1 2 3 4}; do
-        harness mixtral_exact_c$c --preset mixtral --tokens 8192 --chunks $c
-      done
-      for c in 1 3; do
-        harness qwen3_exact_c$c --preset qwen3 --tokens 8192 --chunks $c
       done ;;
     step)  # forward+backward as a training step (gradients from None), exact exchange
       harness mixtral_exact --preset mixtral --tokens 8192

@@ -46,7 +46,7 @@ def parse_args():
     p.add_argument("--fixed", action="store_true",
                    help="fixed-size exchange: MoEConfig.max_tokens_per_rank = T (no host sync)")
     p.add_argument("--chunks", type=int, default=1,
-                   help="all_to_all: MoEConfig.dispatch_chunks (inference exchanges overlap experts)")
+                   help="with --fixed: MoEConfig.dispatch_chunks (exchanges overlap experts)")
     p.add_argument("--graph", action="store_true",
                    help="also time the no-grad forward as CUDA-graph replays (GPU; the "
                         "expert-parallel layer only with --fixed)")

@@ -104,21 +104,19 @@ def check_capacity(T: int, capacity: int) -> None:
                          f"takes at most that many on every rank")
 
 
-def chunk_bounds(capacity: int, chunks: int, keep_empty: bool = False) -> list[tuple[int, int]]:
-    """Token ranges [a, b) of a pipelined exchange's chunks, covering [0, capacity).
+def chunk_bounds(capacity: int, chunks: int) -> list[tuple[int, int]]:
+    """Token ranges [a, b) of a pipelined fixed-size exchange's chunks, covering [0, capacity).
 
     From three chunks on, the first and the last are half the size of the others: the first
     chunk's rows and the last chunk's partials travel while no experts run, so they are the
-    exchange time left exposed. Empty ranges (capacity < chunks) are dropped unless
-    `keep_empty`: a fixed-size exchange takes its ranges from the config, the same on every
-    rank, while the exact one splits each rank's own T and every rank must issue as many
-    exchanges as the others."""
+    exchange time left exposed. Empty ranges (capacity < chunks) are dropped; every rank gets
+    the same ranges from the same config."""
     weights = [1] * chunks if chunks < 3 else [1] + [2] * (chunks - 2) + [1]
     edges, total = [0], 0
     for w in weights:
         total += w
         edges.append(-(-capacity * total // sum(weights)))  # ceil
-    return [(a, b) for a, b in zip(edges, edges[1:]) if keep_empty or b > a]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
 def _pairs_bound(rows: int, K: int) -> int:
@@ -185,26 +183,25 @@ class AllToAllDispatcher(_Dispatcher):
         self._tables: dict = {}
 
     def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
-        """Dispatch, compute, combine; with `chunks` > 1 a pipeline.
+        """Dispatch, compute, combine; with `chunks` > 1 (fixed-size exchange only) a pipeline.
 
         Inference: every chunk's rows are issued at once, and no exchange is waited for before
         its result is read, so chunk i + 1's rows travel while chunk i's experts run and chunk
         i's partials travel home while chunk i + 1's experts run (on NCCL the exchanges run
-        on the group's stream). Exact split sizes: every chunk's layout and split sizes go
-        first and reach the host in one sync. Training: the chunks' experts and partials in
-        turn. All ranks issue the same collectives in the same order."""
+        on the group's stream). Training: the chunks in turn. All ranks issue the same
+        collectives in the same order."""
         if self.chunks == 1:
             return super().run(x, topk_ids, topk_weights, compute)
-        T, C = x.shape[0], self.capacity
-        if C is None:  # each rank splits its own T; every rank has `chunks` ranges
-            bounds = [(a, b, None) for a, b in chunk_bounds(T, self.chunks, keep_empty=True)]
-        else:  # the chunks cover `capacity` tokens, each chunk's exchange its share of C
-            check_capacity(T, C)
-            bounds = [(min(a, T), min(b, T), b - a) for a, b in chunk_bounds(C, self.chunks)]
-        started = self._start_dispatches(
-            [(x[a:b], topk_ids[a:b], topk_weights[a:b], cap) for a, b, cap in bounds])
-        if needs_grad(x, topk_weights):  # the rows are home already (autograd waits)
-            return torch.cat([self.combine(compute(s.wait()), s.handle) for s in started])
+        T = x.shape[0]
+        check_capacity(T, self.capacity)  # the chunks cover `capacity` tokens
+        bounds = [(min(a, T), min(b, T), b - a) for a, b in chunk_bounds(self.capacity,
+                                                                        self.chunks)]
+        if needs_grad(x, topk_weights):
+            sent = [self.dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], C)
+                    for a, b, C in bounds]
+            return torch.cat([self.combine(compute(s), s.handle) for s in sent])
+        started = [self._start_dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], C)
+                   for a, b, C in bounds]
         returning = []
         for flight in started:
             sent = flight.wait()
@@ -223,44 +220,22 @@ class AllToAllDispatcher(_Dispatcher):
 
     def dispatch(self, x, topk_ids, topk_weights, capacity: Optional[int] = None) -> Dispatched:
         """capacity: the fixed-size exchange's rows per rank (default: the dispatcher's)."""
-        C = capacity or self.capacity
-        return self._start_dispatches([(x, topk_ids, topk_weights, C)])[0].wait()
+        return self._start_dispatch(x, topk_ids, topk_weights, capacity or self.capacity).wait()
 
-    def _start_dispatches(self, parts) -> list["_InFlight"]:
-        """Dispatch each part (x, topk_ids, topk_weights, C), C the part's fixed-size rows per
-        rank or None for exact split sizes (the same for every part). Every exchange is
-        issued, none waited for; exact split sizes reach the host in one sync for all parts."""
-        exact = parts[0][3] is None
-        prepared = []
-        for x, topk_ids, topk_weights, C in parts:
-            if C is not None:
-                check_capacity(x.shape[0], C)
-            owner, table = self._owner_and_table(x.device)
-            layout = dispatch_layout(topk_ids, owner, table, capacity=C or 0)
-            meta_work = None
-            if exact:
-                meta_work = dist.all_to_all_single(layout.recv_meta, layout.send_meta,
-                                                   group=self.group, async_op=True)
-            # filled while the split sizes travel
-            prepared.append((layout, gather_send_rows(x, topk_weights, topk_ids, layout),
-                             meta_work))
-        if exact:
-            for _, _, meta_work in prepared:
-                meta_work.wait()  # on NCCL a stream wait, not a host block
-            # host sync: split sizes must be on the CPU for all_to_all_single (one read for
-            # every part's)
-            layouts = [layout.meta for layout, _, _ in prepared]
-            metas = (layouts[0][None] if len(layouts) == 1 else torch.stack(layouts)).tolist()
-        return [self._start_rows(part, layout, send, metas[i] if exact else None)
-                for i, (part, (layout, send, _)) in enumerate(zip(parts, prepared))]
-
-    def _start_rows(self, part, layout, send, meta) -> "_InFlight":
-        """Issue one part's rows (meta: its (sent, received) split message on the host, None
-        for a fixed-size exchange)."""
-        x, topk_ids, topk_weights, C = part
+    def _start_dispatch(self, x, topk_ids, topk_weights, C: Optional[int]) -> "_InFlight":
         T, K = topk_ids.shape
-        if meta is not None:
-            sent, received = meta
+        if C is not None:
+            check_capacity(T, C)
+        owner, table = self._owner_and_table(x.device)
+        layout = dispatch_layout(topk_ids, owner, table, capacity=C or 0)
+        if C is None:
+            meta_work = dist.all_to_all_single(layout.recv_meta, layout.send_meta,
+                                               group=self.group, async_op=True)
+        send = gather_send_rows(x, topk_weights, topk_ids, layout)  # while the meta travels
+        if C is None:
+            meta_work.wait()  # on NCCL a stream wait, not a host block
+            # host sync: split sizes must be on the CPU for all_to_all_single
+            sent, received = layout.meta.tolist()
             input_splits = tuple(row[META_COPIES] for row in sent)
             output_splits = tuple(row[META_COPIES] for row in received)
             send = send[:sum(input_splits)]
@@ -278,7 +253,7 @@ class AllToAllDispatcher(_Dispatcher):
                                                               self.group)
         handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
                                 output_splits)
-        return _InFlight(recv_x, recv_routing, handle, meta is not None, work)
+        return _InFlight(recv_x, recv_routing, handle, C is None, work)
 
     def _start_return(self, partial, handle: AllToAllHandle):
         """The partials' exchange home: (rows, work to wait for); work None: done."""
