@@ -13,6 +13,9 @@
 #   final12: final11 and step together (stop 12's code; the first thing to run at W = 4)
 #   persist: Qwen3 fixed in 1 and 3 chunks, the persistent GEMM claiming tiles from a counter
 #            (this checkout) against its fixed stride (the package copied to .old, carried)
+#   reserve: Qwen3 fixed in 3 and 2 chunks with package variants carried under .var/NAME
+#            (VARIANTS, e.g. "grid r16": the grouped GEMM's grid launch, the persistent one
+#            leaving 16 SMs free) against this checkout
 #   channels: Qwen3 fixed, in 3 chunks, in 3 chunks with NCCL at high priority, under
 #             NCCL_MAX_P2P_NCHANNELS 16 and 8, and in 3 chunks again
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
@@ -59,6 +62,14 @@ for set in ${SET:-qwen3}; do
         PYTHONPATH="$PWD/.old:$PYTHONPATH" harness qwen3_fixed_c${c}_stride --preset qwen3 \
           --tokens 8192 --fixed --chunks $c --graph
         harness qwen3_fixed_c${c}_counter --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
+      done ;;
+    reserve)  # does a persistent GEMM that holds every SM keep NCCL's blocks out?
+      for c in ${RESERVE_CHUNKS-3 2}; do
+        harness qwen3_fixed_c${c}_base --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
+        for v in ${VARIANTS:-}; do
+          PYTHONPATH="$PWD/.var/$v:$PYTHONPATH" harness qwen3_fixed_c${c}_$v --preset qwen3 \
+            --tokens 8192 --fixed --chunks $c --graph
+        done
       done ;;
     step)  # forward+backward as a training step (gradients from None), exact exchange
       harness mixtral_exact --preset mixtral --tokens 8192
