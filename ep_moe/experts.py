@@ -138,7 +138,8 @@ class Experts(nn.Module):
 
     def fused_forward(self, x: torch.Tensor, source_rows: torch.Tensor,
                       num_tokens_per_expert: torch.Tensor,
-                      rows_per_expert: Optional[float] = None) -> torch.Tensor:
+                      rows_per_expert: Optional[float] = None,
+                      overlapped: bool = False) -> torch.Tensor:
         """Inference forward straight from the token rows, no autograd.
 
         Args:
@@ -147,6 +148,8 @@ class Experts(nn.Module):
             num_tokens_per_expert: (e,) int pairs per local expert, summing to at most P (rows
                 past their sum are left unwritten: P may be a bound).
             rows_per_expert: the mean the tile sizes are chosen for; default P / e.
+            overlapped: other work (a pipeline's exchanges) runs beside these GEMMs: no
+                persistent launch, whose programs hold every SM for the whole GEMM.
 
         Returns:
             (P, D) expert outputs in sorted order; the (P, D) sorted copy of x and the (P, 2I)
@@ -163,9 +166,12 @@ class Experts(nn.Module):
             # P a loose bound (a fixed-size exchange: W times the expected pairs): a grid sized
             # by P is mostly programs with nothing to do, and with 128-row tiles each holds an
             # SM's shared memory alone while it starts and exits (H100, Qwen3 at W = 4, 8192
-            # tokens: both GEMMs 1324 -> 1234 us; on exact buffers the grid is faster)
+            # tokens: both GEMMs 1324 -> 1234 us; on exact buffers the grid is faster). Not
+            # beside a pipeline's exchanges: there the short-lived grid programs leave SMs to
+            # NCCL's blocks as they finish (4x H200, Qwen3 in 3 chunks, CUDA graph: 1.87 ms
+            # against 1.91-1.97 persistent, 1.97 / 2.10 persistent on 16 / 32 SMs fewer)
             loose = source_rows.shape[0] > 2 * rows_per_expert * self.num_local_experts
-            persistent = [loose and t.block_m >= 128 for t in tiles]
+            persistent = [loose and t.block_m >= 128 and not overlapped for t in tiles]
         h = grouped_gemm(x, self.gate_up_proj, num_tokens_per_expert, a_rows=source_rows,
                          activation=cfg.activation, gated=cfg.gated, config=tiles[0],
                          persistent=persistent[0])  # (P, I)

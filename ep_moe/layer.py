@@ -157,8 +157,11 @@ class MoE(nn.Module):
         order = sort_by_expert(ids, len(self.local_expert_ids), num_pairs, expert_map)
         if fused:  # inference: gather and activation inside the Triton GEMMs
             rows = expected / max(self.experts.num_local_experts, 1)  # tiles for these
+            # chunks: the other chunks' exchanges run beside these GEMMs
+            overlapped = self.world_size > 1 and self.config.dispatch_chunks > 1
             out_rows = self.experts.fused_forward(sent.x, order.source_rows,
-                                                  order.num_tokens_per_expert, rows)  # (P, D)
+                                                  order.num_tokens_per_expert, rows,
+                                                  overlapped=overlapped)  # (P, D)
         else:
             # P a bound: gather only the sort's real pairs (its total, on the device)
             count = None if sent.pairs_exact else order.offsets[-1:]

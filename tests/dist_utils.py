@@ -275,6 +275,11 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
     saved = {name: getattr(torch.Tensor, name)
              for name in ("tolist", "item", "cpu", "__bool__", "__int__", "__index__")}
     all_to_all, calls = dist.all_to_all_single, []
+    fused_forward, overlapped = layer.experts.fused_forward, []
+
+    def recording(*args, **kwargs):  # the chunks' GEMMs run beside exchanges: no persistent
+        overlapped.append(kwargs["overlapped"])
+        return fused_forward(*args, **kwargs)
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -286,6 +291,7 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
         for name in patched:
             setattr(torch.Tensor, name, host_read)
         dist.all_to_all_single = counted
+        layer.experts.fused_forward = recording
         with torch.no_grad():
             y = layer(x)
     except _HostRead:
@@ -295,6 +301,7 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)
         dist.all_to_all_single = all_to_all
+        del layer.experts.fused_forward  # the method again
     if not torch.equal(y, y_expected):
         fails.append("fixed exchange: the forward without host reads differs")
     # rows out and partials back per chunk, no split sizes (all-gather: none)
@@ -303,6 +310,10 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
     expected = 2 * chunks if cfg.dispatcher == "all_to_all" else 0
     if len(calls) != expected:
         fails.append(f"fixed exchange: {len(calls)} all-to-alls, expected {expected}")
+    fused = cfg.expert_impl == "auto"  # grouped_mm / loop: torch's GEMMs, never fused_forward
+    if (fused and not overlapped) or set(overlapped) - {cfg.dispatch_chunks > 1}:
+        fails.append(f"fixed exchange in {cfg.dispatch_chunks} chunks: fused_forward got "
+                     f"overlapped={overlapped}")
     return fails
 
 

@@ -636,6 +636,33 @@ def test_default_config_gets_num_experts(monkeypatch):
     assert seen == [8, 8]
 
 
+@needs_triton
+@pytest.mark.parametrize("loose,overlapped,expected", [
+    (True, False, [True, True]),    # a buffer 4x the expected rows: one program per SM
+    (True, True, [False, False]),   # beside a pipeline's exchanges: the grid leaves SMs free
+    (False, False, [False, False]),  # exact buffers: the grid is faster
+])
+def test_persistent_only_over_a_loose_bound(monkeypatch, loose, overlapped, expected):
+    """Which launch the fused path asks for, and that the layer asks for it only without
+    chunks (the rows are the same either way: test_persistent_over_a_bound)."""
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["persistent"])
+        return grouped_gemm(*args, **kwargs)
+
+    monkeypatch.setattr(experts_module, "grouped_gemm", recording)
+    moe, x = make_layer(layer_config())
+    rows = 200.0  # mean rows per expert the tiles are chosen for: 128-row tiles
+    P = int(4 * rows * 8) if loose else int(rows * 8)
+    counts = torch.tensor([3, 0, 5, 0, 0, 0, 0, 2], device=DEVICE)
+    source = torch.arange(P, device=DEVICE) % x.shape[0]
+    assert gemm_config(rows, True, 4, num_experts=8).block_m == 128
+    with torch.no_grad():
+        moe.experts.fused_forward(x, source, counts, rows, overlapped=overlapped)
+    assert seen == expected
+
+
 @pytest.mark.parametrize("num_experts", [None, 8, 128])
 @pytest.mark.parametrize("rows_per_expert", [1, 8, 40, 100, 500])
 @pytest.mark.parametrize("gated", [True, False])
