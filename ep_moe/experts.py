@@ -167,9 +167,10 @@ class Experts(nn.Module):
             # by P is mostly programs with nothing to do, and with 128-row tiles each holds an
             # SM's shared memory alone while it starts and exits (H100, Qwen3 at W = 4, 8192
             # tokens: both GEMMs 1324 -> 1234 us; on exact buffers the grid is faster). Not
-            # beside a pipeline's exchanges: there the short-lived grid programs leave SMs to
-            # NCCL's blocks as they finish (4x H200, Qwen3 in 3 chunks, CUDA graph: 1.87 ms
-            # against 1.91-1.97 persistent, 1.97 / 2.10 persistent on 16 / 32 SMs fewer)
+            # beside a pipeline's exchanges: a persistent program holds its SM for the whole
+            # GEMM, so an exchange that starts meanwhile finds none free, while the grid's
+            # short programs free theirs as they finish (4x H200, Qwen3 in 3 chunks, CUDA
+            # graph: persistent 2.12-2.14 ms, grid 1.87-1.90; launch/NOTES.md, stop 13)
             loose = source_rows.shape[0] > 2 * rows_per_expert * self.num_local_experts
             persistent = [loose and t.block_m >= 128 and not overlapped for t in tiles]
         h = grouped_gemm(x, self.gate_up_proj, num_tokens_per_expert, a_rows=source_rows,

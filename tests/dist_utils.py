@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 
 import ep_moe
 from ep_moe.dispatch import chunk_bounds
+from ep_moe.kernels.fused_mul_sum import _use_triton
 
 # Per-dtype tolerances, relative to the largest magnitude of the expected tensor.
 # fp32: both layers run the same fp32 GEMMs on the same rows; only the order of a token's K
@@ -310,7 +311,8 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
     expected = 2 * chunks if cfg.dispatcher == "all_to_all" else 0
     if len(calls) != expected:
         fails.append(f"fixed exchange: {len(calls)} all-to-alls, expected {expected}")
-    fused = cfg.expert_impl == "auto"  # grouped_mm / loop: torch's GEMMs, never fused_forward
+    # grouped_mm / loop, or no Triton (CPU without the interpreter): never fused_forward
+    fused = cfg.expert_impl == "auto" and _use_triton(x)
     if (fused and not overlapped) or set(overlapped) - {cfg.dispatch_chunks > 1}:
         fails.append(f"fixed exchange in {cfg.dispatch_chunks} chunks: fused_forward got "
                      f"overlapped={overlapped}")

@@ -643,8 +643,9 @@ def test_default_config_gets_num_experts(monkeypatch):
     (False, False, [False, False]),  # exact buffers: the grid is faster
 ])
 def test_persistent_only_over_a_loose_bound(monkeypatch, loose, overlapped, expected):
-    """Which launch the fused path asks for, and that the layer asks for it only without
-    chunks (the rows are the same either way: test_persistent_over_a_bound)."""
+    """Which launch the fused path asks for (the rows are the same either way:
+    test_persistent_over_a_bound); that the layer passes `overlapped` only when it pipelines
+    is checked in the gloo tests (dist_utils._check_fixed_exchange)."""
     seen = []
 
     def recording(*args, **kwargs):

@@ -13,9 +13,9 @@ program finds its expert by comparing its block number with the cumulative block
 it sums itself from the (e,) counts: no torch op runs before the launch.
 Programs are launched for the upper bound `ceil(P / BLOCK_M) + e` and those past the last
 block return at once; for a P far above the real rows (a buffer sized by a bound), `persistent`
-launches one program per SM that claims the real tiles one by one from a counter instead.
-Row tiles of one group of GROUP_M blocks sweep all column tiles before the next group starts,
-so the A rows stay in L2 while the weights stream.
+launches one program per SM that loops over the real tiles instead. Row tiles of one group of
+GROUP_M blocks sweep all column tiles before the next group starts, so the A rows stay in L2
+while the weights stream.
 
 Only used where nothing needs a gradient: training keeps torch's grouped GEMM, whose backward
 torch provides.
@@ -58,7 +58,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _grouped_gemm_kernel(
     # pointers (a and w: tensor descriptors with TMA_A / TMA_W)
-    a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr, tile_counter_ptr,
+    a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr,
     # sizes
     N, K, num_experts, num_pid_m, up_elems, num_rows, num_a_rows,
     # strides (the last dim of a, w and out is contiguous)
@@ -78,23 +78,15 @@ def _grouped_gemm_kernel(
     block_ends = tl.cumsum(blocks, 0)
     row_ends = tl.cumsum(counts, 0)
     if PERSISTENT:
-        # a few programs loop over the real tiles only, counted from the device counts. Each
-        # claims its next tile from a counter (taken one tile ahead, so the atomic's latency
-        # hides under the current tile): a program whose SM is held by an exchange's blocks
-        # that overlap this GEMM starts late and takes fewer tiles, where a fixed stride
-        # would leave its share of tiles for last. Whichever program runs a tile, its sums
-        # are the same: the output does not depend on the claim order.
+        # a few programs loop over the real tiles only, counted from the device counts
         real_m = tl.minimum(tl.sum(blocks), num_pid_m)
         num_tiles = real_m * tl.cdiv(N, BLOCK_N)
-        tile = tl.atomic_add(tile_counter_ptr, 1)
-        while tile < num_tiles:
-            next_tile = tl.atomic_add(tile_counter_ptr, 1)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _gemm_tile(tile, real_m, e, counts, blocks, block_ends, row_ends,
                        a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
                        num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
                        GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W)
-            tile = next_tile
     else:
         _gemm_tile(tl.program_id(0), num_pid_m, e, counts, blocks, block_ends, row_ends,
                    a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
@@ -232,8 +224,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
             `act(h)`.
         config: tile sizes; default `gemm_config(P / e, gated, a.element_size(),
             shared_budget(a.device), e)`.
-        persistent: one program per SM, each claiming the next tile of the real row blocks
-            (counted on the device) until none is left. For a P far above the counts' sum (a buffer sized by a
+        persistent: one program per SM, each looping over the tiles of the real row blocks
+            (counted on the device). For a P far above the counts' sum (a buffer sized by a
             bound), where the grid sized by P would be mostly programs that exit at once,
             each still holding its SM's shared memory while it starts.
         tma: load the weight tiles (and a's, when rows are not gathered) through tensor
@@ -313,13 +305,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     num_pid_m = triton.cdiv(num_rows, cfg.block_m) + num_experts  # upper bound on row blocks
     num_tiles = num_pid_m * triton.cdiv(n_out, cfg.block_n)
     grid = (min(num_tiles, _num_sms(a.device)) if persistent else num_tiles,)
-    counts = num_tokens_per_expert.contiguous()
-    # persistent: the tiles' claim counter, from 0 at every launch (a graph replays the fill);
-    # else never read, and no fill is launched
-    tile_counter = torch.zeros(1, dtype=torch.int32, device=a.device) if persistent else counts
     _grouped_gemm_kernel[grid](
         a_arg, a_rows.contiguous() if a_rows is not None else a, w_arg, out,
-        counts, tile_counter,
+        num_tokens_per_expert.contiguous(),
         n_out, k_dim, num_experts, num_pid_m, n_out * w.stride(1), num_rows, a.shape[0],
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         GATHER=a_rows is not None, HAS_ACT=activation is not None, GATED=gated,
