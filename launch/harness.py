@@ -338,6 +338,14 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
     return out
 
 
+def median_over_ranks(runs: list[dict]) -> dict:
+    """{ratio}_median: the median of a per-GPU ratio over every rank's rounds (each rank
+    records one paired ratio per round, under {ratio}_rounds)."""
+    keys = sorted({k for run in runs for k in run if k.endswith("_rounds")})
+    return {k[:-len("_rounds")] + "_median": statistics.median(v for run in runs for v in run[k])
+            for k in keys}
+
+
 def main():
     args = parse_args()
     group = init_distributed()
@@ -380,9 +388,11 @@ def main():
                 dist.all_gather_object(runs, run, group=group)
             else:
                 runs = [run]
-            report["runs"].append({"dispatcher": kind, "per_rank": runs})
+            summary = median_over_ranks(runs)
+            report["runs"].append({"dispatcher": kind, "per_rank": runs, "summary": summary})
             if rank == 0:
-                slowest = max(runs, key=lambda r: r["fwd_bwd_ms"])
+                # the slowest rank's row, and each ratio's median over every rank and round
+                slowest = dict(max(runs, key=lambda r: r["fwd_bwd_ms"]), **summary)
                 cols = ["dispatcher", "max_tokens_per_rank", "chunks", "W", "T_per_rank", "fwd_ms",
                         "fwd_bwd_ms", "graph_fwd_ms", "single_graph_fwd_ms", "tokens_per_s",
                         "route_ms", "dispatch_ms", "experts_ms", "combine_ms",
@@ -390,7 +400,7 @@ def main():
                         "combine_exchange_vs_raw", "per_gpu_vs_single_fwd",
                         "per_gpu_vs_single_fwd_bwd", "per_gpu_vs_single_graph_fwd",
                         "peak_mem_gib"]
-                cols += [k for k in slowest if k.endswith("_rounds")]
+                cols += [k for k in slowest if k.endswith("_rounds") or k.endswith("_median")]
                 print(markdown_table([slowest], [c for c in cols if c in slowest]), flush=True)
     if rank == 0:
         path = write_json(args.json or f"harness_{args.preset}_W{W}.json", report)

@@ -41,6 +41,10 @@ def test_harness_checks_times_and_reports(tmp_path):
                 "dispatch_ms", "combine_ms", "dispatch_exchange_ms", "dispatch_vs_raw"):
         assert a2a[key] > 0, key
     assert len(a2a["per_gpu_vs_single_fwd_rounds"]) == 2  # one paired ratio per round
+    for run in report["runs"]:  # the summary: the median over both ranks' rounds
+        pooled = sorted(v for r in run["per_rank"] for v in r["per_gpu_vs_single_fwd_rounds"])
+        assert len(pooled) == 4
+        assert run["summary"]["per_gpu_vs_single_fwd_median"] == (pooled[1] + pooled[2]) / 2
     # every rank sends its copies and gets the same number of rows back in total
     assert sum(r["rows_sent"] for r in runs["all_to_all"]) == \
         sum(r["rows_received"] for r in runs["all_to_all"])
