@@ -390,3 +390,25 @@ def test_chunk_bounds_cover_the_capacity(capacity, chunks):
     assert min(sizes) > 0 and len(bounds) <= chunks
     if chunks >= 3 and capacity >= 8 * chunks:  # the exposed ends are half-size
         assert abs(2 * sizes[0] - sizes[1]) <= 2 and abs(2 * sizes[-1] - sizes[-2]) <= 2
+
+
+@pytest.mark.parametrize("dispatcher,chunks", [
+    ("all_to_all", 1),
+    ("all_to_all", 2),  # the chunks cover the capacity: a 5th token would be dropped silently
+    ("allgather", 1),
+])
+def test_dispatcher_checks_capacity_before_any_collective(dispatcher, chunks):
+    """The dispatchers check `max_tokens_per_rank` themselves (the layer checks too, but a
+    dispatcher driven directly must not reach a collective with more rows than its buffers):
+    no process group exists here, so any collective would fail with another error."""
+    from ep_moe.dispatch import make_dispatcher
+    from ep_moe.placement import ExpertPlacement
+
+    cfg = MoEConfig.tiny(max_tokens_per_rank=4, dispatcher=dispatcher, dispatch_chunks=chunks)
+    placement = ExpertPlacement(cfg.num_experts, 2, cfg.placement)
+    d = make_dispatcher(cfg, placement, group=None, rank=0)
+    T, K = 5, cfg.top_k
+    x = torch.randn(T, cfg.hidden_size)
+    ids = torch.arange(T * K).reshape(T, K) % cfg.num_experts
+    with pytest.raises(ValueError, match="5 tokens on this rank.*max_tokens_per_rank=4"):
+        d.run(x, ids, torch.full((T, K), 1.0 / K), lambda sent: sent.x)
