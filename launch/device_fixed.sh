@@ -11,11 +11,9 @@
 #   final11: Qwen3 fixed in 1 and 3 chunks (8192), fixed at 64, Mixtral exact (8192)
 #   step: Mixtral and Qwen3 exact (8192), forward+backward timed as training steps
 #   final12: final11 and step together (stop 12's code; the first thing to run at W = 4)
-#   persist: Qwen3 fixed in 1 and 3 chunks, the persistent GEMM claiming tiles from a counter
-#            (this checkout) against its fixed stride (the package copied to .old, carried)
 #   reserve: Qwen3 fixed in 3 and 2 chunks with package variants carried under .var/NAME
-#            (VARIANTS, e.g. "grid r16": the grouped GEMM's grid launch, the persistent one
-#            leaving 16 SMs free) against this checkout
+#            (VARIANTS: each a `git archive` of ep_moe with one change, e.g. stop 13's grid
+#            launch or a persistent one leaving 16 SMs free) against this checkout
 #   channels: Qwen3 fixed, in 3 chunks, in 3 chunks with NCCL at high priority, under
 #             NCCL_MAX_P2P_NCHANNELS 16 and 8, and in 3 chunks again
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
@@ -57,12 +55,6 @@ for set in ${SET:-qwen3}; do
       harness qwen3_fixed_T64 --preset qwen3 --tokens 64 --fixed --graph
       harness mixtral_exact --preset mixtral --tokens 8192
       harness qwen3_exact --preset qwen3 --tokens 8192 ;;
-    persist)  # a/b: .old is `git archive` of the commit before the counter, carried
-      for c in 1 3; do
-        PYTHONPATH="$PWD/.old:$PYTHONPATH" harness qwen3_fixed_c${c}_stride --preset qwen3 \
-          --tokens 8192 --fixed --chunks $c --graph
-        harness qwen3_fixed_c${c}_counter --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
-      done ;;
     reserve)  # does a persistent GEMM that holds every SM keep NCCL's blocks out?
       for c in ${RESERVE_CHUNKS-3 2}; do
         harness qwen3_fixed_c${c}_base --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
