@@ -16,7 +16,6 @@ from torch import nn
 
 from .config import MoEConfig
 from .kernels.activation import fused_activation_available, gated_activation
-from .kernels.expert_mlp import gated_expert_mlp
 from .kernels.fused_mul_sum import _use_triton
 from .kernels.gemm_configs import gemm_config, shared_budget
 from .kernels.grouped_gemm import grouped_gemm
@@ -40,13 +39,7 @@ FUSED_MAX_ROWS_PER_EXPERT = 256
 # 1024 rows for I up to SMALL_I. SMALL_I is the round bound above the one shape measured;
 # DeepSeek-V3's I = 2048 (not measured) keeps 256.
 FUSED_MAX_ROWS_PER_EXPERT_SMALL_I = 1024
-# Training (forward and backward through Triton, `gated_expert_mlp`) up to this many rows per
-# expert (mean); torch's grouped GEMMs above it
-TRITON_TRAIN_MAX_ROWS_PER_EXPERT = float("inf")
 SMALL_I = 1024
-# Training (forward and backward through Triton, `gated_expert_mlp`) up to this many rows per
-# expert (mean); torch's grouped GEMMs above it
-TRITON_TRAIN_MAX_ROWS_PER_EXPERT = float("inf")
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -112,11 +105,6 @@ class Experts(nn.Module):
             h = activate(F.linear(x, self.gate_up_proj[0]), cfg.activation, cfg.gated)
             return F.linear(h, self.down_proj[0])
         w13, w2 = self.gate_up_proj, self.down_proj
-        if self._triton_training(x):
-            offs = offsets if offsets is not None else \
-                torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)
-            return gated_expert_mlp(x.contiguous(), w13, w2, num_tokens_per_expert,
-                                    offs[-1:], cfg.activation)
         if cfg.expert_impl != "loop" and grouped_mm_supported(x, w13, w2):
             offs = offsets if offsets is not None else \
                 torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)
@@ -125,20 +113,6 @@ class Experts(nn.Module):
             h = activate(h, cfg.activation, cfg.gated, offs[-1:])
             return _grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # (P, D)
         return self._loop(x, num_tokens_per_expert)
-
-    def _triton_training(self, x: torch.Tensor) -> bool:
-        """Whether a forward that records gradients runs the Triton GEMMs forward and backward
-        (`gated_expert_mlp`): `expert_impl="auto"`, a gated activation, Triton there, not
-        inside torch.compile (which traces torch's grouped GEMM), and at most
-        TRITON_TRAIN_MAX_ROWS_PER_EXPERT rows per expert on average."""
-        if self.config.expert_impl != "auto" or not self.config.gated or not _use_triton(x):
-            return False
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            return False
-        if not (x.requires_grad or self.gate_up_proj.requires_grad or
-                self.down_proj.requires_grad):
-            return False
-        return x.shape[0] <= TRITON_TRAIN_MAX_ROWS_PER_EXPERT * max(self.num_local_experts, 1)
 
     def fused_forward_supported(self, x: torch.Tensor, num_pairs: int,
                                 exact: bool = True) -> bool:

@@ -2,8 +2,7 @@
 # One GPU: the grouped GEMM's descriptor (TMA) loads against pointer loads, then the GEMM tests
 # (STEP=probe); a wider tile sweep with them and the persistent probe (STEP=sweep); or the
 # single-GPU layer benchmark with the default loads (STEP=layer), after the one-process
-# tests (STEP=full); the host time of the launches (STEP=host); kernel profiles (STEP=profile);
-# the experts' Triton backward against torch's grouped GEMMs, then the layer (STEP=backward).
+# tests (STEP=full); the host time of the launches (STEP=host); kernel profiles (STEP=profile).
 # Logs and JSON packed into $OUT/tma_${STEP}.tgz.
 source "$(dirname "$0")/device_env.sh"
 case "${STEP:-probe}" in
@@ -30,13 +29,6 @@ case "${STEP:-probe}" in
       2>&1 | tee "$OUT/profile_bwd.log"
     timeout 120 python3 launch/profile_layer.py --tokens ${TOKENS:-512 4096 16384} 2>&1 \
       | tee "$OUT/profile_fwd.log" ;;
-  backward)  # the experts' backward in Triton: GEMM tests, the backward GEMMs against torch's,
-    # then the layer's training steps (and forwards) at 512-16384 tokens
-    timeout 120 python3 -m pytest -q -x -p no:cacheprovider ${TEST_FILES:-tests/test_grouped_gemm.py} \
-      2>&1 | tail -8 | tee "$OUT/pytest_backward.log"
-    timeout 220 python3 launch/probe_backward.py 2>&1 | tee "$OUT/probe_backward.log"
-    timeout 230 python3 launch/bench_layer.py --tokens ${TOKENS:-512 4096 16384} 2>&1 \
-      | tee "$OUT/bench_layer.log" ;;
   layer)
     timeout 560 python3 launch/bench_layer.py --tokens ${TOKENS:-512 4096 16384} 2>&1 \
       | tee "$OUT/bench_layer.log" ;;

@@ -42,6 +42,7 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
     `shared_budget`), the config gets fewer pipeline stages, then shorter K tiles, until they
     fit: 4-byte dtypes, and GPUs with less shared memory.
     """
+    budget = _SHARED_BUDGET if shared_budget is None else shared_budget
     few_experts = num_experts is not None and num_experts <= FEW_EXPERTS
     if rows_per_expert <= 8:
         cfg = GemmConfig(16, 128, 128, 1, 4, 3)
@@ -53,14 +54,6 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
         cfg = GemmConfig(128, 128, 64, 8, 8, 4)
     else:
         cfg = GemmConfig(128, 256, 64, 8, 8, 4)
-    return fit_shared(cfg, gated, element_size, shared_budget)
-
-
-def fit_shared(cfg: GemmConfig, gated: bool, element_size: int,
-               budget: Optional[int] = None) -> GemmConfig:
-    """`cfg` with fewer pipeline stages, then shorter K tiles, until its buffers fit `budget`
-    bytes (default: a Hopper block's)."""
-    budget = _SHARED_BUDGET if budget is None else budget
     while _shared_bytes(cfg, gated, element_size) > budget and \
             (cfg.num_stages > 2 or cfg.block_k > 16):
         if cfg.num_stages > 2:

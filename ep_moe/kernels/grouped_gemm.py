@@ -61,13 +61,13 @@ def _grouped_gemm_kernel(
     a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr,
     # sizes
     N, K, num_experts, num_pid_m, up_elems, num_rows, num_a_rows,
-    # strides (the last dim of a and out is contiguous; of w, K's or N's: W_KN)
-    stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    # strides (the last dim of a, w and out is contiguous)
+    stride_am, stride_we, stride_wn, stride_om,
     # meta-parameters
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr, W_KN: tl.constexpr,
+    PERSISTENT: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
 ):
     # which expert owns which row block: the row and block counts are read and summed here (a
     # vector of E_POW2 lanes), so the launcher runs no torch ops before the kernel
@@ -84,26 +84,26 @@ def _grouped_gemm_kernel(
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _gemm_tile(tile, real_m, e, counts, blocks, block_ends, row_ends,
                        a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
-                       num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_wk,
-                       stride_om, GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W, W_KN)
+                       num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                       GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W)
     else:
         _gemm_tile(tl.program_id(0), num_pid_m, e, counts, blocks, block_ends, row_ends,
                    a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
-                   num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_wk,
-                   stride_om, GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W, W_KN)
+                   num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                   GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W)
 
 
 @triton.jit
 def _gemm_tile(
     tile, num_pid_m, e, counts, blocks, block_ends, row_ends,
     a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems, num_rows, num_a_rows,
-    stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    stride_am, stride_we, stride_wn, stride_om,
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA_A: tl.constexpr, TMA_W: tl.constexpr, W_KN: tl.constexpr,
+    TMA_A: tl.constexpr, TMA_W: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile; tiles past the last row block write nothing.
 
@@ -112,9 +112,7 @@ def _gemm_tile(
     tile that runs past an expert's N columns reads the next rows, whose products land in
     columns that are never stored. With TMA_A (rows not gathered), `a_ptr` is one over a
     (M, K): a row tile that runs past its expert's rows reads the next expert's, again only
-    into rows that are never stored. With W_KN, w is (e, K, N) with N contiguous (the
-    backward's `dy @ w[i]`) and the descriptor views it as (e * K, N); K is then a multiple of
-    BLOCK_K (the launcher's check), so no tile reads the next expert's rows."""
+    into rows that are never stored."""
     # grouped order: GROUP_M row blocks sweep every column tile before the next group
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = tile // (GROUP_M * num_pid_n)
@@ -148,14 +146,11 @@ def _gemm_tile(
         else:
             a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
         if TMA_W:
-            if W_KN:
-                w_first = expert * K
-            else:
-                w_first = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
+            w_first = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
         else:
-            # (BLOCK_K, BLOCK_N) tile of w[expert].T for w (e, N', K), of w[expert] for W_KN
+            # (BLOCK_K, BLOCK_N) tile of w[expert].T; w is (e, N', K) with K contiguous
             w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-                      + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk)
+                      + cols[None, :].to(tl.int64) * stride_wn + ks[:, None])
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -165,9 +160,7 @@ def _gemm_tile(
                 a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
             else:
                 a = tl.load(a_ptrs, mask=a_ok[:, None] & (ks[None, :] < K - k0), other=0.0)
-            if TMA_W and W_KN:
-                w = w_ptr.load([w_first + k0, pid_n * BLOCK_N])
-            elif TMA_W:
+            if TMA_W:
                 w = w_ptr.load([w_first, k0]).T
             elif EVEN_K:
                 w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
@@ -186,7 +179,7 @@ def _gemm_tile(
             if not TMA_A:
                 a_ptrs += BLOCK_K
             if not TMA_W:
-                w_ptrs += BLOCK_K * stride_wk
+                w_ptrs += BLOCK_K
 
         if HAS_ACT:
             acc, _ = _act_and_grad(acc, ACT)
@@ -213,17 +206,13 @@ def _check(name: str, t: torch.Tensor, ndim: int, dtypes) -> None:
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.Tensor,
                  a_rows: Optional[torch.Tensor] = None, activation: Optional[str] = None,
                  gated: bool = True, config: Optional[GemmConfig] = None,
-                 persistent: bool = False, tma: Optional[bool] = None,
-                 w_layout: str = "nk") -> torch.Tensor:
-    """Per-expert `a_sorted @ w[i].T` (`a_sorted @ w[i]` with `w_layout="kn"`), optionally
-    gathering rows and applying an activation.
+                 persistent: bool = False, tma: Optional[bool] = None) -> torch.Tensor:
+    """Per-expert `a_sorted @ w[i].T`, optionally gathering rows and applying an activation.
 
     Args:
         a: (M, K) rows, contiguous last dim, float32 / float16 / bfloat16.
         w: (e, N, K) per-expert weights (K contiguous), a's dtype. With a gated `activation`
-            the rows [0, N/2) are the gate and [N/2, N) the up projection. With
-            `w_layout="kn"`: (e, K, N), N contiguous, and no activation (the backward's
-            products with the forward's weights, which are stored (e, N, K)).
+            the rows [0, N/2) are the gate and [N/2, N) the up projection.
         num_tokens_per_expert: (e,) int32/int64 on a's device: rows of each expert, in order.
             They must sum to P, the number of output rows (device data: not checked here,
             which would cost a host sync). Rows past their sum are left unwritten; counts past
@@ -256,16 +245,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     _check("num_tokens_per_expert", num_tokens_per_expert, 1, (torch.int32, torch.int64))
     if w.dtype != a.dtype:
         raise TypeError(f"w must have a's dtype {a.dtype}, got {w.dtype}")
-    if w_layout not in ("nk", "kn"):
-        raise ValueError(f"w_layout must be 'nk' or 'kn', got {w_layout!r}")
-    w_kn = w_layout == "kn"
-    if w.shape[1 if w_kn else 2] != a.shape[1]:
-        dims = f"(e, K={a.shape[1]}, N)" if w_kn else f"(e, N, K={a.shape[1]})"
-        raise ValueError(f"w must be {dims}, got shape {tuple(w.shape)}")
-    if w_kn and activation is not None:
-        raise ValueError(f"w_layout='kn' takes no activation, got {activation!r}")
-    num_experts = w.shape[0]
-    n_total, k_dim = (w.shape[2], w.shape[1]) if w_kn else (w.shape[1], w.shape[2])
+    if w.shape[2] != a.shape[1]:
+        raise ValueError(f"w must be (e, N, K={a.shape[1]}), got shape {tuple(w.shape)}")
+    num_experts, n_total, k_dim = w.shape
     if num_tokens_per_expert.shape[0] != num_experts:
         raise ValueError(f"num_tokens_per_expert must be ({num_experts},), got shape "
                          f"{tuple(num_tokens_per_expert.shape)}")
@@ -305,23 +287,17 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     cfg = config or gemm_config(num_rows / num_experts, gated, a.element_size(),
                                 shared_budget(a.device), num_experts)
     gathered = a_rows is not None
-    # a "kn" descriptor tile past an expert's K would read the next expert's rows
-    w_tma_ok = tma_ok(a, w, gathered) and (not w_kn or k_dim % cfg.block_k == 0)
     if tma is None:
-        tma = cfg.block_m >= 128 and w_tma_ok
-    elif tma and not w_tma_ok:
+        tma = cfg.block_m >= 128 and tma_ok(a, w, gathered)
+    elif tma and not tma_ok(a, w, gathered):
         raise ValueError("tma=True needs 16-bit a and w on a CUDA device of compute capability "
                          ">= 9 (or the interpreter), w contiguous, rows of a multiple of 16 "
                          "bytes and 16-byte aligned bases (a's only when its rows are not "
-                         "gathered), and with w_layout='kn' a K that is a multiple of "
-                         f"config.block_k; got {a.dtype} on {a.device}, a strides {a.stride()}, "
-                         f"w strides {w.stride()}, K={k_dim}")
+                         f"gathered); got {a.dtype} on {a.device}, a strides {a.stride()}, "
+                         f"w strides {w.stride()}")
     tma_a = tma and not gathered
     a_arg, w_arg = a, w
-    if tma and w_kn:
-        w_arg = TensorDescriptor.from_tensor(w.view(num_experts * k_dim, n_total),
-                                             [cfg.block_k, cfg.block_n])
-    elif tma:
+    if tma:
         w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
                                              [cfg.block_n, cfg.block_k])
     if tma_a:
@@ -333,14 +309,13 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
         a_arg, a_rows.contiguous() if a_rows is not None else a, w_arg, out,
         num_tokens_per_expert.contiguous(),
         n_out, k_dim, num_experts, num_pid_m, n_out * w.stride(1), num_rows, a.shape[0],
-        a.stride(0), w.stride(0), w.stride(2 if w_kn else 1), w.stride(1 if w_kn else 2),
-        out.stride(0),
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         GATHER=a_rows is not None, HAS_ACT=activation is not None, GATED=gated,
         ACT=ACTIVATIONS[activation or "silu"], EVEN_K=k_dim % cfg.block_k == 0,
         IEEE=a.dtype == torch.float32, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         E_POW2=triton.next_power_of_2(num_experts),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PERSISTENT=persistent, TMA_A=tma_a, TMA_W=tma, W_KN=w_kn,
+        PERSISTENT=persistent, TMA_A=tma_a, TMA_W=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
