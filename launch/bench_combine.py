@@ -231,6 +231,12 @@ def run_row(T, K, D, W, dtype, device, ceiling_gbs, gen):
         moved += ids.numel() * ids.element_size() + emap.numel() * emap.element_size()
     best = min(ours_us)  # derived figures use the faster of the two runs of each variant
     gbs = moved / (best * 1e-6) / 1e9
+    # a plain copy that reads and writes the same bytes, timed the same way: what the copy
+    # engine-free hardware path gives at this size (ramp-up and tail included), beside the
+    # large-copy ceiling the target is set against
+    copy_us = same_bytes_copy_us(moved, device, launch_bound)
+    # the same, each buffer rounded up to whole 64 KiB (a copy's speed may hang on it)
+    copy_aligned_us = same_bytes_copy_us(moved, device, launch_bound, align=1 << 15)
     anchor = ANCHORS_H200.get((T, K, D, W), {})
     small_anchor = ANCHORS_H100_SMALL_US.get((T, K, D))
     row = dict(T=T, K=K, D=D, W=W, dtype=str(dtype).removeprefix("torch."),
@@ -239,6 +245,10 @@ def run_row(T, K, D, W, dtype, device, ceiling_gbs, gen):
                local_slots=n_local, local_share=n_local / max(T * K, 1), bytes_moved=moved,
                ours_us=ours_us, eager_us=eager_us, ours_call_us=ours_call_us, gbs=gbs,
                pct_of_copy_ceiling=100 * gbs / ceiling_gbs,
+               same_bytes_copy_us=copy_us, same_bytes_copy_aligned_us=copy_aligned_us,
+               # against the faster copy of the two (the rounded one, on an H100)
+               pct_of_same_bytes_copy=None if copy_us is None else
+               100 * min(copy_us + copy_aligned_us) / best,
                speedup_vs_eager=min(eager_us) / best)
     if anchor and dtype == torch.bfloat16:
         row.update(anchor_card="H200", anchor_ref_us=anchor["ref_us"],
@@ -254,6 +264,27 @@ def run_row(T, K, D, W, dtype, device, ceiling_gbs, gen):
     return row
 
 
+def same_bytes_copy_us(moved, device, launch_bound, align=1):
+    """`dst.copy_(src)` of moved / 2 bytes (so moved bytes are read + written), two graph
+    timings, rotating over 4 buffer pairs like the large rows; None off CUDA. align: round
+    the elements of a buffer up to a multiple of it."""
+    if device.type != "cuda":
+        return None
+    n = max(-(-(moved // 4) // align) * align, 1)  # bf16 elements a buffer
+    pairs = [(torch.randn(n, device=device, dtype=torch.bfloat16),
+              torch.empty(n, device=device, dtype=torch.bfloat16))
+             for _ in range(1 if launch_bound else 4)]
+    turn = itertools.cycle(pairs)
+
+    def copy():
+        src, dst = next(turn)
+        dst.copy_(src)
+
+    times = [graph_us(copy, device), graph_us(copy, device)]
+    del pairs
+    return times
+
+
 def launch_floor_us(device):
     """One trivial kernel launch under the same CUDA-graph timer (PERF.md: 1.3-1.8 us, H100)."""
     tiny = torch.empty(16, device=device)
@@ -264,12 +295,21 @@ def launch_floor_us(device):
 # Report
 # --------------------------------------------------------------------------------------------
 
+def copy_cell(r):
+    if r["same_bytes_copy_us"] is None:
+        return "|"
+    lo, hi = sorted(r["same_bytes_copy_us"])
+    aligned = min(r["same_bytes_copy_aligned_us"])
+    return f"{lo:.1f} / {hi:.1f} ({aligned:.1f}) | {r['pct_of_same_bytes_copy']:.0f}%"
+
+
 def markdown(rows, ceiling, floor, device_name):
     lines = [f"copy ceiling {ceiling:.0f} GB/s, one trivial launch {floor:.2f} us ({device_name})",
              "",
              "| T, K, D | W (local) | dtype | timer | ours us (x2) | GB/s | % ceiling "
-             "| eager us (x2) | vs eager | anchor ref kernel | ours/anchor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| same-bytes copy us (64 KiB-rounded) | % of it | eager us (x2) | vs eager | anchor ref kernel "
+             "| ours/anchor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "anchor_ref_us" in r:
             anchor = f"{r['anchor_ref_us']} us {r['anchor_card']}"
@@ -288,6 +328,7 @@ def markdown(rows, ceiling, floor, device_name):
             f"| {r['dtype']} | {r['timing']} "
             f"| {r['ours_us'][0]:.1f} / {r['ours_us'][1]:.1f} | {r['gbs']:.0f} "
             f"| {r['pct_of_copy_ceiling']:.0f}% "
+            f"| {copy_cell(r)} "
             f"| {r['eager_us'][0]:.1f} / {r['eager_us'][1]:.1f} | {r['speedup_vs_eager']:.1f}x "
             f"| {anchor} | {ratio} |")
     lines.append("")
