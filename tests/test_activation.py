@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ep_moe.kernels.activation as activation_module
 from ep_moe.kernels.activation import fused_activation_available, gated_activation
 
 ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -73,7 +74,6 @@ def test_bad_activation():
         gated_activation(torch.randn(2, 8), "tanh")
 
 
-
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_num_rows_leaves_the_tail_untouched(dtype, monkeypatch):
     # a bound on the rows (fixed-size exchange): rows from num_rows on hold garbage (NaN here)
@@ -97,7 +97,52 @@ def test_num_rows_leaves_the_tail_untouched(dtype, monkeypatch):
     assert (y[n:] == sentinel).all() and (h.grad[n:] == sentinel).all()
 
 
-@pytest.mark.parametrize("bad", [torch.tensor([1, 2]), torch.tensor([1.0]), 3])
+@pytest.mark.parametrize("bad", [
+    torch.tensor([1, 2]),              # two elements
+    torch.tensor([1.0]),               # float
+    3,                                 # a host int
+    torch.tensor([1], device="meta"),  # on another device than h
+])
 def test_bad_num_rows(bad):
     with pytest.raises(ValueError, match="num_rows"):
         gated_activation(torch.randn(2, 8, device=DEVICE), "silu", bad)
+
+
+def test_needs_triton(monkeypatch):
+    # without CUDA or the interpreter: a message, not a Triton launch on a CPU tensor
+    monkeypatch.setattr(activation_module, "_use_triton", lambda t: False)
+    with pytest.raises(ValueError, match="CUDA"):
+        gated_activation(torch.randn(2, 8), "silu")
+
+
+def test_relu_gradient_at_zero():
+    # torch's relu has derivative 0 at a gate of exactly 0 (zero-padded rows, underflow): the
+    # gate's gradient is 0 there, not g * up
+    h = torch.tensor([[-1.0, 0.0, 0.0, 2.0, 3.0, 3.0, 3.0, 3.0]], device=DEVICE,
+                     requires_grad=True)  # gate [-1, 0, 0, 2], up 3
+    g = torch.ones(1, 4, device=DEVICE)
+    y = gated_activation(h, "relu")
+    y.backward(g)
+    y_ref, gh_ref = reference(h, g, "relu")
+    assert gh_ref[0, :4].tolist() == [0.0, 0.0, 0.0, 3.0]
+    assert torch.equal(y.double(), y_ref) and torch.equal(h.grad.double(), gh_ref)
+
+
+@pytest.mark.parametrize("layout", [
+    "h a column slice",  # [gate | up] the first 2I columns of a wider buffer
+    "grad transposed",   # the gradient arriving column-major
+])
+def test_strided_inputs(layout):
+    P, I = 5, 37
+    h, g = make_inputs(P, I, torch.float32)
+    y_ref, gh_ref = reference(h, g, "silu")
+    leaf = h
+    if layout == "h a column slice":
+        leaf = torch.cat([h.detach(), torch.randn(P, 3, device=DEVICE)], 1).requires_grad_()
+        h = leaf[:, :2 * I]
+    else:
+        g = g.t().contiguous().t()
+    y = gated_activation(h, "silu")
+    y.backward(g)
+    torch.testing.assert_close(y.double(), y_ref, atol=TOL[torch.float32], rtol=1e-5)
+    torch.testing.assert_close(leaf.grad[:, :2 * I].double(), gh_ref, atol=4e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""The all-to-all send layout (ep_moe/kernels/dispatch_layout.py) against a brute-force loop.
+"""The all-to-all send layout (ep_moe/kernels/dispatch_layout.py) against a brute-force loop,
+and the placement (ep_moe/placement.py) whose owner and table it reads.
 
 The Triton kernels run under TRITON_INTERPRET=1 on CPU (as in CI) and natively on a GPU; the
 torch fallback is checked against the same loop.
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import ep_moe.kernels.dispatch_layout as layout_module
+from ep_moe import ExpertPlacement
 from ep_moe.kernels.dispatch_layout import (_layout_torch, dispatch_layout, gather_send_rows,
                                            packed_row, split_packed)
 from ep_moe.kernels.fused_mul_sum import _use_triton
@@ -91,17 +93,39 @@ def test_matches_brute_force(T, K, E, W, kind, impl):
     assert torch.equal(got.send_tokens[:S].cpu(), tokens)
 
 
+@pytest.mark.parametrize("owner", [
+    [0, 1, 1, 0],     # E = 4 over 2 ranks: no padding in the table
+    [0, 0, 0, 1, 1],  # E = 5: rank 1's table row ends in padding, whose pairs must stay 0
+])                    # (not the count of the out-of-range ids)
 @pytest.mark.parametrize("impl", ["kernel", "torch"])
-def test_out_of_range_ids_send_nothing(impl):
+def test_out_of_range_ids_send_nothing(impl, owner):
     # -1 (padding) and ids >= E must neither send a copy nor index the owner table
     ids = torch.tensor([[0, -1], [9, 3], [-5, 100], [2, 2]])
-    owner = torch.tensor([0, 1, 1, 0])
+    owner = torch.tensor(owner)
     meta, copy_index, tokens = brute_force(ids, owner, 2)
     got = layout(impl, ids, owner, 2)
     assert torch.equal(got.copy_index.cpu(), copy_index)
     assert copy_index[2].tolist() == [-1, -1]
     assert torch.equal(got.send_tokens[:int(meta[:, 0].sum())].cpu(), tokens)
     assert torch.equal(got.send_meta.cpu(), meta)  # the out-of-range ids counted nowhere
+
+
+def test_out_of_range_ids_never_read_the_owner_table():
+    # owner is a view whose neighbours hold real ranks (rank 1 just before it, rank 0 just
+    # past it): a load of owner[-1] or owner[E] would send a copy the brute force does not
+    E, W = 4, 2
+    buf = torch.tensor([1, 0, 0, 1, 1, 0], device=DEVICE)
+    owner = buf[1:1 + E]
+    ids = torch.tensor([[-1, 0],    # reads before the table: rank 1 would get a copy
+                        [E, 2],     # reads past it: rank 0 would get a copy
+                        [-1, E],    # both: no copy at all
+                        [1, 3]])    # a plain token to each rank
+    meta, copy_index, tokens = brute_force(ids, owner.cpu(), W)
+    got = layout("kernel", ids, owner, W)
+    assert copy_index.tolist() == [[0, -1], [-1, 2], [-1, -1], [1, 3]]
+    assert torch.equal(got.copy_index.cpu(), copy_index)
+    assert torch.equal(got.send_meta.cpu(), meta)
+    assert torch.equal(got.send_tokens[:int(meta[:, 0].sum())].cpu(), tokens)
 
 
 def test_int32_ids_and_owner():
@@ -239,14 +263,23 @@ def test_fixed_capacity_layout(T, K, E, W, kind, impl):
     assert torch.equal(got.send_tokens.cpu()[rows[named].long()], tokens[named])
 
 
-@pytest.mark.parametrize("T", [37, 0])  # 0: every row is padding (the torch path)
+@pytest.mark.parametrize("T,impl", [
+    (37, "kernel"),
+    (37, "torch"),  # the fallback of a CPU without Triton: rank w's rows found by row % C
+    (0, "torch"),   # every row is padding (T = 0 takes the torch path everywhere)
+])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gather_send_rows_fixed_capacity(T, dtype, monkeypatch):
+def test_gather_send_rows_fixed_capacity(T, impl, dtype, monkeypatch):
     K, E, W, C = 8, 16, 3, 41
     ids, owner = routed_ids(T, K, E, seed=5), make_owner(E, W, "round_robin")
     table = make_table(owner, W)
     lay = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE), capacity=C) \
         if _use_triton(ids.to(DEVICE)) else _layout_torch(ids, owner, table, C)
+    copy_index = fixed_rows(brute_force(ids, owner, W)[1], C)
+    # padding rows name no token: poison their send_tokens entries, so reading one fails
+    real = torch.zeros(W * C, dtype=torch.bool)
+    real[copy_index[copy_index >= 0].long()] = True
+    lay = lay._replace(send_tokens=torch.where(real.to(DEVICE), lay.send_tokens, 10**9))
     g = torch.Generator().manual_seed(7)
     x = torch.randn(T, 129, generator=g).to(DEVICE, dtype)
     weights = torch.rand(T, K, generator=g).to(DEVICE)
@@ -258,17 +291,16 @@ def test_gather_send_rows_fixed_capacity(T, dtype, monkeypatch):
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    if impl == "torch":
+        monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
     send = gather_send_rows(x, weights, ids.to(DEVICE), lay)
     monkeypatch.undo()
     assert send.shape[0] == W * C
     send_x, send_routing = split_packed(send, 129, K)
-    copy_index = fixed_rows(brute_force(ids, owner, W)[1], C)
-    real = torch.zeros(W * C, dtype=torch.bool)
     for t in range(T):
         for w in range(W):
             r = int(copy_index[t, w])
             if r >= 0:
-                real[r] = True
                 assert torch.equal(send_x[r].cpu(), x[t].cpu())
                 assert torch.equal(send_routing[r].cpu(), torch.cat([weights[t].cpu(),
                                                                      ids[t].float()]))
@@ -279,8 +311,118 @@ def test_gather_send_rows_fixed_capacity(T, dtype, monkeypatch):
     assert (send_routing.cpu()[pad, :K] == 0).all() and (send_routing.cpu()[pad, K:] == -1).all()
 
 
-def test_fixed_capacity_below_T_raises():
+@pytest.mark.parametrize("capacity", [
+    5,    # below T = 6: one rank's copies could overflow its block
+    -1,   # negative
+    8.0,  # a whole float: the buffer sizes it sets must be ints
+])
+def test_fixed_capacity_validation(capacity):
     ids, owner = routed_ids(6, 2, 8, seed=4), make_owner(8, 2, "linear")
-    with pytest.raises(ValueError, match="capacity"):
+    with pytest.raises(ValueError, match=r"capacity must be 0 or an int >= T \(6\)"):
         dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), make_table(owner, 2).to(DEVICE),
-                        capacity=5)
+                        capacity=capacity)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_fixed_capacity_of_exactly_T(impl, monkeypatch):
+    # C = T, the least a fixed exchange allows: every token has expert 3 (rank 1's), so rank
+    # 1's block is full to its last row, and rank 0 gets the tokens of experts 0 and 1
+    T, E, W = 6, 4, 2
+    ids = torch.stack([torch.full((T,), 3), torch.arange(T) % 3], 1)  # (T, 2): 3, then 0/1/2
+    owner = make_owner(E, W, "linear")  # experts 0, 1 on rank 0; 2, 3 on rank 1
+    meta, copy_index, _ = brute_force(ids, owner, W)
+    if impl == "torch":
+        monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
+    elif not _use_triton(ids.to(DEVICE)):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    got = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), make_table(owner, W).to(DEVICE),
+                          capacity=T)
+    assert meta[:, 0].tolist() == [4, T]  # tokens 0, 1, 3, 4 to rank 0; all to rank 1
+    assert torch.equal(got.send_meta.cpu(), meta)
+    assert torch.equal(got.copy_index.cpu(), fixed_rows(copy_index, T))
+    assert got.send_tokens[T:].tolist() == list(range(T))  # rank 1's block, every row used
+    assert got.send_tokens[:4].tolist() == [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("strided", [
+    "transposed",   # last dim not contiguous: must be copied, not read as if it were
+    "wider_rows",   # rows of a wider buffer: read through the row stride, not D
+])
+def test_gather_send_rows_reads_x_through_its_strides(strided):
+    T, K, E, W, D = 40, 2, 8, 2, 24
+    ids, owner = routed_ids(T, K, E, seed=6), make_owner(E, W, "linear")
+    _, _, tokens = brute_force(ids, owner, W)
+    lay = layout("kernel", ids, owner, W)
+    g = torch.Generator().manual_seed(6)
+    x, weights = torch.randn(T, D, generator=g), torch.rand(T, K, generator=g)
+    if strided == "transposed":
+        x_in = x.t().contiguous().t().to(DEVICE)  # strides (1, T)
+    else:  # the columns past D are NaN: never to be read
+        x_in = torch.cat([x, torch.full((T, D), float("nan"))], 1).to(DEVICE)[:, :D]
+    assert not x_in.is_contiguous()
+    send = gather_send_rows(x_in, weights.to(DEVICE), ids.to(DEVICE), lay)
+    send_x, send_routing = split_packed(send, D, K)
+    S = tokens.shape[0]
+    assert torch.equal(send_x[:S].cpu(), x[tokens])
+    assert torch.equal(send_routing[:S].cpu(), torch.cat([weights, ids.float()], 1)[tokens])
+
+
+# --------------------------------------------------------------------------------------------
+# Placement: the owner and table the layout reads
+# --------------------------------------------------------------------------------------------
+
+def placement_by_hand(E, W, kind):
+    """Global experts of each rank, dealt by the rule in words: round_robin gives expert g to
+    rank g % W; linear gives contiguous blocks, one expert more to each of the first E % W."""
+    if kind == "round_robin":
+        return [[g for g in range(E) if g % W == r] for r in range(W)]
+    out, start = [], 0
+    for r in range(W):
+        n = E // W + (1 if r < E % W else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("E,W,kind", [
+    (10, 4, "linear"),       # E % W = 2: ranks 0 and 1 hold 3, ranks 2 and 3 hold 2
+    (10, 4, "round_robin"),  # the same counts, dealt in turn
+    (8, 4, "linear"),        # E divisible by W: no padding column in the table
+    (7, 3, "round_robin"),   # W not a power of two, padding on ranks 1 and 2
+    (5, 5, "linear"),        # E = W: one expert per rank, the most ranks allowed
+    (1, 1, "linear"),        # a single rank owns the single expert
+])
+def test_placement(E, W, kind):
+    experts = placement_by_hand(E, W, kind)
+    e_max = max(len(p) for p in experts)
+    pl = ExpertPlacement(E, W, kind)
+    assert pl.local_experts == tuple(tuple(p) for p in experts)  # local order: ascending ids
+    assert pl.max_local_experts == e_max
+    owner = pl.owner()
+    assert owner.dtype == torch.int64
+    assert owner.tolist() == [next(r for r in range(W) if g in experts[r]) for g in range(E)]
+    table = pl.padded_local_experts()
+    assert table.dtype == torch.int64 and table.shape == (W, e_max)
+    assert table.tolist() == [p + [E] * (e_max - len(p)) for p in experts]  # E: padding
+    for r in range(W):
+        emap = pl.expert_map(r)
+        assert emap.dtype == torch.int32
+        assert emap.tolist() == [experts[r].index(g) if g in experts[r] else -1
+                                 for g in range(E)]
+    # the layout of the placement's own owner and table: padding slots count no pairs
+    ids = routed_ids(30, min(3, E), E, seed=E + W)
+    meta, copy_index, _ = brute_force(ids, owner, W)
+    got = _layout_torch(ids, owner, table)
+    assert torch.equal(got.send_meta, meta) and torch.equal(got.copy_index, copy_index)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((True, 1), "num_experts must be a positive int"),  # a bool is no count, though an int
+    ((8, True), "world_size must be a positive int"),
+    ((8.0, 2), "num_experts must be a positive int"),   # a float
+    ((4, 8), "at least one expert per rank"),           # W > E
+    ((8, 2, "random"), "'linear' or 'round_robin'"),    # no such placement
+])
+def test_placement_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        ExpertPlacement(*args)

@@ -76,6 +76,9 @@ def test_matches_brute_force(R, K, E, W, rank, seed, impl, dtype, monkeypatch):
     assert torch.equal(got.source_rows.cpu(), source_rows)
     assert torch.equal(got.num_tokens_per_expert.cpu(), counts)
     assert torch.equal(got.offsets.cpu(), torch.cumsum(counts, 0, dtype=torch.int32))
+    # torch.equal ignores dtypes; the grouped GEMMs take int32 offsets, indexing int64 rows
+    assert (got.source_rows.dtype, got.row_index.dtype, got.num_tokens_per_expert.dtype,
+            got.offsets.dtype) == (torch.int64, torch.int32, torch.int64, torch.int32)
 
 
 @pytest.mark.parametrize("impl", ["kernel", "torch"])
@@ -120,6 +123,69 @@ def test_too_large_num_pairs_names_no_extra_slot(impl, monkeypatch):
     assert got.row_index.cpu().tolist() == [[0, -1], [1, -1]]
     assert got.source_rows.cpu().tolist()[:2] == [0, 1]
     assert got.source_rows.cpu().tolist()[2:] == [0, 0]
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_id_equal_to_map_length_is_skipped(impl, monkeypatch):
+    # id E is one past the map: it must not read it. The map is a view of a longer tensor
+    # whose next element is local expert 0, so a read one past the end would count the slot.
+    backing = torch.tensor([-1, 0, 1, 0])
+    emap = backing[:3]  # E = 3 global experts, e = 2 local
+    ids = torch.tensor([[3, 1], [2, 3], [1, 2]])
+    source_rows, row_index, counts = brute_force(ids, 2, emap)
+    got = run(impl, ids, 2, source_rows.shape[0], emap, monkeypatch)
+    assert counts.tolist() == [2, 2]
+    assert torch.equal(got.num_tokens_per_expert.cpu(), counts)
+    assert torch.equal(got.row_index.cpu(), row_index)
+    assert torch.equal(got.source_rows.cpu(), source_rows)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+@pytest.mark.parametrize("e", [
+    3,  # e below its power of 2: id e has a lane of its own in the kernel's one-hot
+    4,  # e a power of 2: id e has no lane
+])
+def test_id_equal_to_num_local_experts_is_skipped(impl, e, monkeypatch):
+    # without a map, ids are local ones: e is the first that is not. P = 6, a bound above the
+    # 3 real pairs, so that no position a slot of id e might take is cut off by P
+    ids = torch.tensor([[e, 0], [1, e], [e - 1, e]])
+    source_rows, row_index, counts = brute_force(ids, e, None)
+    got = run(impl, ids, e, 6, None, monkeypatch)
+    assert row_index.tolist() == [[-1, 0], [1, -1], [2, -1]]
+    assert torch.equal(got.row_index.cpu(), row_index)
+    assert got.source_rows.cpu().tolist() == source_rows.tolist() + [0, 0, 0]
+    assert torch.equal(got.num_tokens_per_expert.cpu(), counts)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+@pytest.mark.parametrize("P", [
+    # e = 64 local experts give the kernel 128-slot tiles, so 400 slots run in 4 programs,
+    # each zeroing its share of the P positions
+    10,  # not a multiple of 4: the shares are rounded up, the last one ends at P
+    4,   # one position per program: the last program writes the only tail position
+])
+def test_tail_past_the_real_pairs_is_row_zero(impl, P, monkeypatch):
+    # a bound P above the 3 real pairs (fixed-size exchange): every position from 3 on reads
+    # row 0, whatever the output buffer held before (poisoned here)
+    R, K = 100, 4
+    ids = torch.full((R, K), -1, dtype=torch.int64)
+    ids[1, 1], ids[R - 1, 0], ids[R // 2, K - 1] = 5, 63, 5
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(-5))
+    got = run(impl, ids, 64, P, None, monkeypatch)
+    monkeypatch.undo()
+    assert got.source_rows.cpu().tolist() == [1, R // 2, R - 1] + [0] * (P - 3)
+    assert got.num_tokens_per_expert.cpu()[[5, 63]].tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_num_pairs_above_all_slots(impl, monkeypatch):
+    # P is a bound: even one above R * K gives (P,) source_rows, row 0 past the real pairs.
+    # Expert 0 holds slot 2 (row 1), expert 1 slots 0 (row 0) and 3 (row 1).
+    ids = torch.tensor([[1, -1], [0, 1]])
+    got = run(impl, ids, 2, 6, None, monkeypatch)
+    assert got.row_index.cpu().tolist() == [[1, -1], [0, 2]]
+    assert got.source_rows.cpu().tolist() == [1, 0, 1, 0, 0, 0]
 
 
 def test_deterministic():

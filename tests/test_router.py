@@ -66,6 +66,8 @@ def params_of(router):
     # DeepSeek-V3 at toy size: 16 experts in 4 groups, best 2 groups kept, K=4, bias
     dict(num_experts=16, top_k=4, score_func="sigmoid", num_expert_groups=4, topk_groups=2,
          use_correction_bias=True, routed_scaling_factor=2.5),
+    # groups of one expert: a group scores its only expert
+    dict(score_func="sigmoid", num_expert_groups=8, topk_groups=4),
 ])
 def test_matches_reference(changes):
     config = tiny(**changes)
@@ -281,6 +283,28 @@ def test_moe_aux_loss_gradient_reaches_router():
     torch.testing.assert_close(diff, expected, rtol=1e-4, atol=noise)
 
 
+@pytest.mark.parametrize("score_func, aux_coef, z_coef", [
+    ("softmax", 0.1, 0.0),   # Switch loss through the softmax
+    ("sigmoid", 0.1, 0.0),   # ... through the per-token normalisation of the sigmoid scores
+    ("softmax", 0.0, 0.01),  # z-loss alone: its gradient pulls every logit towards 0
+])
+def test_aux_loss_gradient(score_func, aux_coef, z_coef):
+    """d aux_loss / d router.weight equals float64 autograd of the same losses (the slot
+    shares f_e are counts: constant)."""
+    router, x = make_inputs(tiny(score_func=score_func, aux_loss_coef=aux_coef,
+                                 z_loss_coef=z_coef))
+    out = router(x)
+    out.aux_loss.backward()
+    w = router.weight.detach().double().cpu().requires_grad_()
+    logits = x.double().cpu() @ w.t()
+    expected = aux_coef * switch_loss(logits, out.topk_ids.cpu(), score_func) \
+        + z_coef * z_loss(logits)
+    (grad,) = torch.autograd.grad(expected, w)
+    # fp32 against float64 through T=32 rows of D=16: ~2^-24 relative to the largest entries
+    torch.testing.assert_close(router.weight.grad.double().cpu(), grad, rtol=1e-5,
+                               atol=1e-6 * grad.abs().max().item())
+
+
 # --------------------------------------------------------------------------------------------
 # Correction-bias update
 # --------------------------------------------------------------------------------------------
@@ -293,6 +317,30 @@ def test_update_correction_bias_direction():
     assert bias.dtype == torch.float32
     torch.testing.assert_close(
         bias.cpu(), torch.tensor([0.1, 0.1, 0.0, 0.0, 0.0, -0.1, -0.1, 0.0]))
+
+
+def test_update_correction_bias_default_rate():
+    # the default step is DeepSeek-V3's bias update speed, 1e-3 per call
+    router, _ = make_inputs(tiny(score_func="sigmoid", use_correction_bias=True))
+    router.update_correction_bias(torch.tensor([0, 1, 2, 2, 2, 3, 4, 2], device=DEVICE))
+    torch.testing.assert_close(
+        router.e_score_correction_bias.cpu(),
+        torch.tensor([1e-3, 1e-3, 0.0, 0.0, 0.0, -1e-3, -1e-3, 0.0]))
+
+
+def test_reset_parameters():
+    """A trained correction bias goes back to 0; the gate weight is drawn from N(0, init_std)."""
+    config = MoEConfig.tiny(hidden_size=256, num_experts=64, top_k=2, init_std=0.1,
+                            score_func="sigmoid", use_correction_bias=True)
+    router = Router(config).to(DEVICE)
+    router.e_score_correction_bias.fill_(0.3)
+    torch.manual_seed(0)
+    router.reset_parameters()
+    assert torch.equal(router.e_score_correction_bias, torch.zeros(64, device=DEVICE))
+    # 64 * 256 draws: the sample std has a relative spread of 1/sqrt(2n) ~ 0.6%, the sample
+    # mean a spread of 0.1/128 ~ 8e-4; the bounds are ~8 and ~6 of those
+    assert abs(router.weight.std().item() - 0.1) < 0.005
+    assert abs(router.weight.mean().item()) < 0.005
 
 
 def test_update_correction_bias_balances_load():
@@ -314,3 +362,32 @@ def test_update_correction_bias_needs_bias():
     router, _ = make_inputs(tiny())
     with pytest.raises(ValueError, match="use_correction_bias"):
         router.update_correction_bias(torch.ones(8, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# MoEConfig: the router's switches
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(norm_topk_prob="no"), r"MoEConfig\.norm_topk_prob must be a bool"),  # truthy str
+    (dict(use_correction_bias=1), r"MoEConfig\.use_correction_bias must be a bool"),  # an int
+    # inf and nan pass the ">= 0" check: only the finiteness check stops them
+    (dict(aux_loss_coef=float("inf")), r"MoEConfig\.aux_loss_coef must be a finite number"),
+    (dict(z_loss_coef=float("nan")), r"MoEConfig\.z_loss_coef must be a finite number"),
+    # 0 kept groups: named as such, not as a top_k that "exceeds the experts in the kept groups"
+    (dict(num_expert_groups=2, topk_groups=0), r"MoEConfig\.topk_groups must be a positive int"),
+])
+def test_config_validation(changes, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**changes)
+
+
+def test_deepseek_v3_preset_routes_like_deepseek_v3():
+    # DeepSeek-V3's config.json: sigmoid scores, 8 groups of which 4 are kept, top-8,
+    # renormalised, scaled by 2.5, noaux_tc selection (the correction bias)
+    config = MoEConfig.deepseek_v3()
+    assert (config.score_func, config.num_expert_groups, config.topk_groups, config.top_k,
+            config.norm_topk_prob, config.routed_scaling_factor) == ("sigmoid", 8, 4, 8, True, 2.5)
+    router = Router(config)
+    assert router.e_score_correction_bias is not None
+    assert router.e_score_correction_bias.shape == (256,)

@@ -132,6 +132,9 @@ def _sort_torch(topk_ids, num_local_experts, num_pairs, expert_map) -> ExpertSor
     counts.scatter_add_(0, key, torch.ones_like(key))
     counts = counts[:e]
     source_rows = torch.where(local, order // K, 0)
+    if num_pairs > source_rows.shape[0]:  # a bound above every slot: the tail reads row 0
+        source_rows = torch.cat([source_rows, source_rows.new_zeros(
+            num_pairs - source_rows.shape[0])])
     return ExpertSort(source_rows, row_index.view(R, K), counts,
                       torch.cumsum(counts, 0, dtype=torch.int32))
 

@@ -55,8 +55,11 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor) -> to
         raise ValueError(f"x, index and count must share a device, got {x.device}, "
                          f"{index.device}, {count.device}")
     if not _use_triton(x):
-        return x[index.clamp(0, max(x.shape[0] - 1, 0))] if x.shape[0] else \
-            x.new_zeros(index.shape[0], x.shape[1])
+        if not x.shape[0]:
+            return x.new_zeros(index.shape[0], x.shape[1])
+        ok = (index >= 0) & (index < x.shape[0])  # a bad index gives zeros, as in the kernel
+        rows = x[index.clamp(0, x.shape[0] - 1)]
+        return torch.where(ok[:, None], rows, rows.new_zeros(()))
     P, D = index.shape[0], x.shape[1]
     out = x.new_empty(P, D)
     if P == 0 or D == 0:
