@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ep_moe.kernels.dispatch_layout as layout_module
+from dist_utils import expected_local_experts
 from ep_moe import ExpertPlacement
 from ep_moe.kernels.dispatch_layout import (_layout_torch, dispatch_layout, gather_send_rows,
                                            packed_row, split_packed)
@@ -371,19 +372,6 @@ def test_gather_send_rows_reads_x_through_its_strides(strided):
 # Placement: the owner and table the layout reads
 # --------------------------------------------------------------------------------------------
 
-def placement_by_hand(E, W, kind):
-    """Global experts of each rank, dealt by the rule in words: round_robin gives expert g to
-    rank g % W; linear gives contiguous blocks, one expert more to each of the first E % W."""
-    if kind == "round_robin":
-        return [[g for g in range(E) if g % W == r] for r in range(W)]
-    out, start = [], 0
-    for r in range(W):
-        n = E // W + (1 if r < E % W else 0)
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
-
-
 @pytest.mark.parametrize("E,W,kind", [
     (10, 4, "linear"),       # E % W = 2: ranks 0 and 1 hold 3, ranks 2 and 3 hold 2
     (10, 4, "round_robin"),  # the same counts, dealt in turn
@@ -393,7 +381,7 @@ def placement_by_hand(E, W, kind):
     (1, 1, "linear"),        # a single rank owns the single expert
 ])
 def test_placement(E, W, kind):
-    experts = placement_by_hand(E, W, kind)
+    experts = expected_local_experts(E, W, kind)
     e_max = max(len(p) for p in experts)
     pl = ExpertPlacement(E, W, kind)
     assert pl.local_experts == tuple(tuple(p) for p in experts)  # local order: ascending ids
