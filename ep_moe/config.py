@@ -30,6 +30,12 @@ def _positive_int(name: str, value: object) -> None:
         raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
 
 
+def _count(name: str, value: object) -> None:
+    """An int >= 0 (a bool is not a count)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"MoEConfig.{name} must be an int >= 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     # shapes
@@ -109,13 +115,8 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) exceeds the experts in the kept groups "
                 f"({eligible} = topk_groups * num_experts / num_expert_groups)")
-        if not isinstance(self.dense_max_rows, int) or self.dense_max_rows < 0:
-            raise ValueError(
-                f"MoEConfig.dense_max_rows must be an int >= 0, got {self.dense_max_rows!r}")
-        if not isinstance(self.num_shared_experts, int) or isinstance(self.num_shared_experts, bool) \
-                or self.num_shared_experts < 0:
-            raise ValueError(
-                f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+        _count("dense_max_rows", self.dense_max_rows)
+        _count("num_shared_experts", self.num_shared_experts)
         for name in ("norm_topk_prob", "use_correction_bias", "gated", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -138,6 +139,10 @@ class MoEConfig:
                 f"{self.dispatcher!r}, max_tokens_per_rank={self.max_tokens_per_rank}")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts > 0")
+        if self.shared_intermediate_size is not None and self.num_shared_experts == 0:
+            raise ValueError(
+                f"MoEConfig.shared_intermediate_size={self.shared_intermediate_size} needs "
+                f"num_shared_experts > 0 (there is no shared MLP to size)")
         for name in ("aux_loss_coef", "z_loss_coef", "init_std"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)!r}")

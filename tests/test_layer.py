@@ -295,6 +295,11 @@ def test_reproducible_init():
     (dict(num_expert_groups=2, topk_groups=3), "topk_groups"),
     (dict(num_expert_groups=4, topk_groups=1, top_k=3), "top_k"),  # only 2 experts kept
     (dict(num_shared_experts=-1), "num_shared_experts"),
+    (dict(num_shared_experts=True), "num_shared_experts"),
+    (dict(shared_intermediate_size=40), "shared_intermediate_size"),  # no shared MLP to size
+    (dict(dense_max_rows=-1), "dense_max_rows"),
+    (dict(dense_max_rows=True), "dense_max_rows"),  # a bool is not a row count
+    (dict(dense_max_rows=64.0), "dense_max_rows"),
     (dict(num_shared_experts=1, shared_intermediate_size=0), "shared_intermediate_size"),
     (dict(shared_expert_gate=True), "shared_expert_gate"),  # no shared expert to gate
     (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
@@ -322,12 +327,32 @@ def test_max_tokens_per_rank_holds_on_one_rank():
     assert layer(x[:4]).shape == (4, layer.config.hidden_size)
 
 
+@pytest.mark.parametrize("changes, size", [
+    (dict(), 0),  # no shared experts
+    (dict(num_shared_experts=1), 24),  # one expert of intermediate_size
+    (dict(num_shared_experts=2), 48),  # n experts of intermediate_size each, as one MLP
+    (dict(num_shared_experts=2, shared_intermediate_size=40), 40),  # given: taken as the total
+])
+def test_shared_size(changes, size):
+    config = MoEConfig.tiny(**changes)
+    assert config.shared_size == size
+    shared = MoE(config).shared_experts
+    if size == 0:
+        assert shared is None
+    else:  # gate | up rows, and the down projection's columns
+        assert shared.gate_up_proj.shape == (2 * size, config.hidden_size)
+        assert shared.down_proj.shape == (config.hidden_size, size)
+
+
 @pytest.mark.parametrize("name, fields", [
-    ("tiny", dict(hidden_size=16, num_experts=8, top_k=2)),
-    ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2)),
-    ("qwen3", dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8)),
+    ("tiny", dict(hidden_size=16, num_experts=8, top_k=2, dense_max_rows=0)),
+    ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2,
+                     dense_max_rows=64)),
+    ("qwen3", dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8,
+                   dense_max_rows=64)),
     ("deepseek_v3", dict(num_experts=256, top_k=8, score_func="sigmoid", num_expert_groups=8,
-                         topk_groups=4, routed_scaling_factor=2.5, num_shared_experts=1)),
+                         topk_groups=4, routed_scaling_factor=2.5, num_shared_experts=1,
+                         dense_max_rows=64)),
 ])
 def test_presets(name, fields):
     config = MoEConfig.preset(name, aux_loss_coef=0.01)  # configs only: the layers are big
