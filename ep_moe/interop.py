@@ -3,15 +3,23 @@
 Supported blocks, and what each one's router does:
 - `MixtralSparseMoeBlock`: softmax over E, top-K, always renormalised to sum to 1.
 - `Qwen3MoeSparseMoeBlock`: softmax over E, top-K, renormalised when `norm_topk_prob`.
+- `Qwen2MoeSparseMoeBlock`: as Qwen3, plus one shared expert scaled by sigmoid(x w_g).
+- `DeepseekV3MoE`: sigmoid scores; a correction bias that shifts the selection only; top-K
+  within the `topk_group` best of `n_group` groups (a group scores its two best experts);
+  renormalised when `norm_topk_prob`, then times `routed_scaling_factor`; plus the shared
+  experts as one MLP of `n_shared_experts * moe_intermediate_size`.
 
-Both store their weights the way `ep_moe.experts` does (transformers v5 layout):
+All store the routed experts the way `ep_moe.experts` does (transformers v5 layout):
     gate.weight (E, D); experts.gate_up_proj (E, 2I, D), gate rows first then up;
     experts.down_proj (E, D, I).
-so the copy is a plain one, no transpose or split.
+so that copy is a plain one, no transpose or split; a shared MLP's separate gate_proj and
+up_proj are stacked into the shared experts' gate_up_proj.
 
 Differences that remain: Mixtral's `router_jitter_noise` (training-time input noise) has no
-counterpart here; Qwen3 casts the top-K weights to the activation dtype before the experts,
-while `MoE` keeps them in fp32 (identical in fp32, closer to fp32 math in bf16).
+counterpart here; the Qwen blocks cast the top-K weights to the activation dtype before the
+experts, while `MoE` keeps them in fp32 (identical in fp32, closer to fp32 math in bf16).
+DeepSeek-V3 keeps its router weight and correction bias in fp32 whatever the model's dtype
+(transformers' `_keep_in_fp32_modules_strict`); so does the layer built from it.
 transformers is imported lazily: the rest of ep_moe does not need it.
 """
 
@@ -31,13 +39,37 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": 
 
 
 def _supported_blocks() -> dict:
-    """{block class: whether its router always renormalises}; empty without transformers."""
+    """{block class: its family}; empty without transformers."""
     try:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
     except ImportError:
         return {}
-    return {MixtralSparseMoeBlock: True, Qwen3MoeSparseMoeBlock: False}
+    return {MixtralSparseMoeBlock: "mixtral", Qwen3MoeSparseMoeBlock: "qwen3",
+            Qwen2MoeSparseMoeBlock: "qwen2", DeepseekV3MoE: "deepseek_v3"}
+
+
+def _router_fields(family: str, gate: nn.Module) -> dict:
+    """The MoEConfig router fields of a block's gate."""
+    if family == "mixtral":
+        return dict(score_func="softmax", norm_topk_prob=True)
+    if family in ("qwen2", "qwen3"):
+        return dict(score_func="softmax", norm_topk_prob=bool(gate.norm_topk_prob))
+    return dict(score_func="sigmoid", norm_topk_prob=bool(gate.norm_topk_prob),
+                num_expert_groups=gate.num_group, topk_groups=gate.topk_group,
+                use_correction_bias=True,
+                routed_scaling_factor=float(gate.routed_scaling_factor))
+
+
+def _shared_mlp(family: str, block: nn.Module):
+    """(shared MLP with gate_proj / up_proj / down_proj, its sigmoid gate or None), or None."""
+    if family == "qwen2":
+        return block.shared_expert, block.shared_expert_gate
+    if family == "deepseek_v3":
+        return block.shared_experts, None
+    return None
 
 
 def _activation(experts: nn.Module) -> str:
@@ -65,23 +97,31 @@ def _check_layout(experts: nn.Module) -> None:
 
 
 def config_from_hf(block: nn.Module, **changes) -> MoEConfig:
-    """The `MoEConfig` matching a Mixtral or Qwen3-MoE sparse block; `changes` override fields
-    (e.g. `aux_loss_coef`, `expert_impl`)."""
-    blocks = _supported_blocks()
-    renormalises = next((v for cls, v in blocks.items() if isinstance(block, cls)), None)
-    if renormalises is None:
-        names = [cls.__name__ for cls in blocks] or \
-            ["MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock (transformers is not installed)"]
+    """The `MoEConfig` matching a supported sparse block (see the module docstring);
+    `changes` override fields (e.g. `aux_loss_coef`, `expert_impl`)."""
+    family = _family(block)
+    if family is None:
+        names = [cls.__name__ for cls in _supported_blocks()] or \
+            ["MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
+             "DeepseekV3MoE (transformers is not installed)"]
         raise TypeError(f"block must be one of {names}, got {type(block).__name__}")
     experts = block.experts
     _check_layout(experts)
     E, two_I, D = experts.gate_up_proj.shape
-    return MoEConfig(
-        hidden_size=D, intermediate_size=two_I // 2, num_experts=E,
-        top_k=block.gate.top_k, score_func="softmax",
-        norm_topk_prob=renormalises or bool(block.gate.norm_topk_prob),
-        activation=_activation(experts), gated=True,
-    ).replace(**changes)
+    fields = dict(hidden_size=D, intermediate_size=two_I // 2, num_experts=E,
+                  top_k=block.gate.top_k, activation=_activation(experts), gated=True,
+                  **_router_fields(family, block.gate))
+    shared = _shared_mlp(family, block)
+    if shared is not None:
+        mlp, gate = shared
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if getattr(mlp, name).bias is not None:
+                raise ValueError(f"{type(mlp).__name__}.{name} has a bias; ep_moe's shared "
+                                 f"experts have none")
+        # one MLP whatever the expert count: its size is what the weights say
+        fields.update(num_shared_experts=1, shared_intermediate_size=mlp.gate_proj.out_features,
+                      shared_expert_gate=gate is not None)
+    return MoEConfig(**fields).replace(**changes)
 
 
 @torch.no_grad()
@@ -90,8 +130,10 @@ def moe_from_hf(block: nn.Module, dtype: Optional[torch.dtype] = None,
     """A single-process `MoE` computing what `block` computes, with copies of its weights.
 
     Args:
-        block: a transformers v5 `MixtralSparseMoeBlock` or `Qwen3MoeSparseMoeBlock`.
-        dtype, device: of the new layer; default those of `block.gate.weight`.
+        block: a transformers v5 `MixtralSparseMoeBlock`, `Qwen3MoeSparseMoeBlock`,
+            `Qwen2MoeSparseMoeBlock` or `DeepseekV3MoE`.
+        dtype, device: of the new layer; default those of the block's routed experts. A
+            DeepSeek-V3 router stays fp32 (as transformers keeps it).
 
     Returns:
         `MoE` in the block's train/eval mode. Its forward takes (..., D) like the block's
@@ -102,9 +144,25 @@ def moe_from_hf(block: nn.Module, dtype: Optional[torch.dtype] = None,
         ep_moe does not implement.
     """
     config = config_from_hf(block)
-    source = block.gate.weight
+    source = block.experts.gate_up_proj
     moe = MoE(config, dtype=dtype or source.dtype, device=device or source.device)
+    if config.use_correction_bias:  # DeepSeek-V3: the router in fp32, as transformers keeps it
+        moe.router.float()
+        moe.router.e_score_correction_bias.copy_(block.gate.e_score_correction_bias)
     moe.router.weight.copy_(block.gate.weight)
     moe.experts.gate_up_proj.copy_(block.experts.gate_up_proj)
     moe.experts.down_proj.copy_(block.experts.down_proj)
+    shared = _shared_mlp(_family(block), block)
+    if shared is not None:
+        mlp, gate = shared
+        moe.shared_experts.gate_up_proj.copy_(
+            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0))
+        moe.shared_experts.down_proj.copy_(mlp.down_proj.weight)
+        if gate is not None:
+            moe.shared_experts.gate.copy_(gate.weight)
     return moe.train(block.training)
+
+
+def _family(block: nn.Module) -> Optional[str]:
+    """"mixtral", "qwen3", "qwen2" or "deepseek_v3" for a supported block, else None."""
+    return next((f for cls, f in _supported_blocks().items() if isinstance(block, cls)), None)

@@ -77,8 +77,9 @@ class MoE(nn.Module):
 
     @classmethod
     def from_hf(cls, block: nn.Module, dtype=None, device=None) -> "MoE":
-        """Single-process `MoE` with the weights of a transformers v5 `MixtralSparseMoeBlock`
-        or `Qwen3MoeSparseMoeBlock` (see `ep_moe.interop`); TypeError for other blocks."""
+        """Single-process `MoE` with the weights of a transformers v5 `MixtralSparseMoeBlock`,
+        `Qwen3MoeSparseMoeBlock`, `Qwen2MoeSparseMoeBlock` or `DeepseekV3MoE` (see
+        `ep_moe.interop`); TypeError for other blocks."""
         from .interop import moe_from_hf  # lazy: interop imports this module
 
         return moe_from_hf(block, dtype=dtype, device=device)

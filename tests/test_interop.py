@@ -10,7 +10,13 @@ from torch import nn
 from ep_moe import MoE
 
 transformers = pytest.importorskip("transformers")
-from transformers import MixtralConfig, Qwen3MoeConfig  # noqa: E402
+from transformers import (  # noqa: E402
+    DeepseekV3Config,
+    MixtralConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 from transformers.models.qwen2_moe.modeling_qwen2_moe import (  # noqa: E402
     Qwen2MoeSparseMoeBlock,
@@ -21,6 +27,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 D, I, E = 32, 48, 8  # noqa: E741 (I: intermediate size, in the package notation)
+SHARED_I = 40  # the shared MLP's size, unlike I so a mix-up shows in the shapes
 # fp32 both sides, same routing: the two differ only in summation order (the HF block adds
 # the K expert outputs with index_add_, ep_moe in the fused combine): a few fp32 ulps.
 RTOL, ATOL = 1e-5, 1e-6
@@ -40,13 +47,33 @@ def qwen3_block(top_k=4, norm_topk_prob=True, hidden_act="silu"):
     return Qwen3MoeSparseMoeBlock(config)
 
 
+def qwen2_block(top_k=4, norm_topk_prob=False):
+    config = Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=I, num_experts=E,
+                            shared_expert_intermediate_size=SHARED_I, num_experts_per_tok=top_k,
+                            norm_topk_prob=norm_topk_prob, experts_implementation="eager")
+    return Qwen2MoeSparseMoeBlock(config)
+
+
+def deepseek_block(top_k=2, n_group=4, topk_group=2, norm_topk_prob=True, n_shared=2):
+    config = DeepseekV3Config(hidden_size=D, moe_intermediate_size=I, n_routed_experts=E,
+                              num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group,
+                              norm_topk_prob=norm_topk_prob, n_shared_experts=n_shared,
+                              routed_scaling_factor=2.5, experts_implementation="eager")
+    return DeepseekV3MoE(config)
+
+
 def make_inputs(block, shape=(2, 7), seed=0):
     """Random weights (HF leaves them empty or zero until a model's init runs) and x (*shape, D).
-    std 1/sqrt(D) keeps pre-activations O(1) and the router's scores far from uniform."""
+    std 1/sqrt(D) keeps pre-activations O(1) and the router's scores far from uniform. A
+    DeepSeek-V3 correction bias as large as the sigmoid scores' spread, so it changes which
+    experts are picked (and a layer that ignored it would differ)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in block.parameters():
             p.copy_(torch.empty(p.shape).normal_(0.0, D ** -0.5, generator=g))
+        bias = getattr(block.gate, "e_score_correction_bias", None)
+        if bias is not None:
+            bias.copy_(torch.empty(bias.shape).normal_(0.0, 0.3, generator=g))
     block.to(DEVICE).eval()
     return torch.randn(*shape, D, generator=g).to(DEVICE)
 
@@ -57,6 +84,11 @@ BLOCKS = {
     "qwen3_top4_norm": lambda: qwen3_block(top_k=4, norm_topk_prob=True),
     "qwen3_top4_raw": lambda: qwen3_block(top_k=4, norm_topk_prob=False),
     "qwen3_top2_norm": lambda: qwen3_block(top_k=2, norm_topk_prob=True),
+    "qwen2_shared_gate": lambda: qwen2_block(top_k=4, norm_topk_prob=False),
+    "qwen2_shared_gate_norm": lambda: qwen2_block(top_k=2, norm_topk_prob=True),
+    "deepseek_v3_groups": lambda: deepseek_block(top_k=2, n_group=4, topk_group=2),
+    "deepseek_v3_one_group_raw": lambda: deepseek_block(top_k=3, n_group=1, topk_group=1,
+                                                        norm_topk_prob=False, n_shared=1),
 }
 
 
@@ -94,6 +126,52 @@ def test_config_and_copies():
     assert moe.experts.down_proj.abs().sum() > 0
 
 
+def test_shared_and_deepseek_config_and_copies():
+    block = deepseek_block(top_k=2, n_group=4, topk_group=2, n_shared=2)
+    make_inputs(block)
+    moe = MoE.from_hf(block)
+    c = moe.config
+    assert (c.score_func, c.norm_topk_prob, c.num_expert_groups, c.topk_groups,
+            c.use_correction_bias, c.routed_scaling_factor) == ("sigmoid", True, 4, 2, True, 2.5)
+    assert (c.num_shared_experts, c.shared_size, c.shared_expert_gate) == (1, 2 * I, False)
+    assert torch.equal(moe.router.e_score_correction_bias, block.gate.e_score_correction_bias)
+    mlp = block.shared_experts
+    assert torch.equal(moe.shared_experts.gate_up_proj,
+                       torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    assert torch.equal(moe.shared_experts.down_proj, mlp.down_proj.weight)
+
+    block = qwen2_block()
+    make_inputs(block)
+    moe = MoE.from_hf(block)
+    c = moe.config
+    assert (c.score_func, c.norm_topk_prob, c.use_correction_bias) == ("softmax", False, False)
+    assert (c.num_shared_experts, c.shared_size, c.shared_expert_gate) == (1, SHARED_I, True)
+    assert torch.equal(moe.shared_experts.gate, block.shared_expert_gate.weight)
+
+
+def test_deepseek_router_stays_fp32():
+    # transformers keeps DeepSeek-V3's gate weight and bias in fp32 in a bf16 model; the layer
+    # does too, so both pick the same experts from the same fp32 logits
+    block = deepseek_block(top_k=2, n_group=4, topk_group=2)
+    x = make_inputs(block, shape=(3, 11)).bfloat16()
+    block.bfloat16()
+    block.gate.float()
+    moe = MoE.from_hf(block)
+    assert moe.experts.gate_up_proj.dtype == torch.bfloat16
+    assert moe.router.weight.dtype == moe.router.e_score_correction_bias.dtype == torch.float32
+    with torch.no_grad():
+        _, hf_weights, hf_ids = block.gate(x)
+        y, route = moe(x, return_router_output=True)
+        expected = block(x)
+    order = hf_ids.sort(-1)
+    assert torch.equal(route.topk_ids.sort(-1).values, order.values)
+    torch.testing.assert_close(route.topk_weights.gather(-1, route.topk_ids.sort(-1).indices),
+                               hf_weights.float().gather(-1, order.indices), rtol=1e-6, atol=0)
+    # bf16 experts on both sides: the two differ by bf16 roundings in different places
+    err = ((y.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert err < 2e-2, err
+
+
 def test_dtype_argument():
     block = mixtral_block()
     make_inputs(block)
@@ -106,12 +184,9 @@ def test_dtype_argument():
 def test_wrong_block_type():
     with pytest.raises(TypeError, match="MixtralSparseMoeBlock.*got Linear"):
         MoE.from_hf(nn.Linear(D, D))
-    # a close relative with a shared expert is refused, not silently half-converted
-    qwen2 = Qwen2MoeSparseMoeBlock(transformers.Qwen2MoeConfig(
-        hidden_size=D, moe_intermediate_size=I, shared_expert_intermediate_size=I,
-        num_experts=E, num_experts_per_tok=2))
-    with pytest.raises(TypeError, match="Qwen2MoeSparseMoeBlock"):
-        MoE.from_hf(qwen2)
+    # a shared MLP alone is not a sparse block
+    with pytest.raises(TypeError, match="DeepseekV3MoE.*got Qwen2MoeMLP"):
+        MoE.from_hf(qwen2_block().shared_expert)
 
 
 def test_unsupported_activation():
