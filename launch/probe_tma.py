@@ -16,9 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (copy_ceiling_gbs, graph_time_us, markdown_table,  # noqa: E402
-                    matmul_ceiling_tflops, write_json)
-from sweep_gemm import SHAPES, gemm_case, rel  # noqa: E402
+from common import graph_time_us, markdown_table, write_json  # noqa: E402
+from sweep_gemm import ceilings, gemm_cases, rel  # noqa: E402
 
 from ep_moe.experts import _grouped_mm  # noqa: E402
 from ep_moe.kernels.activation import gated_activation  # noqa: E402
@@ -51,71 +50,64 @@ def main():
     args = p.parse_args()
     extra = SWEEPS[args.sweep] if args.sweep else EXTRA
     dev = torch.device("cuda")
-    copy_gbs, mm_tflops = copy_ceiling_gbs(dev), matmul_ceiling_tflops(dev)
-    print(f"# {torch.cuda.get_device_name(dev)}: copy {copy_gbs:.0f} GB/s, "
-          f"matmul {mm_tflops:.0f} TFLOP/s", flush=True)
+    copy_gbs, mm_tflops = ceilings(dev)
     rows = []
-    for preset in args.presets:
-        E, D, I, K = SHAPES[preset]
-        w13 = torch.randn(E, 2 * I, D, device=dev, dtype=torch.bfloat16) * D ** -0.5
-        w2 = torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
-        for T in args.tokens:
-            if preset == "mixtral" and T > 4096:
-                continue  # torch's path from 256 rows per expert on this shape
-            x, src, counts, offs, h_ref, y_ref, floors = gemm_case(
-                T, K, w13, w2, copy_gbs, mm_tflops)
-            P = T * K
-            calls, replays = (3, 10) if T >= 4096 else (10, 20)
-            torch_fns = {1: lambda: gated_activation(
-                _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu"),
-                2: lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)}
-            for gemm in (1, 2):
-                default = gemm_config(P / E, gemm == 1, num_experts=E)
-                cfgs = [default] + [GemmConfig(*c) for c in extra[gemm]
-                                    if T >= 256 and GemmConfig(*c) != default]
+    # Mixtral takes torch's path from 256 rows per expert
+    cases = gemm_cases(args.presets, args.tokens, dev, copy_gbs, mm_tflops,
+                       skip=lambda preset, T: preset == "mixtral" and T > 4096)
+    for preset, T, K, w13, w2, case in cases:
+        x, src, counts, offs, h_ref, y_ref, floors = case
+        E = w13.shape[0]
+        P = T * K
+        calls, replays = (3, 10) if T >= 4096 else (10, 20)
+        torch_fns = {1: lambda: gated_activation(
+            _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu"),
+            2: lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)}
+        for gemm in (1, 2):
+            default = gemm_config(P / E, gemm == 1, num_experts=E)
+            cfgs = [default] + [GemmConfig(*c) for c in extra[gemm]
+                                if T >= 256 and GemmConfig(*c) != default]
 
-                def fn(cfg, tma, persistent=False, gemm=gemm):
-                    if gemm == 1:
-                        return lambda: grouped_gemm(x, w13, counts, a_rows=src, activation="silu",
-                                                    config=cfg, tma=tma, persistent=persistent)
-                    return lambda: grouped_gemm(h_ref, w2, counts, config=cfg, tma=tma,
-                                                persistent=persistent)
+            def fn(cfg, tma, persistent=False, gemm=gemm):
+                if gemm == 1:
+                    return lambda: grouped_gemm(x, w13, counts, a_rows=src, activation="silu",
+                                                config=cfg, tma=tma, persistent=persistent)
+                return lambda: grouped_gemm(h_ref, w2, counts, config=cfg, tma=tma,
+                                            persistent=persistent)
 
-                variants = {"pointers": fn(default, False), "tma": fn(default, True),
-                            "tma_persistent": fn(default, True, True)}
-                for c in cfgs[1:]:
-                    variants["tma_" + "_".join(map(str, c))] = fn(c, True)
-                    if not args.sweep:
-                        variants["pointers_" + "_".join(map(str, c))] = fn(c, False)
-                ref = h_ref if gemm == 1 else y_ref
-                base = variants["pointers"]()
-                row = {"preset": preset, "T": T, "gemm": gemm, "default": list(default),
-                       "floor_us": floors[gemm]}
-                for name, f in variants.items():
-                    try:
-                        out = f()
-                        err = rel(out, ref)
-                        row[f"{name}_err"] = err
-                        if not err < 2e-2:
-                            raise RuntimeError(f"rel err {err:.3g} vs torch")
-                        if name in ("tma", "tma_persistent"):
-                            row[f"{name}_same"] = bool(torch.equal(out, base))
-                    except Exception as exc:  # a config that does not compile or fit: go on
-                        row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                        variants[name] = None
-                timed = {"torch": torch_fns[gemm], **{k: v for k, v in variants.items() if v}}
-                for rnd in range(2):
-                    for name, f in timed.items():
-                        row.setdefault(f"{name}_us", []).append(
-                            graph_time_us([f], calls, replays))
-                for name in timed:
-                    row[f"{name}_vs_floor"] = min(row[f"{name}_us"]) / floors[gemm]
-                rows.append(row)
-                print({k: ([round(u, 1) for u in v] if isinstance(v, list) and k.endswith("us")
-                           else round(v, 3) if isinstance(v, float) else v)
-                       for k, v in row.items()}, flush=True)
-        del w13, w2
-        torch.cuda.empty_cache()
+            variants = {"pointers": fn(default, False), "tma": fn(default, True),
+                        "tma_persistent": fn(default, True, True)}
+            for c in cfgs[1:]:
+                variants["tma_" + "_".join(map(str, c))] = fn(c, True)
+                if not args.sweep:
+                    variants["pointers_" + "_".join(map(str, c))] = fn(c, False)
+            ref = h_ref if gemm == 1 else y_ref
+            base = variants["pointers"]()
+            row = {"preset": preset, "T": T, "gemm": gemm, "default": list(default),
+                   "floor_us": floors[gemm]}
+            for name, f in variants.items():
+                try:
+                    out = f()
+                    err = rel(out, ref)
+                    row[f"{name}_err"] = err
+                    if not err < 2e-2:
+                        raise RuntimeError(f"rel err {err:.3g} vs torch")
+                    if name in ("tma", "tma_persistent"):
+                        row[f"{name}_same"] = bool(torch.equal(out, base))
+                except Exception as exc:  # a config that does not compile or fit: go on
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    variants[name] = None
+            timed = {"torch": torch_fns[gemm], **{k: v for k, v in variants.items() if v}}
+            for rnd in range(2):
+                for name, f in timed.items():
+                    row.setdefault(f"{name}_us", []).append(
+                        graph_time_us([f], calls, replays))
+            for name in timed:
+                row[f"{name}_vs_floor"] = min(row[f"{name}_us"]) / floors[gemm]
+            rows.append(row)
+            print({k: ([round(u, 1) for u in v] if isinstance(v, list) and k.endswith("us")
+                       else round(v, 3) if isinstance(v, float) else v)
+                   for k, v in row.items()}, flush=True)
     write_json(f"probe_tma_{args.sweep}.json" if args.sweep else "probe_tma.json",
                {"device": torch.cuda.get_device_name(dev), "copy_ceiling_gbs": copy_gbs,
                 "matmul_ceiling_tflops": mm_tflops, "rows": rows})

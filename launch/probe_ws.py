@@ -28,13 +28,13 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (copy_ceiling_gbs, graph_time_us, markdown_table,  # noqa: E402
-                    matmul_ceiling_tflops, write_json)
-from sweep_gemm import SHAPES, gemm_case, rel  # noqa: E402
+from common import graph_time_us, write_json  # noqa: E402
+from sweep_gemm import ceilings, gemm_cases, rel  # noqa: E402
 
 from ep_moe.experts import _grouped_mm  # noqa: E402
 from ep_moe.kernels.activation import ACTIVATIONS, _act_and_grad, gated_activation  # noqa: E402
-from ep_moe.kernels.grouped_gemm import gemm_config, grouped_gemm  # noqa: E402
+from ep_moe.kernels.grouped_gemm import (_tile_position, gemm_config,  # noqa: E402
+                                         grouped_gemm)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -74,12 +74,7 @@ def _ws_tile(tile, num_pid_m, a_desc, w_desc, out_ptr, table_ptr, N, K, n_rows_w
              GROUP_M: tl.constexpr, WS: tl.constexpr, SKIP: tl.constexpr):
     """One output tile. SKIP: 0 = a block past the last runs a loop of no trips, 1 = the loop
     sits in an `if`, 2 = every block is real (the caller counts them)."""
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = tile // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (tile % (GROUP_M * num_pid_n)) // group_m
+    pid_m, pid_n = _tile_position(tile, num_pid_m, N, BLOCK_N, GROUP_M)
     expert = tl.load(table_ptr + pid_m * 4)
     first_row = tl.load(table_ptr + pid_m * 4 + 1)
     row_end = tl.load(table_ptr + pid_m * 4 + 2)
@@ -222,75 +217,68 @@ def main():
     if args.smoke:
         return smoke(args.smoke, args.gemm)
     dev = torch.device("cuda")
-    copy_gbs, mm_tflops = copy_ceiling_gbs(dev), matmul_ceiling_tflops(dev)
-    print(f"# {torch.cuda.get_device_name(dev)}: copy {copy_gbs:.0f} GB/s, "
-          f"matmul {mm_tflops:.0f} TFLOP/s", flush=True)
+    copy_gbs, mm_tflops = ceilings(dev)
     rows = []
-    for preset in args.presets:
-        E, D, I, K = SHAPES[preset]
-        w13 = torch.randn(E, 2 * I, D, device=dev, dtype=torch.bfloat16) * D ** -0.5
-        w2 = torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
-        for T in args.tokens:
-            x, src, counts, offs, h_ref, y_ref, floors = gemm_case(
-                T, K, w13, w2, copy_gbs, mm_tflops)
-            P = T * K
-            calls, replays = (2, 8)
-            for gemm in (1, 2):
-                if gemm == 1:
-                    variants = {
-                        "torch": lambda: gated_activation(
-                            _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu"),
-                        "ours": lambda: grouped_gemm(x, w13, counts, a_rows=src,
-                                                     activation="silu")}
-                    for c in CONFIGS[1]:
-                        for v in args.variants:
-                            kw = SMOKE[v]
-                            variants[f"{v}_" + "_".join(map(str, c))] = (
-                                lambda c=c, kw=kw: ws_gemm(x[src], w13, counts, "silu",
-                                                           _warps(c, kw["ws"]), **kw))
-                    ref = h_ref
-                else:
-                    variants = {
-                        "torch": lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs),
-                        "ours": lambda: grouped_gemm(h_ref, w2, counts)}
-                    for c in CONFIGS[2]:
-                        for v in args.variants:
-                            kw = SMOKE[v]
-                            variants[f"{v}_" + "_".join(map(str, c))] = (
-                                lambda c=c, kw=kw: ws_gemm(h_ref, w2, counts, None,
-                                                           _warps(c, kw["ws"]), **kw))
-                    ref = y_ref
-                row = {"preset": preset, "T": T, "gemm": gemm, "floor_us": floors[gemm],
-                       "ours_default": list(gemm_config(P / E, gemm == 1, num_experts=E))}
-                for name, f in list(variants.items()):
-                    try:
-                        out = f()
-                        err = rel(out, ref)
-                        row[f"{name}_err"] = err
-                        print(f"  checked {preset} T={T} gemm {gemm} {name}: {err:.2e}",
-                              flush=True)
-                        if not err < 2e-2:
-                            raise RuntimeError(f"rel err {err:.3g} vs torch")
-                    except Exception as exc:  # a config that does not compile or fit: go on
-                        row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                        print(name, row[f"{name}_error"], flush=True)
-                        del variants[name]
-                torch.cuda.synchronize()
-                for rnd in range(2):
-                    for name, f in variants.items():
-                        row.setdefault(f"{name}_us", []).append(
-                            graph_time_us([f], calls, replays))
-                        print(f"  {preset} T={T} gemm {gemm} {name}: "
-                              f"{row[f'{name}_us'][-1]:.0f} us", flush=True)
-                for name in variants:
-                    row[f"{name}_vs_floor"] = min(row[f"{name}_us"]) / floors[gemm]
-                rows.append(row)
-                best = min(variants, key=lambda n: min(row[f"{n}_us"]))
-                print(f"{preset} T={T} gemm {gemm}: floor {floors[gemm]:.0f} us; " + ", ".join(
-                    f"{n} {'/'.join(f'{u:.0f}' for u in row[f'{n}_us'])}" for n in variants)
-                    + f"; best {best}", flush=True)
-        del w13, w2
-        torch.cuda.empty_cache()
+    cases = gemm_cases(args.presets, args.tokens, dev, copy_gbs, mm_tflops)
+    for preset, T, K, w13, w2, case in cases:
+        x, src, counts, offs, h_ref, y_ref, floors = case
+        E = w13.shape[0]
+        P = T * K
+        calls, replays = (2, 8)
+        for gemm in (1, 2):
+            if gemm == 1:
+                variants = {
+                    "torch": lambda: gated_activation(
+                        _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu"),
+                    "ours": lambda: grouped_gemm(x, w13, counts, a_rows=src,
+                                                 activation="silu")}
+                for c in CONFIGS[1]:
+                    for v in args.variants:
+                        kw = SMOKE[v]
+                        variants[f"{v}_" + "_".join(map(str, c))] = (
+                            lambda c=c, kw=kw: ws_gemm(x[src], w13, counts, "silu",
+                                                       _warps(c, kw["ws"]), **kw))
+                ref = h_ref
+            else:
+                variants = {
+                    "torch": lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs),
+                    "ours": lambda: grouped_gemm(h_ref, w2, counts)}
+                for c in CONFIGS[2]:
+                    for v in args.variants:
+                        kw = SMOKE[v]
+                        variants[f"{v}_" + "_".join(map(str, c))] = (
+                            lambda c=c, kw=kw: ws_gemm(h_ref, w2, counts, None,
+                                                       _warps(c, kw["ws"]), **kw))
+                ref = y_ref
+            row = {"preset": preset, "T": T, "gemm": gemm, "floor_us": floors[gemm],
+                   "ours_default": list(gemm_config(P / E, gemm == 1, num_experts=E))}
+            for name, f in list(variants.items()):
+                try:
+                    out = f()
+                    err = rel(out, ref)
+                    row[f"{name}_err"] = err
+                    print(f"  checked {preset} T={T} gemm {gemm} {name}: {err:.2e}",
+                          flush=True)
+                    if not err < 2e-2:
+                        raise RuntimeError(f"rel err {err:.3g} vs torch")
+                except Exception as exc:  # a config that does not compile or fit: go on
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    print(name, row[f"{name}_error"], flush=True)
+                    del variants[name]
+            torch.cuda.synchronize()
+            for rnd in range(2):
+                for name, f in variants.items():
+                    row.setdefault(f"{name}_us", []).append(
+                        graph_time_us([f], calls, replays))
+                    print(f"  {preset} T={T} gemm {gemm} {name}: "
+                          f"{row[f'{name}_us'][-1]:.0f} us", flush=True)
+            for name in variants:
+                row[f"{name}_vs_floor"] = min(row[f"{name}_us"]) / floors[gemm]
+            rows.append(row)
+            best = min(variants, key=lambda n: min(row[f"{n}_us"]))
+            print(f"{preset} T={T} gemm {gemm}: floor {floors[gemm]:.0f} us; " + ", ".join(
+                f"{n} {'/'.join(f'{u:.0f}' for u in row[f'{n}_us'])}" for n in variants)
+                + f"; best {best}", flush=True)
     write_json("probe_ws.json", {"device": torch.cuda.get_device_name(dev),
                                  "copy_ceiling_gbs": copy_gbs,
                                  "matmul_ceiling_tflops": mm_tflops, "rows": rows})

@@ -71,62 +71,84 @@ def gemm_case(T, K, w13, w2, copy_gbs, mm_tflops):
     return x, src, counts, offs, h_ref, y_ref, floors
 
 
+def ceilings(dev):
+    """The copy and matmul ceilings of this run, printed as its first line."""
+    copy_gbs, mm_tflops = copy_ceiling_gbs(dev), matmul_ceiling_tflops(dev)
+    print(f"# {torch.cuda.get_device_name(dev)}: copy {copy_gbs:.0f} GB/s, "
+          f"matmul {mm_tflops:.0f} TFLOP/s", flush=True)
+    return copy_gbs, mm_tflops
+
+
+def gemm_cases(presets, tokens, dev, copy_gbs, mm_tflops, skip=lambda preset, T: False):
+    """For each preset (its weights made once, dropped after its last T) and each T not
+    skipped: preset, T, top_k, the gate/up and down weights, and `gemm_case`'s tuple."""
+    for preset in presets:
+        K, w13, w2 = expert_weights(preset, dev)
+        for T in tokens:
+            if not skip(preset, T):
+                yield preset, T, K, w13, w2, gemm_case(T, K, w13, w2, copy_gbs, mm_tflops)
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+def expert_weights(preset, dev):
+    """top_k and random bf16 gate/up (E, 2I, D) and down (E, D, I) weights of a preset's
+    shape, scaled so the products stay O(1)."""
+    E, D, I, K = SHAPES[preset]
+    w13 = torch.randn(E, 2 * I, D, device=dev, dtype=torch.bfloat16) * D ** -0.5
+    w2 = torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
+    return K, w13, w2
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--presets", nargs="+", default=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[16, 64, 512, 4096, 16384])
     args = p.parse_args()
     dev = torch.device("cuda")
-    copy_gbs, mm_tflops = copy_ceiling_gbs(dev), matmul_ceiling_tflops(dev)
+    copy_gbs, mm_tflops = ceilings(dev)
     rows = []
-    print(f"# {torch.cuda.get_device_name(dev)}: copy {copy_gbs:.0f} GB/s, "
-          f"matmul {mm_tflops:.0f} TFLOP/s", flush=True)
-    for preset in args.presets:
-        E, D, I, K = SHAPES[preset]
-        w13 = torch.randn(E, 2 * I, D, device=dev, dtype=torch.bfloat16) * D ** -0.5
-        w2 = torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
-        for T in args.tokens:
-            x, src, counts, offs, h_ref, y_ref, floors = gemm_case(
-                T, K, w13, w2, copy_gbs, mm_tflops)
-            P = T * K
-            calls, replays = (2, 6) if T >= 4096 else (10, 20)
-            t1 = graph_time_us([lambda: gated_activation(
-                _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu")], calls, replays)
-            t2 = graph_time_us([lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)],
-                               calls, replays)
-            for gemm, cands, torch_us in ((1, SMALL + LARGE, t1),
-                                          (2, SMALL + LARGE + PLAIN_ONLY, t2)):
-                best = None
-                for c in [GemmConfig(*c) for c in cands] + [None]:
-                    if gemm == 1:
-                        fn = lambda c=c: grouped_gemm(x, w13, counts, a_rows=src,  # noqa: E731
-                                                      activation="silu", config=c)
-                        ref = h_ref
-                    else:
-                        fn = lambda c=c: grouped_gemm(h_ref, w2, counts, config=c)  # noqa: E731
-                        ref = y_ref
-                    row = {"preset": preset, "T": T, "gemm": gemm,
-                           "config": "default" if c is None else list(c),
-                           "default_is": list(gemm_config(P / E, gemm == 1, num_experts=E)),
-                           "torch_us": torch_us, "floor_us": floors[gemm]}
-                    try:
-                        err = rel(fn(), ref)
-                        if not err < 2e-2:
-                            raise RuntimeError(f"rel err {err:.3g} vs torch")
-                        us = graph_time_us([fn], calls, replays)
-                        row.update(us=us, err=err, vs_torch=us / torch_us,
-                                   vs_floor=us / floors[gemm])
-                        if c is not None and (best is None or us < best["us"]):
-                            best = row
-                    except Exception as exc:  # a config that does not fit: note and go on
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-                    rows.append(row)
-                    print(row, flush=True)
-                if best is not None:
-                    best = dict(best, best=True)
-                    rows.append(best)
-        del w13, w2
-        torch.cuda.empty_cache()
+    cases = gemm_cases(args.presets, args.tokens, dev, copy_gbs, mm_tflops)
+    for preset, T, K, w13, w2, case in cases:
+        x, src, counts, offs, h_ref, y_ref, floors = case
+        E = w13.shape[0]
+        P = T * K
+        calls, replays = (2, 6) if T >= 4096 else (10, 20)
+        t1 = graph_time_us([lambda: gated_activation(
+            _grouped_mm(x[src], w13.transpose(1, 2), offs=offs), "silu")], calls, replays)
+        t2 = graph_time_us([lambda: _grouped_mm(h_ref, w2.transpose(1, 2), offs=offs)],
+                           calls, replays)
+        for gemm, cands, torch_us in ((1, SMALL + LARGE, t1),
+                                      (2, SMALL + LARGE + PLAIN_ONLY, t2)):
+            best = None
+            for c in [GemmConfig(*c) for c in cands] + [None]:
+                if gemm == 1:
+                    fn = lambda c=c: grouped_gemm(x, w13, counts, a_rows=src,  # noqa: E731
+                                                  activation="silu", config=c)
+                    ref = h_ref
+                else:
+                    fn = lambda c=c: grouped_gemm(h_ref, w2, counts, config=c)  # noqa: E731
+                    ref = y_ref
+                row = {"preset": preset, "T": T, "gemm": gemm,
+                       "config": "default" if c is None else list(c),
+                       "default_is": list(gemm_config(P / E, gemm == 1, num_experts=E)),
+                       "torch_us": torch_us, "floor_us": floors[gemm]}
+                try:
+                    err = rel(fn(), ref)
+                    if not err < 2e-2:
+                        raise RuntimeError(f"rel err {err:.3g} vs torch")
+                    us = graph_time_us([fn], calls, replays)
+                    row.update(us=us, err=err, vs_torch=us / torch_us,
+                               vs_floor=us / floors[gemm])
+                    if c is not None and (best is None or us < best["us"]):
+                        best = row
+                except Exception as exc:  # a config that does not fit: note and go on
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                rows.append(row)
+                print(row, flush=True)
+            if best is not None:
+                best = dict(best, best=True)
+                rows.append(best)
     write_json("sweep_gemm.json", {"device": torch.cuda.get_device_name(dev),
                                    "copy_ceiling_gbs": copy_gbs,
                                    "matmul_ceiling_tflops": mm_tflops, "rows": rows})
