@@ -96,19 +96,6 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
-def _tile_position(tile, num_pid_m, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row block, column tile) of a tile number, in grouped order: GROUP_M row blocks sweep
-    every column tile before the next group starts."""
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = tile // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (tile % (GROUP_M * num_pid_n)) // group_m
-    return pid_m, pid_n
-
-
-@triton.jit
 def _gemm_tile(
     tile, num_pid_m, e, counts, blocks, block_ends, row_ends,
     a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems, num_rows, num_a_rows,
@@ -126,7 +113,13 @@ def _gemm_tile(
     columns that are never stored. With TMA_A (rows not gathered), `a_ptr` is one over a
     (M, K): a row tile that runs past its expert's rows reads the next expert's, again only
     into rows that are never stored."""
-    pid_m, pid_n = _tile_position(tile, num_pid_m, N, BLOCK_N, GROUP_M)
+    # grouped order: GROUP_M row blocks sweep every column tile before the next group
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = tile // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % (GROUP_M * num_pid_n)) % group_m
+    pid_n = (tile % (GROUP_M * num_pid_n)) // group_m
 
     expert = tl.sum((block_ends <= pid_m).to(tl.int32))  # empty experts count as passed
     if expert < num_experts:  # else past the last block: the grid is an upper bound
