@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .kernels.fused_mul_sum import needs_grad
+from .kernels.fused_mul_sum import _use_triton, needs_grad
+from .kernels.topk import softmax_topk
 from .permute import count_ids
 
 
@@ -135,7 +136,12 @@ class Router(nn.Module):
         logits = router_logits(x, self.weight)  # (T, E) fp32
         scores = None  # (T, E), computed where needed
         plain = self.e_score_correction_bias is None and cfg.num_expert_groups == 1
-        if plain and cfg.score_func == "softmax" and cfg.norm_topk_prob:
+        if plain and cfg.score_func == "softmax" and not needs_grad(logits) and \
+                _use_triton(logits):
+            # inference: one kernel for what torch runs as three (radix select, sort of the
+            # K picked, softmax); the same ids, weights within an fp32 ulp or two
+            topk_ids, topk_weights = softmax_topk(logits, cfg.top_k, cfg.norm_topk_prob)
+        elif plain and cfg.score_func == "softmax" and cfg.norm_topk_prob:
             # softmax is monotone and renormalising the K picked probabilities is a softmax
             # over their logits: two small ops instead of five (host time at small T)
             top = logits.topk(cfg.top_k, dim=-1, sorted=True)

@@ -1,0 +1,100 @@
+"""Softmax router top-k in one kernel: (T, E) fp32 logits -> (T, K) expert ids and weights.
+
+torch runs this as a top-k (a radix select, then a sort of the K picked) and a softmax, three
+kernels whose cost grows with T: at 4096 tokens of Qwen3's 128 experts they took ~36 µs of a
+0.8 ms forward (launch/results/h100/profile_layer_tma_m19.txt) for 2 MB of logits. Here a
+program reads a block of tokens' logits once and picks the K largest in turn.
+
+Selection is on the logits (softmax is monotone), largest first; among equal logits the lower
+expert id comes first. A NaN logit ranks above every number (as in torch.topk) and makes the
+token's weights NaN. Ids are always K distinct experts in [0, E).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_mul_sum import _use_triton
+
+
+@triton.jit
+def _softmax_topk_kernel(
+    # pointers
+    logits_ptr, ids_ptr, weights_ptr,
+    # sizes
+    T, E,
+    # strides
+    stride_t,
+    # meta-parameters
+    K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+    RENORM: tl.constexpr,
+):
+    """Tokens [pid*BLOCK_T, (pid+1)*BLOCK_T): ids and fp32 weights of their K best experts.
+    RENORM: softmax over the K picked logits; else each one's softmax probability over E."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, E_POW2)
+    ks = tl.arange(0, K_POW2)
+    t_ok = t < T
+    real = (e < E)[None, :] & t_ok[:, None]  # (BLOCK_T, E_POW2)
+    x = tl.load(logits_ptr + t[:, None] * stride_t + e[None, :], mask=real,
+                other=-float("inf"))
+    rank = tl.where(x != x, float("inf"), x)  # NaN ranks first, as in torch.topk
+    free = real  # experts not picked yet; lanes past E never are
+    # (tokens past T: 0, not -inf, so their unstored lanes compute no inf - inf)
+    row_max = tl.where(t_ok, tl.max(tl.where(real, rank, -float("inf")), 1), 0.0)
+    ids = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int64)
+    num = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
+    for k in tl.static_range(K):
+        best = tl.max(tl.where(free, rank, -float("inf")), 1)
+        # the lowest free id holding the best value: distinct ids even when every free
+        # logit is -inf
+        pick = tl.min(tl.where(free & (rank == best[:, None]), e[None, :], E_POW2), 1)
+        chosen = e[None, :] == pick[:, None]
+        free = free & ~chosen
+        logit = tl.sum(tl.where(chosen, x, 0.0), 1)  # the original value: NaN stays NaN
+        slot = ks[None, :] == k
+        ids = tl.where(slot, pick.to(tl.int64)[:, None], ids)
+        num = tl.where(slot, tl.exp(logit - row_max)[:, None], num)
+    if RENORM:  # softmax over the K picked
+        denom = tl.sum(num, 1)
+    else:  # softmax over all E
+        denom = tl.sum(tl.where(real, tl.exp(x - row_max[:, None]), 0.0), 1)
+    denom = tl.where(t_ok, denom, 1.0)  # tokens past T: nothing stored, nothing to divide
+    out = t[:, None] * K + ks[None, :]
+    mask = t_ok[:, None] & (ks < K)[None, :]
+    tl.store(ids_ptr + out, ids, mask=mask)
+    tl.store(weights_ptr + out, num / denom[:, None], mask=mask)
+
+
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """(T, E) float32 logits -> topk_ids (T, K) int64 and topk_weights (T, K) float32, best
+    first. `renormalize`: the weights are a softmax over the K picked logits (they sum to 1);
+    else each picked expert's softmax probability over all E. No autograd: the router takes
+    it for forwards that need no gradient. Triton (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or \
+            logits.dtype != torch.float32:
+        raise ValueError(f"logits must be a (T, E) float32 tensor, got "
+                         f"{getattr(logits, 'shape', type(logits))} "
+                         f"{getattr(logits, 'dtype', '')}")
+    T, E = logits.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
+        raise ValueError(f"k must be an int in [1, E={E}], got {k!r}")
+    if not _use_triton(logits):
+        raise RuntimeError("softmax_topk runs through Triton: needs a CUDA tensor, or a CPU "
+                           "tensor with TRITON_INTERPRET=1")
+    ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+    if T == 0:
+        return ids, weights
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    e_pow2 = triton.next_power_of_2(E)
+    block_t = max(1, min(64, 4096 // e_pow2))  # ~4K logits a program
+    _softmax_topk_kernel[(triton.cdiv(T, block_t),)](
+        logits, ids, weights, T, E, logits.stride(0),
+        K=k, K_POW2=triton.next_power_of_2(k), E_POW2=e_pow2, BLOCK_T=block_t,
+        RENORM=renormalize, num_warps=4)
+    return ids, weights

@@ -1,0 +1,106 @@
+"""`softmax_topk`, the router's inference top-k kernel, against float64 softmax and top-k.
+
+Runs wherever Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ep_moe import MoE, MoEConfig
+from ep_moe.kernels.fused_mul_sum import _use_triton
+from ep_moe.kernels.topk import softmax_topk
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not _use_triton(torch.empty(0, device=DEVICE)),
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+ATOL = 1e-6  # fp32 exp and division against float64: a few ulps of weights <= 1
+
+
+def make_inputs(T, E, seed=0, scale=2.0):
+    """Distinct fp32 logits (ties are tested on their own), spread like a trained router's."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, E, generator=g) * scale).to(DEVICE)
+
+
+def reference(logits, k, renormalize):
+    """float64 ids (largest first) and weights."""
+    x = logits.double().cpu()
+    top = x.topk(k, dim=-1, sorted=True)
+    probs = top.values.softmax(-1) if renormalize else x.softmax(-1).gather(-1, top.indices)
+    return top.indices, probs
+
+
+@pytest.mark.parametrize("T, E, K", [
+    (1, 8, 2),  # one token, Mixtral's router
+    (37, 128, 8),  # Qwen3's: a block of 32 tokens and a partial one
+    (300, 256, 8),  # DeepSeek-V3's width, several blocks
+    (5, 6, 6),  # K = E, E not a power of two
+    (9, 60, 1),  # K = 1
+    (0, 8, 2),  # no tokens
+])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_against_float64(T, E, K, renormalize):
+    logits = make_inputs(T, E)
+    ids, weights = softmax_topk(logits, K, renormalize)
+    ref_ids, ref_weights = reference(logits, K, renormalize)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert ids.shape == weights.shape == (T, K)
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(weights.cpu().double(), ref_weights, rtol=0, atol=ATOL)
+    if renormalize and T:
+        torch.testing.assert_close(weights.sum(-1).cpu(), torch.ones(T), rtol=0, atol=1e-6)
+
+
+def test_strided_logits_and_determinism():
+    logits = make_inputs(50, 2 * 40)[:, ::2]  # a view with stride 2 along E
+    ids, weights = softmax_topk(logits, 4, True)
+    ref_ids, ref_weights = reference(logits, 4, True)
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(weights.cpu().double(), ref_weights, rtol=0, atol=ATOL)
+    again = softmax_topk(logits, 4, True)
+    assert torch.equal(again[0], ids) and torch.equal(again[1], weights)  # bitwise
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: inf - inf
+def test_ties_nan_and_inf():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([
+        [1.0, 1.0, 1.0, 0.0, 1.0],  # a four-way tie: the lower ids first
+        [-inf, -inf, -inf, -inf, -inf],  # nothing to choose from: still 3 distinct ids
+        [nan, 0.0, 2.0, 1.0, -1.0],  # NaN ranks first, as in torch.topk; weights NaN
+        [0.0, inf, 1.0, 2.0, 3.0],  # +inf first; its softmax is NaN, as torch's
+    ], device=DEVICE)
+    ids, weights = softmax_topk(logits, 3, True)
+    assert ids.tolist() == [[0, 1, 2], [0, 1, 2], [0, 2, 3], [1, 4, 3]]
+    torch.testing.assert_close(weights[0].cpu(), torch.full((3,), 1 / 3))
+    assert weights[1:].isnan().all()
+    for row in ids.tolist():
+        assert len(set(row)) == 3 and all(0 <= i < 5 for i in row)
+
+
+@pytest.mark.parametrize("logits, k, match", [
+    (torch.zeros(4, 8, dtype=torch.float16), 2, "float32"),
+    (torch.zeros(4, 8, 1), 2, r"\(T, E\)"),
+    (torch.zeros(4, 8), 9, r"k must be an int in \[1, E=8\], got 9"),
+    (torch.zeros(4, 8), 0, "got 0"),
+    (torch.zeros(4, 8), True, "got True"),
+])
+def test_validation(logits, k, match):
+    with pytest.raises(ValueError, match=match):
+        softmax_topk(logits.to(DEVICE), k, True)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_router_takes_it_without_grad(norm_topk_prob):
+    # the same experts as the torch path the router takes with gradients, weights within ulps
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig.tiny(num_experts=12, top_k=3, norm_topk_prob=norm_topk_prob,
+                             init_std=0.5), device=DEVICE)
+    x = torch.randn(40, moe.config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        fast = moe.router(x)
+    slow = moe.router(x.requires_grad_())  # needs a gradient: torch's ops
+    assert torch.equal(fast.topk_ids, slow.topk_ids)
+    torch.testing.assert_close(fast.topk_weights, slow.topk_weights.detach(), rtol=0,
+                               atol=ATOL)
