@@ -16,13 +16,18 @@ import os
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import graph_time_us, write_json  # noqa: E402
 
 import ep_moe.router as router_module  # noqa: E402
 from ep_moe import MoE, MoEConfig  # noqa: E402
-from ep_moe.kernels.topk import softmax_topk  # noqa: E402
+from ep_moe.kernels.topk import softmax_topk, topk_config  # noqa: E402
+
+# (tokens a program, warps) tried beside the default
+CONFIGS = [(1, 1), (2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (16, 2), (8, 4), (16, 4), (32, 4),
+           (64, 4), (128, 4), (256, 4)]
 
 
 def torch_topk(logits, k):
@@ -59,13 +64,23 @@ def main():
             ref_ids, ref_w = torch_topk(logits, K)
             if not torch.equal(ids, ref_ids) or (w - ref_w).abs().max() > 1e-6:
                 raise RuntimeError(f"{preset} T={T}: kernel and torch disagree")
-            row = {"preset": preset, "T": T, "what": "topk"}
+            row = {"preset": preset, "T": T, "what": "topk",
+                   "default_config": list(topk_config(E))}
+            configs = {f"{bt}x{nw}": (bt, nw) for bt, nw in CONFIGS
+                       if bt * triton.next_power_of_2(E) <= 16384}
+            for name, c in configs.items():
+                c_ids, c_w = softmax_topk(logits, K, True, c)
+                if not torch.equal(c_ids, ids) or (c_w - w).abs().max() > 1e-6:
+                    raise RuntimeError(f"{preset} T={T} config {name}: another result")
             calls = 20
             for rnd in range(2):
                 row.setdefault("torch_us", []).append(
                     graph_time_us([lambda: torch_topk(logits, K)], calls, 20))
                 row.setdefault("kernel_us", []).append(
                     graph_time_us([lambda: softmax_topk(logits, K, True)], calls, 20))
+                for name, c in configs.items():
+                    row.setdefault(f"config_{name}_us", []).append(graph_time_us(
+                        [lambda c=c: softmax_topk(logits, K, True, c)], calls, 20))
             rows.append(row)
             print(row, flush=True)
         layer = MoE(cfg, device=dev, dtype=torch.bfloat16)
@@ -85,7 +100,7 @@ def main():
                     layer(x)
 
             calls = 2 if T >= 4096 else 10
-            for rnd in range(2):
+            for rnd in range(4):  # the layer's time moves by more than the gain: 4 rounds
                 with torch_router():
                     row.setdefault("torch_us", []).append(graph_time_us([fwd], calls, 20))
                 row.setdefault("kernel_us", []).append(graph_time_us([fwd], calls, 20))
@@ -95,9 +110,12 @@ def main():
         torch.cuda.empty_cache()
     write_json("probe_router.json", {"device": torch.cuda.get_device_name(dev), "rows": rows})
     for r in rows:
+        best = min((k for k in r if k.startswith("config_")), key=lambda k: min(r[k]),
+                   default=None)
         print(f"{r['preset']:8s} T={r['T']:6d} {r['what']:16s} torch "
               f"{'/'.join(f'{u:.1f}' for u in r['torch_us'])} us, kernel "
-              f"{'/'.join(f'{u:.1f}' for u in r['kernel_us'])} us")
+              f"{'/'.join(f'{u:.1f}' for u in r['kernel_us'])} us"
+              + (f", best {best[7:-3]} {min(r[best]):.1f} us" if best else ""))
 
 
 if __name__ == "__main__":

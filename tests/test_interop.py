@@ -29,8 +29,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 D, I, E = 32, 48, 8  # noqa: E741 (I: intermediate size, in the package notation)
 SHARED_I = 40  # the shared MLP's size, unlike I so a mix-up shows in the shapes
 # fp32 both sides, same routing: the two differ only in summation order (the HF block adds
-# the K expert outputs with index_add_, ep_moe in the fused combine): a few fp32 ulps.
-RTOL, ATOL = 1e-5, 1e-6
+# the K expert outputs with index_add_, ep_moe in the fused combine; on a GPU the GEMMs sum in
+# other orders too): a few fp32 ulps of the outputs' scale. On an H100 one element of
+# DeepSeek-V3's block, where the experts' sum nearly cancels, came out 1.7e-6 apart.
+RTOL, ATOL = 1e-5, 1e-5
 
 
 def mixtral_block(top_k=2, hidden_act="silu"):

@@ -9,7 +9,7 @@ import torch
 
 from ep_moe import MoE, MoEConfig
 from ep_moe.kernels.fused_mul_sum import _use_triton
-from ep_moe.kernels.topk import softmax_topk
+from ep_moe.kernels.topk import softmax_topk, topk_config
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not _use_triton(torch.empty(0, device=DEVICE)),
@@ -50,6 +50,17 @@ def test_against_float64(T, E, K, renormalize):
     torch.testing.assert_close(weights.cpu().double(), ref_weights, rtol=0, atol=ATOL)
     if renormalize and T:
         torch.testing.assert_close(weights.sum(-1).cpu(), torch.ones(T), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("E", [8, 60, 128, 256])  # a config per width: several tokens or one
+def test_configs_agree(E):
+    # the launch config changes how tokens are spread over programs, never the result
+    logits = make_inputs(70, E, seed=E)
+    ids, weights = softmax_topk(logits, 4, True)
+    for config in [(1, 1), (2, 1), (16, 4), topk_config(E)]:
+        c_ids, c_weights = softmax_topk(logits, 4, True, config)
+        assert torch.equal(c_ids, ids), config
+        torch.testing.assert_close(c_weights, weights, rtol=0, atol=ATOL)
 
 
 def test_strided_logits_and_determinism():

@@ -1,9 +1,9 @@
 """Softmax router top-k in one kernel: (T, E) fp32 logits -> (T, K) expert ids and weights.
 
 torch runs this as a top-k (a radix select, then a sort of the K picked) and a softmax, three
-kernels whose cost grows with T: at 4096 tokens of Qwen3's 128 experts they took ~36 µs of a
-0.8 ms forward (launch/results/h100/profile_layer_tma_m19.txt) for 2 MB of logits. Here a
-program reads a block of tokens' logits once and picks the K largest in turn.
+kernels whose cost grows with T: at 4096 tokens of Qwen3's 128 experts they took ~37 µs of a
+0.8 ms forward for 2 MB of logits. Here a program reads a few tokens' logits once and picks
+the K largest in turn: 5.3 µs (1x H100, launch/probe_router.py).
 
 Selection is on the logits (softmax is monotone), largest first; among equal logits the lower
 expert id comes first. A NaN logit ranks above every number (as in torch.topk) and makes the
@@ -11,6 +11,8 @@ token's weights NaN. Ids are always K distinct experts in [0, E).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -68,12 +70,13 @@ def _softmax_topk_kernel(
     tl.store(weights_ptr + out, num / denom[:, None], mask=mask)
 
 
-def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor,
-                                                                          torch.Tensor]:
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool,
+                 config: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, E) float32 logits -> topk_ids (T, K) int64 and topk_weights (T, K) float32, best
     first. `renormalize`: the weights are a softmax over the K picked logits (they sum to 1);
     else each picked expert's softmax probability over all E. No autograd: the router takes
-    it for forwards that need no gradient. Triton (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    it for forwards that need no gradient. Triton (CUDA, or CPU under TRITON_INTERPRET=1).
+    `config`: (tokens a program, warps), for launch/probe_router.py; default `topk_config`."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or \
             logits.dtype != torch.float32:
         raise ValueError(f"logits must be a (T, E) float32 tensor, got "
@@ -92,9 +95,20 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     e_pow2 = triton.next_power_of_2(E)
-    block_t = max(1, min(64, 4096 // e_pow2))  # ~4K logits a program
+    block_t, num_warps = config or topk_config(E)
     _softmax_topk_kernel[(triton.cdiv(T, block_t),)](
         logits, ids, weights, T, E, logits.stride(0),
         K=k, K_POW2=triton.next_power_of_2(k), E_POW2=e_pow2, BLOCK_T=block_t,
-        RENORM=renormalize, num_warps=4)
+        RENORM=renormalize, num_warps=num_warps)
     return ids, weights
+
+
+def topk_config(E: int) -> tuple[int, int]:
+    """(tokens a program, warps): about 128 logits a warp, so the K passes of reductions stay
+    short (launch/probe_router.py, 1x H100: for E = 128 one token to a one-warp program took
+    2.7 / 5.3 / 15.1 µs at 16 / 4096 / 16384 tokens, ~4K logits over 4 warps 11.5 / 12.1 /
+    24.5; for E = 8, 16 tokens over 4 warps were within 0.2 µs of the best at every T)."""
+    e_pow2 = triton.next_power_of_2(E)
+    if e_pow2 <= 16:
+        return 128 // e_pow2, 4
+    return max(1, 128 // e_pow2), max(1, min(4, e_pow2 // 128))
