@@ -50,6 +50,9 @@ class MoEConfig:
     num_expert_groups: int = 1  # group-limited top-k: experts split into this many groups ...
     topk_groups: int = 1  # ... and only the best this many groups are eligible
     use_correction_bias: bool = False  # DeepSeek-V3 e_score_correction_bias: selection only
+    # keep the router's weight in fp32 whatever the layer's dtype, as transformers keeps
+    # DeepSeek-V3's gate; the logits are fp32 either way, this keeps the weight's own bits
+    router_fp32: bool = False
     routed_scaling_factor: float = 1.0  # multiplies the final topk_weights
     aux_loss_coef: float = 0.0  # Switch-style load-balancing loss, training only
     z_loss_coef: float = 0.0  # router z-loss (ST-MoE), training only
@@ -117,7 +120,8 @@ class MoEConfig:
                 f"({eligible} = topk_groups * num_experts / num_expert_groups)")
         _count("dense_max_rows", self.dense_max_rows)
         _count("num_shared_experts", self.num_shared_experts)
-        for name in ("norm_topk_prob", "use_correction_bias", "gated", "shared_expert_gate"):
+        for name in ("norm_topk_prob", "use_correction_bias", "router_fp32", "gated",
+                     "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "init_std", "routed_scaling_factor"):

@@ -19,7 +19,8 @@ Differences that remain: Mixtral's `router_jitter_noise` (training-time input no
 counterpart here; the Qwen blocks cast the top-K weights to the activation dtype before the
 experts, while `MoE` keeps them in fp32 (identical in fp32, closer to fp32 math in bf16).
 DeepSeek-V3 keeps its router weight and correction bias in fp32 whatever the model's dtype
-(transformers' `_keep_in_fp32_modules_strict`); so does the layer built from it.
+(transformers' `_keep_in_fp32_modules_strict`); so does the layer built from it
+(`MoEConfig.router_fp32`, which its config carries to an expert-parallel layer too).
 transformers is imported lazily: the rest of ep_moe does not need it.
 """
 
@@ -59,7 +60,7 @@ def _router_fields(family: str, gate: nn.Module) -> dict:
         return dict(score_func="softmax", norm_topk_prob=bool(gate.norm_topk_prob))
     return dict(score_func="sigmoid", norm_topk_prob=bool(gate.norm_topk_prob),
                 num_expert_groups=gate.num_group, topk_groups=gate.topk_group,
-                use_correction_bias=True,
+                use_correction_bias=True, router_fp32=True,
                 routed_scaling_factor=float(gate.routed_scaling_factor))
 
 
@@ -146,8 +147,7 @@ def moe_from_hf(block: nn.Module, dtype: Optional[torch.dtype] = None,
     config = config_from_hf(block)
     source = block.experts.gate_up_proj
     moe = MoE(config, dtype=dtype or source.dtype, device=device or source.device)
-    if config.use_correction_bias:  # DeepSeek-V3: the router in fp32, as transformers keeps it
-        moe.router.float()
+    if config.use_correction_bias:
         moe.router.e_score_correction_bias.copy_(block.gate.e_score_correction_bias)
     moe.router.weight.copy_(block.gate.weight)
     moe.experts.gate_up_proj.copy_(block.experts.gate_up_proj)

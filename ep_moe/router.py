@@ -123,6 +123,10 @@ class Router(nn.Module):
             # the selection bias stays fp32 under .to(dtype) / .bfloat16(): updates of 1e-3
             # vanish in bf16 once the bias passes 0.5
             self.e_score_correction_bias = bias.float()
+        if self.config.router_fp32 and self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+            if self.weight.grad is not None:
+                self.weight.grad.data = self.weight.grad.data.float()
         return self
 
     def reset_parameters(self) -> None:

@@ -161,6 +161,9 @@ def test_deepseek_router_stays_fp32():
     moe = MoE.from_hf(block)
     assert moe.experts.gate_up_proj.dtype == torch.bfloat16
     assert moe.router.weight.dtype == moe.router.e_score_correction_bias.dtype == torch.float32
+    # the config carries it: a layer built from it (an expert-parallel one too) keeps it
+    assert moe.config.router_fp32
+    assert MoE(moe.config, dtype=torch.bfloat16).router.weight.dtype == torch.float32
     with torch.no_grad():
         _, hf_weights, hf_ids = block.gate(x)
         y, route = moe(x, return_router_output=True)

@@ -118,6 +118,11 @@ CONFIGS = {
     "deepseek_v3_like": tiny(score_func="sigmoid", num_expert_groups=4, topk_groups=2,
                              top_k=3, use_correction_bias=True, routed_scaling_factor=2.5,
                              num_shared_experts=1),
+    # the same with the router's weight kept in fp32 in a 16-bit layer (transformers' DeepSeek-V3)
+    "deepseek_v3_router_fp32": tiny(score_func="sigmoid", num_expert_groups=4, topk_groups=2,
+                                    top_k=3, use_correction_bias=True,
+                                    routed_scaling_factor=2.5, num_shared_experts=1,
+                                    router_fp32=True),
     "top1": tiny(top_k=1),  # K=1: one slot per token, the weight renormalises to 1
     "topE": tiny(top_k=8),  # K=E: every expert sees every token
 }
@@ -136,10 +141,25 @@ def test_matches_reference_fp32(name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["silu_gated", "deepseek_v3_like", "shared_qwen2"])
+@pytest.mark.parametrize("name", ["silu_gated", "deepseek_v3_like", "shared_qwen2",
+                                  "deepseek_v3_router_fp32"])
 def test_matches_reference_dtypes(name, dtype):
     moe, x, grad_y = make_inputs(CONFIGS[name], dtype=dtype)
     check_against_reference(moe, x, grad_y, dtype)
+
+
+@pytest.mark.parametrize("router_fp32", [True, False])
+def test_router_fp32_survives_dtype_moves(router_fp32):
+    moe = MoE(tiny(router_fp32=router_fp32), device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(5, moe.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+    moe(x).sum().backward()
+    moe.half()  # after a step: the weight and its gradient move together
+    router_dtype = torch.float32 if router_fp32 else torch.float16
+    assert moe.router.weight.dtype == moe.router.weight.grad.dtype == router_dtype
+    assert moe.experts.gate_up_proj.dtype == torch.float16
+    assert moe.state_dict()["router.weight"].dtype == router_dtype
+    moe(x.half()).sum().backward()  # still runs, its gradient accumulating in its own dtype
+    assert moe.router.weight.grad.dtype == router_dtype
 
 
 @pytest.mark.parametrize("shape", [
@@ -298,6 +318,7 @@ def test_reproducible_init():
     (dict(num_shared_experts=True), "num_shared_experts"),
     (dict(shared_intermediate_size=40), "shared_intermediate_size"),  # no shared MLP to size
     (dict(dense_max_rows=-1), "dense_max_rows"),
+    (dict(router_fp32=1), "router_fp32"),  # a flag, not a count
     (dict(dense_max_rows=True), "dense_max_rows"),  # a bool is not a row count
     (dict(dense_max_rows=64.0), "dense_max_rows"),
     (dict(num_shared_experts=1, shared_intermediate_size=0), "shared_intermediate_size"),
