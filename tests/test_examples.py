@@ -1,5 +1,5 @@
 """The examples run: imported from their files (examples/ is not a package), at tiny size,
-single process."""
+single process, and the expert-parallel one on 2 gloo ranks too."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
 import torch
+
+from dist_utils import spawn_group
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -51,3 +54,29 @@ def test_mixtral_block_gradients():
     assert y.shape == x.shape
     torch.testing.assert_close(y2[0, :-1], y[0, :-1])  # a leak would be O(1)
     assert not torch.equal(y2[0, -1], y[0, -1])
+
+
+HF_TINY = ["--hidden", "32", "--intermediate", "16", "--experts", "8", "--tokens", "9"]
+# fp32 on both sides, the same routing: summation order only (see test_interop)
+HF_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("block", ["deepseek_v3", "qwen2", "qwen3", "mixtral"])
+def test_hf_expert_parallel_single_process(block):
+    pytest.importorskip("transformers")
+    err = load_example("hf_expert_parallel").main(HF_TINY + ["--block", block])
+    assert err < HF_ATOL
+
+
+def _hf_example_on_rank(block):
+    import torch.distributed as dist
+    return load_example("hf_expert_parallel").main(HF_TINY + ["--block", block],
+                                                   group=dist.group.WORLD)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("block", ["deepseek_v3", "qwen2"])  # the two with shared experts
+def test_hf_expert_parallel_two_ranks(block):
+    pytest.importorskip("transformers")
+    errors = spawn_group(_hf_example_on_rank, 2, (block,), timeout=240)
+    assert all(err < HF_ATOL for err in errors), errors
