@@ -11,6 +11,8 @@
 #   final11: Qwen3 fixed in 1 and 3 chunks (8192), fixed at 64, Mixtral exact (8192)
 #   step: Mixtral and Qwen3 exact (8192), forward+backward timed as training steps
 #   final12: final11 and step together (stop 12's code; the first thing to run at W = 4)
+#   final15: Qwen3 fixed in 3 chunks, Mixtral exact (8192), Qwen3 fixed at 64, and
+#            examples/hf_expert_parallel.py on every GPU
 #   reserve: Qwen3 fixed in 3 and 2 chunks with package variants carried under .var/NAME
 #            (VARIANTS: each a `git archive` of ep_moe with one change, e.g. stop 13's grid
 #            launch or a persistent one leaving 16 SMs free) against this checkout
@@ -88,6 +90,15 @@ for set in ${SET:-qwen3}; do
       for c in ${MIXTRAL_CHUNKS-1 2 4}; do
         harness mixtral_fixed_c$c --preset mixtral --tokens 8192 --fixed --chunks $c --graph
       done ;;
+    final15)  # stop 15's code (the router's top-k kernel in every inference forward): the
+      # targets' configs, decode in a CUDA graph, and a transformers block sharded over NCCL
+      harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      harness mixtral_exact --preset mixtral --tokens 8192
+      harness qwen3_fixed_T64 --preset qwen3 --tokens 64 --fixed --graph
+      timeout 120 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+        examples/hf_expert_parallel.py --block deepseek_v3 2>&1 | grep "^rank" \
+        | tee "$OUT/hf_example.log"
+      pack ;;
     final11)  # stop 11's code: Qwen3 fixed in 1 and 3 chunks, decode, Mixtral exact
       harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
       harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
