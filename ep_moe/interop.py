@@ -68,8 +68,8 @@ def _shared_mlp(family: str, block: nn.Module):
     """(shared MLP with gate_proj / up_proj / down_proj, its sigmoid gate or None), or None."""
     if family == "qwen2":
         return block.shared_expert, block.shared_expert_gate
-    if family == "deepseek_v3":
-        return block.shared_experts, None
+    if family == "deepseek_v3" and block.shared_experts.gate_proj.out_features > 0:
+        return block.shared_experts, None  # (n_shared_experts = 0 leaves an empty MLP)
     return None
 
 

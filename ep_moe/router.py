@@ -115,19 +115,44 @@ class Router(nn.Module):
                                  torch.zeros(config.num_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self.register_load_state_dict_post_hook(Router._after_load)
 
     def _apply(self, fn, recurse=True):
+        # what stays fp32 whatever the module's dtype keeps its own values: `fn` (a .to(dtype),
+        # .bfloat16()) may have rounded them to 16 bits before they are cast back
+        before = self._fp32_tensors()
         super()._apply(fn, recurse)
+        self._back_to_fp32(before)
+        return self
+
+    def _fp32_tensors(self) -> dict:
+        """The fp32 tensors that must stay fp32, as they are now."""
+        kept = {}
+        bias = self.e_score_correction_bias
+        if bias is not None and bias.dtype == torch.float32:
+            kept["bias"] = bias
+        if self.config.router_fp32 and self.weight.dtype == torch.float32:
+            kept["weight"] = self.weight.data
+            if self.weight.grad is not None:
+                kept["grad"] = self.weight.grad.data
+        return kept
+
+    def _back_to_fp32(self, before: dict) -> None:
         bias = self.e_score_correction_bias
         if bias is not None and bias.dtype != torch.float32:
-            # the selection bias stays fp32 under .to(dtype) / .bfloat16(): updates of 1e-3
-            # vanish in bf16 once the bias passes 0.5
-            self.e_score_correction_bias = bias.float()
+            # the selection bias stays fp32: updates of 1e-3 vanish in bf16 once it passes 0.5
+            self.e_score_correction_bias = before.get("bias", bias).to(bias.device, torch.float32)
         if self.config.router_fp32 and self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.float()
-            if self.weight.grad is not None:
-                self.weight.grad.data = self.weight.grad.data.float()
-        return self
+            # MoEConfig.router_fp32 (transformers keeps DeepSeek-V3's gate in fp32)
+            w = self.weight
+            w.data = before.get("weight", w.data).to(w.device, torch.float32)
+            if w.grad is not None:
+                w.grad.data = before.get("grad", w.grad.data).to(w.grad.device, torch.float32)
+
+    @staticmethod
+    def _after_load(module, incompatible_keys) -> None:
+        # load_state_dict(assign=True) puts the checkpoint's own tensors in place
+        module._back_to_fp32({})
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.config.init_std)
@@ -140,10 +165,11 @@ class Router(nn.Module):
         logits = router_logits(x, self.weight)  # (T, E) fp32
         scores = None  # (T, E), computed where needed
         plain = self.e_score_correction_bias is None and cfg.num_expert_groups == 1
-        if plain and cfg.score_func == "softmax" and not needs_grad(logits) and \
-                _use_triton(logits):
-            # inference: one kernel for what torch runs as three (radix select, sort of the
-            # K picked, softmax); the same ids, weights within an fp32 ulp or two
+        if plain and cfg.score_func == "softmax" and _use_triton(logits) and \
+                not torch.compiler.is_compiling():
+            # one kernel for what torch runs as three (radix select, sort of the K picked,
+            # softmax), with or without gradients, so a recompute (activation checkpointing)
+            # picks what the first pass picked; under torch.compile, torch's ops
             topk_ids, topk_weights = softmax_topk(logits, cfg.top_k, cfg.norm_topk_prob)
         elif plain and cfg.score_func == "softmax" and cfg.norm_topk_prob:
             # softmax is monotone and renormalising the K picked probabilities is a softmax

@@ -91,6 +91,7 @@ BLOCKS = {
     "deepseek_v3_groups": lambda: deepseek_block(top_k=2, n_group=4, topk_group=2),
     "deepseek_v3_one_group_raw": lambda: deepseek_block(top_k=3, n_group=1, topk_group=1,
                                                         norm_topk_prob=False, n_shared=1),
+    "deepseek_v3_no_shared": lambda: deepseek_block(n_shared=0),  # an empty shared MLP
 }
 
 
@@ -155,9 +156,11 @@ def test_deepseek_router_stays_fp32():
     # transformers keeps DeepSeek-V3's gate weight and bias in fp32 in a bf16 model; the layer
     # does too, so both pick the same experts from the same fp32 logits
     block = deepseek_block(top_k=2, n_group=4, topk_group=2)
-    x = make_inputs(block, shape=(3, 11)).bfloat16()
+    x = make_inputs(block, shape=(4, 16)).bfloat16()
+    gate = {k: v.clone() for k, v in block.gate.state_dict().items()}  # fp32 values
     block.bfloat16()
     block.gate.float()
+    block.gate.load_state_dict(gate)  # not bf16-rounded: a bf16 router would route otherwise
     moe = MoE.from_hf(block)
     assert moe.experts.gate_up_proj.dtype == torch.bfloat16
     assert moe.router.weight.dtype == moe.router.e_score_correction_bias.dtype == torch.float32

@@ -153,9 +153,14 @@ def test_router_fp32_survives_dtype_moves(router_fp32):
     moe = MoE(tiny(router_fp32=router_fp32), device=DEVICE, dtype=torch.bfloat16)
     x = torch.randn(5, moe.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
     moe(x).sum().backward()
+    before = moe.router.weight.detach().clone(), moe.router.weight.grad.clone()
     moe.half()  # after a step: the weight and its gradient move together
     router_dtype = torch.float32 if router_fp32 else torch.float16
     assert moe.router.weight.dtype == moe.router.weight.grad.dtype == router_dtype
+    if router_fp32:  # its own fp32 values, not values rounded through fp16 on the way
+        assert before[0].dtype == torch.float32
+        assert torch.equal(moe.router.weight.detach(), before[0])
+        assert torch.equal(moe.router.weight.grad, before[1])
     assert moe.experts.gate_up_proj.dtype == torch.float16
     assert moe.state_dict()["router.weight"].dtype == router_dtype
     moe(x.half()).sum().backward()  # still runs, its gradient accumulating in its own dtype

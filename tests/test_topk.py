@@ -33,10 +33,10 @@ def reference(logits, k, renormalize):
 
 @pytest.mark.parametrize("T, E, K", [
     (1, 8, 2),  # one token, Mixtral's router
-    (37, 128, 8),  # Qwen3's: a block of 32 tokens and a partial one
-    (300, 256, 8),  # DeepSeek-V3's width, several blocks
+    (37, 128, 8),  # Qwen3's: one token a program
+    (300, 256, 8),  # DeepSeek-V3's width: one token over two warps
     (5, 6, 6),  # K = E, E not a power of two
-    (9, 60, 1),  # K = 1
+    (9, 60, 1),  # K = 1, two tokens a program and a partial last one
     (0, 8, 2),  # no tokens
 ])
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -81,9 +81,11 @@ def test_ties_nan_and_inf():
         [-inf, -inf, -inf, -inf, -inf],  # nothing to choose from: still 3 distinct ids
         [nan, 0.0, 2.0, 1.0, -1.0],  # NaN ranks first, as in torch.topk; weights NaN
         [0.0, inf, 1.0, 2.0, 3.0],  # +inf first; its softmax is NaN, as torch's
+        [inf, nan, 1.0, 0.0, 2.0],  # NaN above +inf, as in torch.topk
     ], device=DEVICE)
     ids, weights = softmax_topk(logits, 3, True)
-    assert ids.tolist() == [[0, 1, 2], [0, 1, 2], [0, 2, 3], [1, 4, 3]]
+    assert ids.tolist() == [[0, 1, 2], [0, 1, 2], [0, 2, 3], [1, 4, 3], [1, 0, 4]]
+    assert torch.equal(ids[2:].cpu(), logits[2:].cpu().topk(3).indices)  # torch's order
     torch.testing.assert_close(weights[0].cpu(), torch.full((3,), 1 / 3))
     assert weights[1:].isnan().all()
     for row in ids.tolist():
@@ -102,16 +104,41 @@ def test_validation(logits, k, match):
         softmax_topk(logits.to(DEVICE), k, True)
 
 
+@pytest.mark.parametrize("config", [(3, 1), (0, 4), (4, 0), (4,)])
+def test_config_validation(config):
+    with pytest.raises(ValueError, match="config must be"):
+        softmax_topk(make_inputs(4, 8), 2, True, config)
+
+
+@pytest.mark.parametrize("T, E, K", [(37, 128, 8), (9, 60, 1), (20, 6, 6)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_gradient_against_float64(T, E, K, renormalize):
+    logits = make_inputs(T, E, seed=T).requires_grad_()
+    grad_w = torch.randn(T, K, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ids, weights = softmax_topk(logits, K, renormalize)
+    assert not ids.requires_grad and weights.requires_grad
+    weights.backward(grad_w)
+    x64 = logits.detach().double().cpu().requires_grad_()
+    top = x64.topk(K, dim=-1)
+    ref = top.values.softmax(-1) if renormalize else x64.softmax(-1).gather(-1, top.indices)
+    ref.backward(grad_w.double().cpu())
+    torch.testing.assert_close(logits.grad.cpu().double(), x64.grad, rtol=0, atol=ATOL)
+    if renormalize:  # only the picked logits move the weights
+        unpicked = torch.ones(T, E, dtype=torch.bool).scatter_(1, ids.cpu(), False)
+        assert (logits.grad.cpu()[unpicked] == 0).all()
+
+
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_router_takes_it_without_grad(norm_topk_prob):
-    # the same experts as the torch path the router takes with gradients, weights within ulps
+def test_router_same_with_and_without_grad(norm_topk_prob):
+    # one kernel either way: a recompute (activation checkpointing) picks what the first pass
+    # picked, bit for bit
     torch.manual_seed(0)
     moe = MoE(MoEConfig.tiny(num_experts=12, top_k=3, norm_topk_prob=norm_topk_prob,
                              init_std=0.5), device=DEVICE)
     x = torch.randn(40, moe.config.hidden_size, device=DEVICE)
     with torch.no_grad():
-        fast = moe.router(x)
-    slow = moe.router(x.requires_grad_())  # needs a gradient: torch's ops
-    assert torch.equal(fast.topk_ids, slow.topk_ids)
-    torch.testing.assert_close(fast.topk_weights, slow.topk_weights.detach(), rtol=0,
-                               atol=ATOL)
+        inference = moe.router(x)
+    training = moe.router(x.requires_grad_())
+    assert torch.equal(inference.topk_ids, training.topk_ids)
+    assert torch.equal(inference.topk_weights, training.topk_weights.detach())
+    assert training.topk_weights.requires_grad

@@ -6,8 +6,9 @@ kernels whose cost grows with T: at 4096 tokens of Qwen3's 128 experts they took
 the K largest in turn: 5.3 µs (1x H100, launch/probe_router.py).
 
 Selection is on the logits (softmax is monotone), largest first; among equal logits the lower
-expert id comes first. A NaN logit ranks above every number (as in torch.topk) and makes the
-token's weights NaN. Ids are always K distinct experts in [0, E).
+expert id comes first (torch's top-k promises no order there). A NaN logit ranks above every
+number, +inf too, as in torch.topk, and makes the token's weights NaN. Ids are always K
+distinct experts in [0, E). Differentiable: the backward is the softmax's, in torch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mul_sum import _use_triton
+from .fused_mul_sum import _use_triton, needs_grad
 
 
 @triton.jit
@@ -42,7 +43,8 @@ def _softmax_topk_kernel(
     real = (e < E)[None, :] & t_ok[:, None]  # (BLOCK_T, E_POW2)
     x = tl.load(logits_ptr + t[:, None] * stride_t + e[None, :], mask=real,
                 other=-float("inf"))
-    rank = tl.where(x != x, float("inf"), x)  # NaN ranks first, as in torch.topk
+    is_nan = x != x
+    rank = tl.where(is_nan, float("inf"), x)  # NaN ranks at the top (above +inf: below)
     free = real  # experts not picked yet; lanes past E never are
     # (tokens past T: 0, not -inf, so their unstored lanes compute no inf - inf)
     row_max = tl.where(t_ok, tl.max(tl.where(real, rank, -float("inf")), 1), 0.0)
@@ -50,9 +52,12 @@ def _softmax_topk_kernel(
     num = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
     for k in tl.static_range(K):
         best = tl.max(tl.where(free, rank, -float("inf")), 1)
-        # the lowest free id holding the best value: distinct ids even when every free
-        # logit is -inf
-        pick = tl.min(tl.where(free & (rank == best[:, None]), e[None, :], E_POW2), 1)
+        # the lowest free NaN, as torch.topk ranks NaN above +inf; else the lowest free id
+        # holding the best value: distinct ids even when every free logit is -inf
+        nan_left = free & is_nan
+        any_nan = tl.max(nan_left.to(tl.int32), 1) > 0
+        best_left = tl.where(any_nan[:, None], nan_left, free & (rank == best[:, None]))
+        pick = tl.min(tl.where(best_left, e[None, :], E_POW2), 1)
         chosen = e[None, :] == pick[:, None]
         free = free & ~chosen
         logit = tl.sum(tl.where(chosen, x, 0.0), 1)  # the original value: NaN stays NaN
@@ -70,13 +75,58 @@ def _softmax_topk_kernel(
     tl.store(weights_ptr + out, num / denom[:, None], mask=mask)
 
 
+def _launch(logits: torch.Tensor, k: int, renormalize: bool,
+            config: Optional[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    T, E = logits.shape
+    ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+    if T == 0:
+        return ids, weights
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    block_t, num_warps = config or topk_config(E)
+    _softmax_topk_kernel[(triton.cdiv(T, block_t),)](
+        logits, ids, weights, T, E, logits.stride(0),
+        K=k, K_POW2=triton.next_power_of_2(k), E_POW2=triton.next_power_of_2(E),
+        BLOCK_T=block_t, RENORM=renormalize, num_warps=num_warps)
+    return ids, weights
+
+
+class _SoftmaxTopK(torch.autograd.Function):
+    """The kernel forward; backward through the softmax: with renormalisation only the K
+    picked logits get a gradient, without it every logit does (through the softmax's sum)."""
+
+    @staticmethod
+    def forward(ctx, logits, k, renormalize):
+        ids, weights = _launch(logits, k, renormalize, None)
+        ctx.save_for_backward(None if renormalize else logits, ids, weights)
+        ctx.renormalize, ctx.num_experts = renormalize, logits.shape[1]
+        ctx.mark_non_differentiable(ids)
+        return ids, weights
+
+    @staticmethod
+    def backward(ctx, grad_ids, grad_weights):
+        logits, ids, weights = ctx.saved_tensors
+        if grad_weights is None:
+            return None, None, None
+        g = grad_weights.float()
+        g_dot_w = (g * weights).sum(-1, keepdim=True)  # (T, 1)
+        scattered = weights.new_zeros(ids.shape[0], ctx.num_experts)
+        if ctx.renormalize:  # w = softmax over the picked logits
+            return scattered.scatter_(1, ids, weights * (g - g_dot_w)), None, None
+        # w_k = p[ids_k], p = softmax over all E: dp_i / dl_j = p_i (delta_ij - p_j)
+        p = logits.softmax(-1)
+        return p * (scattered.scatter_(1, ids, g) - g_dot_w), None, None
+
+
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool,
                  config: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, E) float32 logits -> topk_ids (T, K) int64 and topk_weights (T, K) float32, best
     first. `renormalize`: the weights are a softmax over the K picked logits (they sum to 1);
-    else each picked expert's softmax probability over all E. No autograd: the router takes
-    it for forwards that need no gradient. Triton (CUDA, or CPU under TRITON_INTERPRET=1).
-    `config`: (tokens a program, warps), for launch/probe_router.py; default `topk_config`."""
+    else each picked expert's softmax probability over all E. Differentiable in `logits`
+    (an autograd node only where a gradient is needed). Triton (CUDA, or CPU under
+    TRITON_INTERPRET=1). `config`: (tokens a program, a power of two; warps), for
+    launch/probe_router.py; default `topk_config`."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or \
             logits.dtype != torch.float32:
         raise ValueError(f"logits must be a (T, E) float32 tensor, got "
@@ -85,22 +135,16 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool,
     T, E = logits.shape
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
         raise ValueError(f"k must be an int in [1, E={E}], got {k!r}")
+    if config is not None and (len(config) != 2 or config[0] < 1 or config[0] & (config[0] - 1)
+                               or config[1] < 1):
+        raise ValueError(f"config must be (tokens a program, a power of two; warps >= 1), "
+                         f"got {config!r}")
     if not _use_triton(logits):
         raise RuntimeError("softmax_topk runs through Triton: needs a CUDA tensor, or a CPU "
                            "tensor with TRITON_INTERPRET=1")
-    ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
-    weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)
-    if T == 0:
-        return ids, weights
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    e_pow2 = triton.next_power_of_2(E)
-    block_t, num_warps = config or topk_config(E)
-    _softmax_topk_kernel[(triton.cdiv(T, block_t),)](
-        logits, ids, weights, T, E, logits.stride(0),
-        K=k, K_POW2=triton.next_power_of_2(k), E_POW2=e_pow2, BLOCK_T=block_t,
-        RENORM=renormalize, num_warps=num_warps)
-    return ids, weights
+    if needs_grad(logits):
+        return _SoftmaxTopK.apply(logits, k, renormalize)
+    return _launch(logits, k, renormalize, config)
 
 
 def topk_config(E: int) -> tuple[int, int]:
