@@ -164,14 +164,15 @@ class Router(nn.Module):
         cfg = self.config
         logits = router_logits(x, self.weight)  # (T, E) fp32
         scores = None  # (T, E), computed where needed
-        plain = self.e_score_correction_bias is None and cfg.num_expert_groups == 1
-        if plain and cfg.score_func == "softmax" and _use_triton(logits) and \
-                not torch.compiler.is_compiling():
+        # softmax over all E, no groups, no correction bias (Mixtral, Qwen)
+        plain_softmax = self.e_score_correction_bias is None and cfg.num_expert_groups == 1 \
+            and cfg.score_func == "softmax"
+        if plain_softmax and _use_triton(logits) and not torch.compiler.is_compiling():
             # one kernel for what torch runs as three (radix select, sort of the K picked,
             # softmax), with or without gradients, so a recompute (activation checkpointing)
             # picks what the first pass picked; under torch.compile, torch's ops
             topk_ids, topk_weights = softmax_topk(logits, cfg.top_k, cfg.norm_topk_prob)
-        elif plain and cfg.score_func == "softmax" and cfg.norm_topk_prob:
+        elif plain_softmax and cfg.norm_topk_prob:
             # softmax is monotone and renormalising the K picked probabilities is a softmax
             # over their logits: two small ops instead of five (host time at small T)
             top = logits.topk(cfg.top_k, dim=-1, sorted=True)

@@ -44,10 +44,11 @@ def _softmax_topk_kernel(
     x = tl.load(logits_ptr + t[:, None] * stride_t + e[None, :], mask=real,
                 other=-float("inf"))
     is_nan = x != x
-    rank = tl.where(is_nan, float("inf"), x)  # NaN ranks at the top (above +inf: below)
+    rank = tl.where(is_nan, float("inf"), x)  # NaN as +inf here; above +inf in the picks
     free = real  # experts not picked yet; lanes past E never are
-    # (tokens past T: 0, not -inf, so their unstored lanes compute no inf - inf)
-    row_max = tl.where(t_ok, tl.max(tl.where(real, rank, -float("inf")), 1), 0.0)
+    # (masked lanes loaded -inf; tokens past T get 0, not -inf, so their unstored lanes
+    # compute no inf - inf)
+    row_max = tl.where(t_ok, tl.max(rank, 1), 0.0)
     ids = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int64)
     num = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
     for k in tl.static_range(K):
