@@ -158,7 +158,10 @@ class Experts(nn.Module):
         cfg = self.config
         if x.stride(-1) != 1:  # the kernel reads rows with a stride, elements contiguously
             x = x.contiguous()
-        tiles, persistent = [None, None], [False, False]
+        tiles = [None, None]
+        # the grid beside a pipeline's exchanges; else a persistent launch where it wins on
+        # exact buffers (`flatten_wins`: the down projection of many experts)
+        persistent = [False, False] if overlapped else [None, None]
         if rows_per_expert is not None:
             budget = shared_budget(x.device)
             tiles = [gemm_config(rows_per_expert, gated, x.element_size(), budget,
@@ -166,13 +169,15 @@ class Experts(nn.Module):
             # P a loose bound (a fixed-size exchange: W times the expected pairs): a grid sized
             # by P is mostly programs with nothing to do, and with 128-row tiles each holds an
             # SM's shared memory alone while it starts and exits (H100, Qwen3 at W = 4, 8192
-            # tokens: both GEMMs 1324 -> 1234 us; on exact buffers the grid is faster). Not
+            # tokens: both GEMMs 1324 -> 1234 us; on exact buffers the grid is faster, but
+            # for `flatten_wins`' down projection). Not
             # beside a pipeline's exchanges: a persistent program holds its SM for the whole
             # GEMM, so an exchange that starts meanwhile finds none free, while the grid's
             # short programs free theirs as they finish (4x H200, Qwen3 in 3 chunks, CUDA
             # graph: persistent 2.12-2.14 ms, grid 1.87-1.90; launch/NOTES.md, stop 13)
             loose = source_rows.shape[0] > 2 * rows_per_expert * self.num_local_experts
-            persistent = [loose and t.block_m >= 128 and not overlapped for t in tiles]
+            if loose and not overlapped:
+                persistent = [t.block_m >= 128 or None for t in tiles]
         h = grouped_gemm(x, self.gate_up_proj, num_tokens_per_expert, a_rows=source_rows,
                          activation=cfg.activation, gated=cfg.gated, config=tiles[0],
                          persistent=persistent[0])  # (P, I)

@@ -128,13 +128,82 @@ CONFIGS = {
 }
 
 
+def layer_rows(presets, tokens, dev):
+    """The library's down projection and the single-GPU layer's no-grad graph forward with
+    `flatten_wins` as shipped and forced off (the grid), in turn, four rounds."""
+    import ep_moe.kernels.grouped_gemm as gg
+    from ep_moe import MoE, MoEConfig
+    shipped = gg.flatten_wins
+    rows = []
+
+    def timed(fn, on, calls):
+        gg.flatten_wins = shipped if on else (lambda *a, **k: False)
+        try:
+            return graph_time_us([fn], calls, 20)
+        finally:
+            gg.flatten_wins = shipped
+
+    for preset in presets:
+        cfg = MoEConfig.preset(preset)
+        layer = MoE(cfg, device=dev, dtype=torch.bfloat16)
+        for T in tokens:
+            x = torch.randn(T, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+            P = T * cfg.top_k
+            h = torch.randn(P, cfg.intermediate_size, device=dev, dtype=torch.bfloat16)
+            ids = torch.randint(0, cfg.num_experts, (P,), device=dev)
+            counts = torch.bincount(ids, minlength=cfg.num_experts)
+            w2 = layer.experts.down_proj
+
+            def down():
+                return grouped_gemm(h, w2, counts, persistent=None)
+
+            def fwd():
+                with torch.no_grad():
+                    return layer(x)
+
+            outs = {}
+            for on in (True, False):
+                gg.flatten_wins = shipped if on else (lambda *a, **k: False)
+                outs[on] = (down(), fwd())
+                gg.flatten_wins = shipped
+            calls = 2 if T >= 4096 else 10
+            row = {"preset": preset, "T": T, "what": "flatten_on_off",
+                   "flattens": shipped(gg.gemm_config(P / cfg.num_experts, False, 2,
+                                                      num_experts=cfg.num_experts),
+                                       True, cfg.num_experts),
+                   "down_equal": torch.equal(outs[True][0], outs[False][0]),
+                   "layer_equal": torch.equal(outs[True][1], outs[False][1])}
+            for _ in range(4):
+                for on in (True, False):
+                    key = "on" if on else "off"
+                    row.setdefault(f"down_{key}_us", []).append(timed(down, on, calls))
+                    row.setdefault(f"layer_{key}_us", []).append(timed(fwd, on, calls))
+            rows.append(row)
+            print(row, flush=True)
+        del layer
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--layer", action="store_true",
+                   help="the shipped policy on and off: down projection and layer forward")
     p.add_argument("--presets", nargs="+", default=["qwen3", "mixtral"])
     p.add_argument("--tokens", nargs="+", type=int, default=[512, 4096, 16384])
     p.add_argument("--smoke", action="store_true", help="one small case, each variant once")
     args = p.parse_args()
     dev = torch.device("cuda")
+    if args.layer:
+        rows = layer_rows(args.presets, args.tokens, dev)
+        write_json("probe_flat_layer.json", {"device": torch.cuda.get_device_name(dev),
+                                             "rows": rows})
+        for r in rows:
+            print(f"{r['preset']:8s} T={r['T']:6d} flattens={r['flattens']} down on/off "
+                  f"{min(r['down_on_us']):.1f}/{min(r['down_off_us']):.1f} us, layer on/off "
+                  f"{'/'.join(f'{u:.0f}' for u in r['layer_on_us'])} against "
+                  f"{'/'.join(f'{u:.0f}' for u in r['layer_off_us'])} us")
+        return
     copy_gbs, mm_tflops = ceilings(dev)
     rows = []
     for preset, T, K, w13, w2, case in gemm_cases(args.presets, args.tokens, dev, copy_gbs,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ep_moe import MoE, MoEConfig
 from ep_moe import experts as experts_module
+from ep_moe.kernels import gemm_configs as gg_configs
 from ep_moe.kernels import grouped_gemm as gg
 from ep_moe.kernels.gemm_configs import _shared_bytes
 from ep_moe.kernels.grouped_gemm import GemmConfig, gemm_config, grouped_gemm
@@ -330,6 +331,46 @@ def test_tma_loads(poisoned_outputs, counts, K, N, dtype, gather, gated, activat
     assert torch.equal(outs[0], outs[1])
 
 
+# the down projection's tile for many rows per expert, K tiles short enough for the interpreter
+FLAT_TILE = GemmConfig(128, 256, 16, 8, 8, 4)
+
+
+@needs_tma
+@pytest.mark.parametrize("counts", [
+    [130, 0, 7, 129, 1, 0, 0, 40, 3],  # 9 experts: rows past a block, empty and tiny experts
+    [0] * 8 + [300],                    # one expert has every row: three row blocks
+], ids=["spread", "one_expert"])
+def test_flattened_persistent_launch(poisoned_outputs, monkeypatch, counts):
+    """persistent=None on rows read through a descriptor, 128 x 256 tiles, more than 8
+    experts: `flatten_wins` picks the persistent launch whose tile and K loops are one
+    flattened loop; its products are the grid's, bit for bit, and match float64."""
+    picked = []
+
+    def spy(*args):
+        picked.append(gg_configs.flatten_wins(*args))
+        return picked[-1]
+
+    monkeypatch.setattr(gg, "flatten_wins", spy)
+    case = make_inputs(counts, 40, 264, torch.bfloat16, seed=3)  # N past a 256-wide tile
+    flat = grouped_gemm(case.a, case.w, case.counts, config=FLAT_TILE, persistent=None)
+    assert picked == [True]
+    grid = grouped_gemm(case.a, case.w, case.counts, config=FLAT_TILE, persistent=False)
+    ref, bound = reference(case)
+    assert_close_to(flat, ref, bound, torch.bfloat16)
+    assert torch.equal(flat, grid)
+
+
+@pytest.mark.parametrize("tile,by_descriptor,experts,budget,wins", [
+    (GemmConfig(128, 256, 64, 8, 8, 4), True, 128, None, True),    # Qwen3's down projection
+    (GemmConfig(128, 256, 64, 8, 8, 4), True, 8, None, False),     # Mixtral's: no gain
+    (GemmConfig(128, 256, 64, 8, 8, 4), False, 128, None, False),  # gathered rows: slower
+    (GemmConfig(128, 128, 64, 8, 8, 4), True, 128, None, False),   # another tile: slower
+    (GemmConfig(128, 256, 64, 8, 8, 4), True, 128, 92 * 1024, False),  # 229 KiB will not fit
+])
+def test_flatten_wins(tile, by_descriptor, experts, budget, wins):
+    assert gg_configs.flatten_wins(tile, by_descriptor, experts, budget) is wins
+
+
 @pytest.fixture
 def descriptors(monkeypatch):
     """Counts the tensor descriptors `grouped_gemm` makes."""
@@ -640,7 +681,7 @@ def test_default_config_gets_num_experts(monkeypatch):
 @pytest.mark.parametrize("loose,overlapped,expected", [
     (True, False, [True, True]),    # a buffer 4x the expected rows: one program per SM
     (True, True, [False, False]),   # beside a pipeline's exchanges: the grid leaves SMs free
-    (False, False, [False, False]),  # exact buffers: the grid is faster
+    (False, False, [None, None]),  # exact buffers: the grid, but where `flatten_wins`
 ])
 def test_persistent_only_over_a_loose_bound(monkeypatch, loose, overlapped, expected):
     """Which launch the fused path asks for (the rows are the same either way:

@@ -63,6 +63,22 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
     return cfg
 
 
+def flatten_wins(cfg: GemmConfig, rows_by_descriptor: bool, num_experts: int,
+                 shared_budget: Optional[int] = None) -> bool:
+    """Whether a persistent launch whose tile and K loops are flattened into one pipelined
+    loop beats the grid (launch/probe_flat.py, H100, stop 16): for rows read through a tensor
+    descriptor (the down projection) in 128 x 256 tiles over more than FEW_EXPERTS experts.
+    There a program's next tile loads while this tile's last products run, where the grid's
+    programs each fill and drain their pipeline alone (Qwen3, K = 768: 12 steps of the K
+    loop): its down projection 253 -> 238 us at 4096 tokens, 790 -> 696 at 16384. Not for
+    Mixtral's 8 experts (0-1.5% slower), nor for gathered rows (pointer loads; 1.2-2x slower
+    flattened). The flattened loop takes 32 KiB more shared memory (229 KiB for this tile):
+    only where a block may have Hopper's."""
+    budget = _SHARED_BUDGET if shared_budget is None else shared_budget
+    return (rows_by_descriptor and cfg.block_m == 128 and cfg.block_n == 256
+            and num_experts > FEW_EXPERTS and budget >= _SHARED_BUDGET)
+
+
 # shared memory the pipelined A and W tiles may take: a block's opt-in maximum (Hopper: 227
 # KiB) less a little room for what Triton adds
 _SHARED_MARGIN = 7 * 1024

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
 
 from .activation import ACTIVATIONS, _act_and_grad
 from .fused_mul_sum import _INTERPRET, _use_triton
-from .gemm_configs import GemmConfig, _check_config, gemm_config, shared_budget
+from .gemm_configs import GemmConfig, _check_config, flatten_wins, gemm_config, shared_budget
 
 GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -67,7 +67,7 @@ def _grouped_gemm_kernel(
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
+    PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
 ):
     # which expert owns which row block: the row and block counts are read and summed here (a
     # vector of E_POW2 lanes), so the launcher runs no torch ops before the kernel
@@ -81,18 +81,20 @@ def _grouped_gemm_kernel(
         # a few programs loop over the real tiles only, counted from the device counts
         real_m = tl.minimum(tl.sum(blocks), num_pid_m)
         num_tiles = real_m * tl.cdiv(N, BLOCK_N)
-        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        # FLATTEN: the tile loop and the K loop become one pipelined loop, so a tile's first
+        # loads start while the last tile's products run
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
             _gemm_tile(tile, real_m, e, counts, blocks, block_ends, row_ends,
                        a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
                        num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
                        GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W)
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W, True)
     else:
         _gemm_tile(tl.program_id(0), num_pid_m, e, counts, blocks, block_ends, row_ends,
                    a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
                    num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
                    GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W)
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W, False)
 
 
 @triton.jit
@@ -103,7 +105,7 @@ def _gemm_tile(
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA_A: tl.constexpr, TMA_W: tl.constexpr,
+    TMA_A: tl.constexpr, TMA_W: tl.constexpr, ALL_REAL: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile; tiles past the last row block write nothing.
 
@@ -122,7 +124,11 @@ def _gemm_tile(
     pid_n = (tile % (GROUP_M * num_pid_n)) // group_m
 
     expert = tl.sum((block_ends <= pid_m).to(tl.int32))  # empty experts count as passed
-    if expert < num_experts:  # else past the last block: the grid is an upper bound
+    if ALL_REAL:  # the persistent loop visits real tiles only; no branch, which would keep
+        real = True  # Triton from flattening that loop
+    else:  # past the last block: the grid is an upper bound
+        real = expert < num_experts
+    if real:
         mine = e == expert
         row_end = tl.sum(tl.where(mine, row_ends, 0))
         row_begin = row_end - tl.sum(tl.where(mine, counts, 0))
@@ -206,7 +212,7 @@ def _check(name: str, t: torch.Tensor, ndim: int, dtypes) -> None:
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.Tensor,
                  a_rows: Optional[torch.Tensor] = None, activation: Optional[str] = None,
                  gated: bool = True, config: Optional[GemmConfig] = None,
-                 persistent: bool = False, tma: Optional[bool] = None) -> torch.Tensor:
+                 persistent: Optional[bool] = False, tma: Optional[bool] = None) -> torch.Tensor:
     """Per-expert `a_sorted @ w[i].T`, optionally gathering rows and applying an activation.
 
     Args:
@@ -227,7 +233,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
         persistent: one program per SM, each looping over the tiles of the real row blocks
             (counted on the device). For a P far above the counts' sum (a buffer sized by a
             bound), where the grid sized by P would be mostly programs that exit at once,
-            each still holding its SM's shared memory while it starts.
+            each still holding its SM's shared memory while it starts. Where a's rows come in
+            through a descriptor, the tile loop and the K loop are flattened into one
+            pipelined loop. None: persistent where `flatten_wins` says that beats the grid.
         tma: load the weight tiles (and a's, when rows are not gathered) through tensor
             descriptors (Hopper's TMA) instead of per-thread pointers. None: for 128-row
             tiles wherever `tma_ok` allows it (launch/probe_tma.py, H100: 3-16% faster GEMMs
@@ -296,6 +304,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
                          f"gathered); got {a.dtype} on {a.device}, a strides {a.stride()}, "
                          f"w strides {w.stride()}")
     tma_a = tma and not gathered
+    if persistent is None:
+        persistent = flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
     a_arg, w_arg = a, w
     if tma:
         w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
@@ -315,7 +325,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
         IEEE=a.dtype == torch.float32, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         E_POW2=triton.next_power_of_2(num_experts),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PERSISTENT=persistent, TMA_A=tma_a, TMA_W=tma,
+        PERSISTENT=persistent, FLATTEN=persistent and tma_a, TMA_A=tma_a, TMA_W=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
