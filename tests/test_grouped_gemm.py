@@ -256,6 +256,40 @@ def test_pinned_configs(poisoned_outputs, config, gather):
     check(case, None, True, config)  # N = 96: 6 / 3 / 2 column tiles
 
 
+# 32-row tiles, an expert's last rows in a 16-row tile where they fit
+TAIL = GemmConfig(32, 16, 16, 1, 4, 2, tail_m=16)
+# rows per expert: 5 (one tail tile), 0, 40 (32 + a tail of 8), 33 (32 + a tail of 1), 17
+# (one full tile: 17 do not fit 16), 48 (32 + a tail of exactly 16)
+TAIL_COUNTS = [5, 0, 40, 33, 17, 48]
+
+
+@needs_triton
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+@pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tail_tiles(poisoned_outputs, dtype, gather, persistent):
+    """Each expert's last row block in a 16-row tile where its rows fit, beside 32-row tiles:
+    every row written once, against float64, gated and not, K = 40 (a masked K step)."""
+    case = make_inputs(TAIL_COUNTS, 40, 48, dtype, gather=gather, seed=7)
+    check(case, "silu", True, TAIL, persistent)
+    check(case, None, True, TAIL, persistent)
+
+
+@needs_tma
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+def test_tail_tiles_beside_descriptor_loads(poisoned_outputs, persistent):
+    """Sorted rows through a descriptor of 32-row boxes; a tail tile reads its rows by
+    pointer instead (the box would be 32 rows): the same results as pointer loads everywhere.
+    Persistent on exact buffers with descriptor rows is the flattened loop, which takes no
+    tail tiles: still the same rows."""
+    case = make_inputs(TAIL_COUNTS, 40, 48, torch.bfloat16, seed=8)
+    outs = [grouped_gemm(case.a, case.w, case.counts, None, "silu", True, TAIL, persistent,
+                         tma=tma) for tma in (False, True)]
+    ref, bound = reference(case, "silu", True)
+    for out in outs:
+        assert_close_to(out, ref, bound, torch.bfloat16)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("counts,gated", [  # rows per expert across gemm_config's brackets
@@ -804,6 +838,8 @@ def test_strided_index_tensors():
     (dict(config=GemmConfig(12, 16, 16, 1, 4, 2)), ValueError, "block_m"),   # not a power of 2
     (dict(config=GemmConfig(16, 16, 16, 0, 4, 2)), ValueError, "group_m"),   # no row group
     (dict(config=(16, 16, 16, 1, 4, 2)), TypeError, "config"),               # a plain tuple
+    (dict(config=GemmConfig(32, 16, 16, 1, 4, 2, 32)), ValueError, "tail_m"),  # not below
+    (dict(config=GemmConfig(32, 16, 16, 1, 4, 2, 24)), ValueError, "tail_m"),  # not a power
 ])
 def test_config_validation(kwargs, exc, match):
     a, w = torch.randn(4, 16), torch.randn(2, 16, 16)

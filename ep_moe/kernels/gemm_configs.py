@@ -17,6 +17,9 @@ class GemmConfig(NamedTuple):
     group_m: int
     num_warps: int
     num_stages: int
+    # an expert's last row block with at most this many rows runs as a (tail_m, block_n)
+    # tile; 0: every tile block_m rows
+    tail_m: int = 0
 
 
 # up to this many experts, groups of 16 row blocks of at most 128 rows an expert span them all
@@ -98,6 +101,8 @@ def shared_budget(device: torch.device) -> int:
 
 def _shared_bytes(cfg: GemmConfig, gated: bool, element_size: int) -> int:
     w_tiles = 2 if gated else 1
+    # a tail tile's loop reuses the same buffers (triton 3.6 for sm_90 gives the kernel the
+    # same shared memory with or without one)
     per_stage = (cfg.block_m + w_tiles * cfg.block_n) * cfg.block_k * element_size
     return (cfg.num_stages - 1) * per_stage  # Triton buffers num_stages - 1 tiles ahead
 
@@ -113,3 +118,7 @@ def _check_config(cfg) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"config.{name} must be an int >= 1, got {v!r}")
+    t = cfg.tail_m
+    if not isinstance(t, int) or (t and (t < 16 or t & (t - 1) or t >= cfg.block_m)):
+        raise ValueError(f"config.tail_m must be 0 or a power of two >= 16 below block_m="
+                         f"{cfg.block_m}, got {t!r}")

@@ -57,8 +57,8 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _grouped_gemm_kernel(
-    # pointers (a and w: tensor descriptors with TMA_A / TMA_W)
-    a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr,
+    # pointers (a_desc and w: tensor descriptors with TMA_A / TMA_W; else a_desc is a_ptr)
+    a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr,
     # sizes
     N, K, num_experts, num_pid_m, up_elems, num_rows, num_a_rows,
     # strides (the last dim of a, w and out is contiguous)
@@ -67,7 +67,8 @@ def _grouped_gemm_kernel(
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
+    TAIL_M: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, TMA_A: tl.constexpr,
+    TMA_W: tl.constexpr,
 ):
     # which expert owns which row block: the row and block counts are read and summed here (a
     # vector of E_POW2 lanes), so the launcher runs no torch ops before the kernel
@@ -85,36 +86,31 @@ def _grouped_gemm_kernel(
         # loads start while the last tile's products run
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
             _gemm_tile(tile, real_m, e, counts, blocks, block_ends, row_ends,
-                       a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
+                       a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
                        num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
                        GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W, True)
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TAIL_M, TMA_A, TMA_W, True)
     else:
         _gemm_tile(tl.program_id(0), num_pid_m, e, counts, blocks, block_ends, row_ends,
-                   a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
+                   a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
                    num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
                    GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_A, TMA_W, False)
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TAIL_M, TMA_A, TMA_W, False)
 
 
 @triton.jit
 def _gemm_tile(
     tile, num_pid_m, e, counts, blocks, block_ends, row_ends,
-    a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems, num_rows, num_a_rows,
-    stride_am, stride_we, stride_wn, stride_om,
+    a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems, num_rows,
+    num_a_rows, stride_am, stride_we, stride_wn, stride_om,
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA_A: tl.constexpr, TMA_W: tl.constexpr, ALL_REAL: tl.constexpr,
+    TAIL_M: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr, ALL_REAL: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) output tile; tiles past the last row block write nothing.
-
-    With TMA_W, `w_ptr` is a tensor descriptor over w viewed as (e * N', K): whole weight tiles
-    come in by the copy engine of the SM (TMA), zero-filled past K and past the last expert; a
-    tile that runs past an expert's N columns reads the next rows, whose products land in
-    columns that are never stored. With TMA_A (rows not gathered), `a_ptr` is one over a
-    (M, K): a row tile that runs past its expert's rows reads the next expert's, again only
-    into rows that are never stored."""
+    """One (BLOCK_M, BLOCK_N) output tile; tiles past the last row block write nothing. With
+    TAIL_M < BLOCK_M an expert's last row block, where its rows fit, runs as a (TAIL_M,
+    BLOCK_N) tile: fewer rows of padding through the tensor cores."""
     # grouped order: GROUP_M row blocks sweep every column tile before the next group
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = tile // (GROUP_M * num_pid_n)
@@ -133,67 +129,100 @@ def _gemm_tile(
         row_end = tl.sum(tl.where(mine, row_ends, 0))
         row_begin = row_end - tl.sum(tl.where(mine, counts, 0))
         first_block = tl.sum(tl.where(mine, block_ends - blocks, 0))
-
-        rows = row_begin + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
-        # counts summing past the P output rows must not write past them (device data)
-        row_ok = (rows < row_end) & (rows < num_rows)
-        if GATHER:
-            a_row = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-            a_ok = row_ok & (a_row >= 0) & (a_row < num_a_rows)  # a bad index reads nothing
+        first_row = row_begin + (pid_m - first_block) * BLOCK_M
+        tail = False
+        if TAIL_M < BLOCK_M:
+            tail = row_end - first_row <= TAIL_M
+        if tail:
+            _tile_product(first_row, row_end, expert, pid_n,
+                          a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, up_elems, num_rows,
+                          num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                          GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
+                          TAIL_M, BLOCK_N, BLOCK_K, False, TMA_W)
         else:
-            a_row = rows.to(tl.int64)
-            a_ok = row_ok
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        ks = tl.arange(0, BLOCK_K)
+            _tile_product(first_row, row_end, expert, pid_n,
+                          a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, up_elems, num_rows,
+                          num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                          GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
+                          BLOCK_M, BLOCK_N, BLOCK_K, TMA_A, TMA_W)
 
+
+@triton.jit
+def _tile_product(
+    first_row, row_end, expert, pid_n,
+    a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, up_elems, num_rows, num_a_rows,
+    stride_am, stride_we, stride_wn, stride_om,
+    GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+    EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA_A: tl.constexpr, TMA_W: tl.constexpr,
+):
+    """Rows [first_row, first_row + TILE_M) before row_end, all of one expert, times one
+    BLOCK_N column tile of its weights, written to out.
+
+    With TMA_W, `w_ptr` is a tensor descriptor over w viewed as (e * N', K): whole weight tiles
+    come in by the copy engine of the SM (TMA), zero-filled past K and past the last expert; a
+    tile that runs past an expert's N columns reads the next rows, whose products land in
+    columns that are never stored. With TMA_A (rows not gathered), `a_desc` is one over a
+    (M, K) with TILE_M-row boxes: a row tile that runs past its expert's rows reads the next
+    expert's, again only into rows that are never stored. Otherwise rows load from `a_ptr`."""
+    rows = first_row + tl.arange(0, TILE_M)
+    # counts summing past the P output rows must not write past them (device data)
+    row_ok = (rows < row_end) & (rows < num_rows)
+    if GATHER:
+        a_row = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        a_ok = row_ok & (a_row >= 0) & (a_row < num_a_rows)  # a bad index reads nothing
+    else:
+        a_row = rows.to(tl.int64)
+        a_ok = row_ok
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+
+    if not TMA_A:
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
+    if TMA_W:
+        w_first = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
+    else:
+        # (BLOCK_K, BLOCK_N) tile of w[expert].T; w is (e, N', K) with K contiguous
+        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+                  + cols[None, :].to(tl.int64) * stride_wn + ks[:, None])
+    acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         if TMA_A:
-            a_first = row_begin + (pid_m - first_block) * BLOCK_M
+            a = a_desc.load([first_row, k0])
+        elif EVEN_K:
+            a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
         else:
-            a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
+            a = tl.load(a_ptrs, mask=a_ok[:, None] & (ks[None, :] < K - k0), other=0.0)
         if TMA_W:
-            w_first = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
+            w = w_ptr.load([w_first, k0]).T
+        elif EVEN_K:
+            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
         else:
-            # (BLOCK_K, BLOCK_N) tile of w[expert].T; w is (e, N', K) with K contiguous
-            w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-                      + cols[None, :].to(tl.int64) * stride_wn + ks[:, None])
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if TMA_A:
-                a = a_ptr.load([a_first, k0])
-            elif EVEN_K:
-                a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
+        acc = _dot(a, w, acc, IEEE, UPCAST)
+        if GATED:
+            if TMA_W:  # the up rows: N rows further
+                w_up = w_ptr.load([w_first + N, k0]).T
+            elif EVEN_K:  # the up rows: N rows further, counted on the host
+                w_up = tl.load(w_ptrs + up_elems, mask=col_ok[None, :], other=0.0)
             else:
-                a = tl.load(a_ptrs, mask=a_ok[:, None] & (ks[None, :] < K - k0), other=0.0)
-            if TMA_W:
-                w = w_ptr.load([w_first, k0]).T
-            elif EVEN_K:
-                w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                w = tl.load(w_ptrs, mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
-            acc = _dot(a, w, acc, IEEE, UPCAST)
-            if GATED:
-                if TMA_W:  # the up rows: N rows further
-                    w_up = w_ptr.load([w_first + N, k0]).T
-                elif EVEN_K:  # the up rows: N rows further, counted on the host
-                    w_up = tl.load(w_ptrs + up_elems, mask=col_ok[None, :], other=0.0)
-                else:
-                    w_up = tl.load(w_ptrs + up_elems,
-                                   mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
-                acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
-            if not TMA_A:
-                a_ptrs += BLOCK_K
-            if not TMA_W:
-                w_ptrs += BLOCK_K
+                w_up = tl.load(w_ptrs + up_elems,
+                               mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
+            acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
+        if not TMA_A:
+            a_ptrs += BLOCK_K
+        if not TMA_W:
+            w_ptrs += BLOCK_K
 
-        if HAS_ACT:
-            acc, _ = _act_and_grad(acc, ACT)
-            if GATED:
-                acc = acc * acc_up
-        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+    if HAS_ACT:
+        acc, _ = _act_and_grad(acc, ACT)
+        if GATED:
+            acc = acc * acc_up
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +335,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     tma_a = tma and not gathered
     if persistent is None:
         persistent = flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
+    flatten = persistent and tma_a
     a_arg, w_arg = a, w
     if tma:
         w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
@@ -316,7 +346,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     num_tiles = num_pid_m * triton.cdiv(n_out, cfg.block_n)
     grid = (min(num_tiles, _num_sms(a.device)) if persistent else num_tiles,)
     _grouped_gemm_kernel[grid](
-        a_arg, a_rows.contiguous() if a_rows is not None else a, w_arg, out,
+        a_arg, a, a_rows.contiguous() if a_rows is not None else a, w_arg, out,
         num_tokens_per_expert.contiguous(),
         n_out, k_dim, num_experts, num_pid_m, n_out * w.stride(1), num_rows, a.shape[0],
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
@@ -325,7 +355,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
         IEEE=a.dtype == torch.float32, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         E_POW2=triton.next_power_of_2(num_experts),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PERSISTENT=persistent, FLATTEN=persistent and tma_a, TMA_A=tma_a, TMA_W=tma,
+        # a flattened loop takes no branch: no tail tiles there
+        TAIL_M=cfg.tail_m if cfg.tail_m and not flatten else cfg.block_m,
+        PERSISTENT=persistent, FLATTEN=flatten, TMA_A=tma_a, TMA_W=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -1,0 +1,100 @@
+"""Tail tiles in the grouped GEMM: an expert's last row block in a shorter tile where its rows
+fit, against every block at full height, one GPU.
+
+probe_loop.py (stop 16) found cuBLAS's batched product on balanced rows at 1.28x / 1.06x
+the floor for Qwen3 at 4096 tokens where ours runs at 1.54x / 1.28x, and with 256 +- 16 rows
+an expert half the experts take a third, mostly empty 128-row block. Here, for the config
+`gemm_config` picks: tail_m 0 (off), 64 and 32 on the routed rows; the same config on
+balanced counts (every expert the mean: the bound tails approach); and for the down
+projection the flattened persistent launch (`persistent=None`). Each variant is checked
+against torch's path first, then all timed by CUDA-graph replay, twice. Writes
+probe_tail.json under $OUT.
+
+    python launch/probe_tail.py [--presets qwen3 deepseek_v3 mixtral] [--tokens 1024 4096 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sweep_gemm  # noqa: E402
+from common import graph_time_us, write_json  # noqa: E402
+from sweep_gemm import ceilings, gemm_cases, rel  # noqa: E402
+
+from ep_moe.kernels.grouped_gemm import gemm_config, grouped_gemm  # noqa: E402
+
+sweep_gemm.SHAPES.setdefault("deepseek_v3", (256, 7168, 2048, 8))  # E, D, I, K
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--presets", nargs="+", default=["qwen3", "deepseek_v3", "mixtral"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
+    p.add_argument("--tails", nargs="+", type=int, default=[0, 64, 32])
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    copy_gbs, mm_tflops = ceilings(dev)
+    rows = []
+    skip = lambda preset, T: preset == "mixtral" and T > 1024  # torch's GEMMs there  # noqa: E731
+    for preset, T, K, w13, w2, case in gemm_cases(args.presets, args.tokens, dev, copy_gbs,
+                                                  mm_tflops, skip):
+        x, src, counts, offs, h_ref, y_ref, floors = case
+        E = w13.shape[0]
+        P = T * K
+        balanced = torch.full_like(counts, P // E)
+        balanced[: P - int(balanced.sum())] += 1
+        variants = {}
+        for gemm, gated in ((1, True), (2, False)):
+            base = gemm_config(P / E, gated, 2, num_experts=E)
+            for tail in args.tails:
+                if tail and tail >= base.block_m:
+                    continue
+                cfg = base._replace(tail_m=tail)
+                if gemm == 1:
+                    variants[(1, f"tail{tail}")] = lambda cfg=cfg: grouped_gemm(
+                        x, w13, counts, a_rows=src, activation="silu", config=cfg)
+                else:
+                    variants[(2, f"tail{tail}")] = lambda cfg=cfg: grouped_gemm(
+                        h_ref, w2, counts, config=cfg)
+            if gemm == 1:
+                variants[(1, "balanced")] = lambda cfg=base: grouped_gemm(
+                    x, w13, balanced, a_rows=src, activation="silu", config=cfg)
+            else:
+                variants[(2, "balanced")] = lambda cfg=base: grouped_gemm(
+                    h_ref, w2, balanced, config=cfg)
+                variants[(2, "auto")] = lambda cfg=base: grouped_gemm(
+                    h_ref, w2, counts, config=cfg, persistent=None)
+        calls, replays = (2, 6) if T >= 4096 else (6, 12)
+        for (gemm, name), fn in variants.items():
+            row = {"preset": preset, "T": T, "gemm": gemm, "variant": name,
+                   "floor_us": floors[gemm], "rows_per_expert": P / E,
+                   "config": list(gemm_config(P / E, gemm == 1, 2, num_experts=E))}
+            try:
+                if name != "balanced":
+                    err = rel(fn(), h_ref if gemm == 1 else y_ref)
+                    row["rel_err_vs_torch"] = err
+                    if not err < 2e-2:
+                        raise RuntimeError(f"rel err {err:.3g}")
+                row["us"] = [graph_time_us([fn], calls, replays) for _ in range(2)]
+                row["x_floor"] = min(row["us"]) / floors[gemm]
+            except Exception as exc:  # noqa: BLE001 - a variant that fails is a result
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            print(row, flush=True)
+        write_json("probe_tail.json", {"device": torch.cuda.get_device_name(dev),
+                                       "copy_gbs": copy_gbs, "mm_tflops": mm_tflops,
+                                       "rows": rows})
+    print(f"# copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.0f} TFLOP/s")
+    for r in rows:
+        tail = (f"{min(r['us']):9.1f} us  {r['x_floor']:.2f}x floor" if "us" in r
+                else r["error"])
+        print(f"{r['preset']:11s} T={r['T']:6d} gemm{r['gemm']} {r['variant']:9s} {tail}")
+
+
+if __name__ == "__main__":
+    main()
