@@ -31,13 +31,64 @@ from ep_moe.kernels.grouped_gemm import gemm_config, grouped_gemm  # noqa: E402
 sweep_gemm.SHAPES.setdefault("deepseek_v3", (256, 7168, 2048, 8))  # E, D, I, K
 
 
+def layer_rows(presets, tokens, dev):
+    """The single-GPU layer's no-grad graph forward with `gemm_config`'s tails as shipped and
+    forced off, in turn, four rounds."""
+    import ep_moe.experts as experts_module
+    from ep_moe import MoE, MoEConfig
+    shipped = experts_module.gemm_config
+    no_tail = lambda *a, **k: shipped(*a, **k)._replace(tail_m=0)  # noqa: E731
+    rows = []
+    for preset in presets:
+        cfg = MoEConfig.preset(preset)
+        layer = MoE(cfg, device=dev, dtype=torch.bfloat16)
+        for T in tokens:
+            x = torch.randn(T, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+
+            def fwd():
+                with torch.no_grad():
+                    return layer(x)
+
+            row = {"preset": preset, "T": T, "what": "layer_tails_on_off",
+                   "tail_m": shipped(T * cfg.top_k / cfg.num_experts, True, 2,
+                                     num_experts=cfg.num_experts).tail_m}
+            outs = []
+            for on in (True, False):
+                experts_module.gemm_config = shipped if on else no_tail
+                outs.append(fwd())
+            experts_module.gemm_config = shipped
+            row["max_abs_diff"] = (outs[0].float() - outs[1].float()).abs().max().item()
+            calls = 2 if T >= 4096 else 10
+            for _ in range(4):
+                for on in (True, False):
+                    experts_module.gemm_config = shipped if on else no_tail
+                    row.setdefault("on_us" if on else "off_us", []).append(
+                        graph_time_us([fwd], calls, 20))
+                experts_module.gemm_config = shipped
+            rows.append(row)
+            print(row, flush=True)
+        del layer
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--layer", action="store_true", help="the layer with tails on and off")
     p.add_argument("--presets", nargs="+", default=["qwen3", "deepseek_v3", "mixtral"])
     p.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
     p.add_argument("--tails", nargs="+", type=int, default=[0, 64, 32])
     args = p.parse_args()
     dev = torch.device("cuda")
+    if args.layer:
+        rows = layer_rows(args.presets, args.tokens, dev)
+        write_json("probe_tail_layer.json", {"device": torch.cuda.get_device_name(dev),
+                                             "rows": rows})
+        for r in rows:
+            print(f"{r['preset']:8s} T={r['T']:6d} tail_m={r['tail_m']} on "
+                  f"{'/'.join(f'{u:.0f}' for u in r['on_us'])} against off "
+                  f"{'/'.join(f'{u:.0f}' for u in r['off_us'])} us")
+        return
     copy_gbs, mm_tflops = ceilings(dev)
     rows = []
     skip = lambda preset, T: preset == "mixtral" and T > 1024  # torch's GEMMs there  # noqa: E731

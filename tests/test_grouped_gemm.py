@@ -688,6 +688,19 @@ def test_gemm_config_few_experts(rows_per_expert, num_experts, gated, expected):
     assert gemm_config(rows_per_expert, gated, num_experts=num_experts) == expected
 
 
+@pytest.mark.parametrize("rows_per_expert,gated,tail_m", [
+    (128, True, 0),    # two full blocks or one and a sliver: measured slower with a tail
+    (129, True, 64),   # 129-384 rows gated: the last block in a 64-row tile where it fits
+    (256, True, 64),   # Qwen3 at 4096 tokens, Mixtral at 1024 (probe_tail, stop 16)
+    (384, True, 64),
+    (385, True, 0),    # 512 and more: the branch cost the full tiles more than it saved
+    (256, False, 0),   # the down projection: 128 x 256 tiles, no tail (flattened instead)
+])
+def test_gemm_config_tail_tiles(rows_per_expert, gated, tail_m):
+    for num_experts in (8, 128):
+        assert gemm_config(rows_per_expert, gated, num_experts=num_experts).tail_m == tail_m
+
+
 @needs_triton
 def test_default_config_gets_num_experts(monkeypatch):
     """The launcher's default config and the layer's fused path both pass the expert count."""
