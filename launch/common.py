@@ -129,3 +129,44 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def layer_cases(presets, tokens, device):
+    """For each preset (its bf16 layer made once) and T: preset, config, layer, T and a
+    no-grad forward of T random tokens."""
+    from ep_moe import MoE, MoEConfig
+    for preset in presets:
+        cfg = MoEConfig.preset(preset)
+        layer = MoE(cfg, device=device, dtype=torch.bfloat16)
+        for T in tokens:
+            x = torch.randn(T, cfg.hidden_size, device=device, dtype=torch.bfloat16)
+
+            def fwd(layer=layer, x=x):
+                with torch.no_grad():
+                    return layer(x)
+
+            yield preset, cfg, layer, T, fwd
+        del layer
+        torch.cuda.empty_cache()
+
+
+def on_off(fns: dict, switch, calls: int, rounds: int = 4):
+    """A policy on and off in turn: each of `fns` (name -> callable) run once with `switch(True)`
+    and once with `switch(False)`, then timed by CUDA-graph replay, on then off, `rounds` times.
+    Returns ({name: [output on, output off]}, {f"{name}_on_us": [...], f"{name}_off_us": [...]});
+    the switch is left on."""
+    outs, times = {}, {}
+    try:
+        for on in (True, False):
+            switch(on)
+            for name, fn in fns.items():
+                outs.setdefault(name, []).append(fn())
+        for _ in range(rounds):
+            for on in (True, False):
+                switch(on)
+                for name, fn in fns.items():
+                    times.setdefault(f"{name}_{'on' if on else 'off'}_us", []).append(
+                        graph_time_us([fn], calls, 20))
+    finally:
+        switch(True)
+    return outs, times

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import graph_time_us, write_json  # noqa: E402
+from common import graph_time_us, layer_cases, on_off, write_json  # noqa: E402
 from sweep_gemm import ceilings, gemm_cases, rel  # noqa: E402
 
 from ep_moe.experts import _grouped_mm  # noqa: E402
@@ -132,56 +132,28 @@ def layer_rows(presets, tokens, dev):
     """The library's down projection and the single-GPU layer's no-grad graph forward with
     `flatten_wins` as shipped and forced off (the grid), in turn, four rounds."""
     import ep_moe.kernels.grouped_gemm as gg
-    from ep_moe import MoE, MoEConfig
     shipped = gg.flatten_wins
-    rows = []
 
-    def timed(fn, on, calls):
+    def switch(on):
         gg.flatten_wins = shipped if on else (lambda *a, **k: False)
-        try:
-            return graph_time_us([fn], calls, 20)
-        finally:
-            gg.flatten_wins = shipped
 
-    for preset in presets:
-        cfg = MoEConfig.preset(preset)
-        layer = MoE(cfg, device=dev, dtype=torch.bfloat16)
-        for T in tokens:
-            x = torch.randn(T, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
-            P = T * cfg.top_k
-            h = torch.randn(P, cfg.intermediate_size, device=dev, dtype=torch.bfloat16)
-            ids = torch.randint(0, cfg.num_experts, (P,), device=dev)
-            counts = torch.bincount(ids, minlength=cfg.num_experts)
-            w2 = layer.experts.down_proj
-
-            def down():
-                return grouped_gemm(h, w2, counts, persistent=None)
-
-            def fwd():
-                with torch.no_grad():
-                    return layer(x)
-
-            outs = {}
-            for on in (True, False):
-                gg.flatten_wins = shipped if on else (lambda *a, **k: False)
-                outs[on] = (down(), fwd())
-                gg.flatten_wins = shipped
-            calls = 2 if T >= 4096 else 10
-            row = {"preset": preset, "T": T, "what": "flatten_on_off",
-                   "flattens": shipped(gg.gemm_config(P / cfg.num_experts, False, 2,
-                                                      num_experts=cfg.num_experts),
-                                       True, cfg.num_experts),
-                   "down_equal": torch.equal(outs[True][0], outs[False][0]),
-                   "layer_equal": torch.equal(outs[True][1], outs[False][1])}
-            for _ in range(4):
-                for on in (True, False):
-                    key = "on" if on else "off"
-                    row.setdefault(f"down_{key}_us", []).append(timed(down, on, calls))
-                    row.setdefault(f"layer_{key}_us", []).append(timed(fwd, on, calls))
-            rows.append(row)
-            print(row, flush=True)
-        del layer
-        torch.cuda.empty_cache()
+    rows = []
+    for preset, cfg, layer, T, fwd in layer_cases(presets, tokens, dev):
+        P = T * cfg.top_k
+        h = torch.randn(P, cfg.intermediate_size, device=dev, dtype=torch.bfloat16)
+        ids = torch.randint(0, cfg.num_experts, (P,), device=dev)
+        counts = torch.bincount(ids, minlength=cfg.num_experts)
+        w2 = layer.experts.down_proj
+        down = lambda: grouped_gemm(h, w2, counts, persistent=None)  # noqa: E731
+        outs, times = on_off({"down": down, "layer": fwd}, switch, 2 if T >= 4096 else 10)
+        row = {"preset": preset, "T": T, "what": "flatten_on_off",
+               "flattens": shipped(gg.gemm_config(P / cfg.num_experts, False, 2,
+                                                  num_experts=cfg.num_experts),
+                                   True, cfg.num_experts),
+               "down_equal": torch.equal(*outs["down"]),
+               "layer_equal": torch.equal(*outs["layer"]), **times}
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep_gemm  # noqa: E402
-from common import graph_time_us, write_json  # noqa: E402
+from common import graph_time_us, layer_cases, on_off, write_json  # noqa: E402
 from sweep_gemm import ceilings, gemm_cases, rel  # noqa: E402
 
 from ep_moe.kernels.grouped_gemm import gemm_config, grouped_gemm  # noqa: E402
@@ -35,40 +35,23 @@ def layer_rows(presets, tokens, dev):
     """The single-GPU layer's no-grad graph forward with `gemm_config`'s tails as shipped and
     forced off, in turn, four rounds."""
     import ep_moe.experts as experts_module
-    from ep_moe import MoE, MoEConfig
     shipped = experts_module.gemm_config
-    no_tail = lambda *a, **k: shipped(*a, **k)._replace(tail_m=0)  # noqa: E731
+
+    def switch(on):
+        experts_module.gemm_config = shipped if on else (
+            lambda *a, **k: shipped(*a, **k)._replace(tail_m=0))
+
     rows = []
-    for preset in presets:
-        cfg = MoEConfig.preset(preset)
-        layer = MoE(cfg, device=dev, dtype=torch.bfloat16)
-        for T in tokens:
-            x = torch.randn(T, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
-
-            def fwd():
-                with torch.no_grad():
-                    return layer(x)
-
-            row = {"preset": preset, "T": T, "what": "layer_tails_on_off",
-                   "tail_m": shipped(T * cfg.top_k / cfg.num_experts, True, 2,
-                                     num_experts=cfg.num_experts).tail_m}
-            outs = []
-            for on in (True, False):
-                experts_module.gemm_config = shipped if on else no_tail
-                outs.append(fwd())
-            experts_module.gemm_config = shipped
-            row["max_abs_diff"] = (outs[0].float() - outs[1].float()).abs().max().item()
-            calls = 2 if T >= 4096 else 10
-            for _ in range(4):
-                for on in (True, False):
-                    experts_module.gemm_config = shipped if on else no_tail
-                    row.setdefault("on_us" if on else "off_us", []).append(
-                        graph_time_us([fwd], calls, 20))
-                experts_module.gemm_config = shipped
-            rows.append(row)
-            print(row, flush=True)
-        del layer
-        torch.cuda.empty_cache()
+    for preset, cfg, layer, T, fwd in layer_cases(presets, tokens, dev):
+        outs, times = on_off({"layer": fwd}, switch, 2 if T >= 4096 else 10)
+        on, off = outs["layer"]
+        row = {"preset": preset, "T": T, "what": "layer_tails_on_off",
+               "tail_m": shipped(T * cfg.top_k / cfg.num_experts, True, 2,
+                                 num_experts=cfg.num_experts).tail_m,
+               "max_abs_diff": (on.float() - off.float()).abs().max().item(),
+               "on_us": times["layer_on_us"], "off_us": times["layer_off_us"]}
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 
