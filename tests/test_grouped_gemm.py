@@ -159,6 +159,24 @@ def poisoned_outputs(monkeypatch):
     return poisoned
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """The keyword arguments of each launch of the grouped GEMM kernel (its tile shapes and
+    loop choices, which leave the products the same by design)."""
+    seen = []
+    kernel = gg._grouped_gemm_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gg, "_grouped_gemm_kernel", Recording())
+    return seen
+
+
 def check(case: Case, activation=None, gated=True, config=None, persistent=False):
     out = grouped_gemm(case.a, case.w, case.counts, case.a_rows, activation, gated, config,
                        persistent)
@@ -267,27 +285,49 @@ TAIL_COUNTS = [5, 0, 40, 33, 17, 48]
 @pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
 @pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_tail_tiles(poisoned_outputs, dtype, gather, persistent):
+def test_tail_tiles(poisoned_outputs, launches, dtype, gather, persistent):
     """Each expert's last row block in a 16-row tile where its rows fit, beside 32-row tiles:
     every row written once, against float64, gated and not, K = 40 (a masked K step)."""
     case = make_inputs(TAIL_COUNTS, 40, 48, dtype, gather=gather, seed=7)
     check(case, "silu", True, TAIL, persistent)
     check(case, None, True, TAIL, persistent)
+    assert [(k["TAIL_M"], k["BLOCK_M"], k["FLATTEN"]) for k in launches] == [(16, 32, False)] * 2
+
+
+@needs_triton
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
+def test_tail_tiles_over_a_bound(poisoned_outputs, launches, tma):
+    """The layer's loose-bound gate/up launch: gathered rows, P = 4x the counts' sum,
+    persistent, with tail tiles (and weight descriptors): the real rows bitwise the grid's
+    and float64's, the rows past the sum left unwritten."""
+    if tma and not gg.tma_ok(_PROBE, _PROBE[None], True):
+        pytest.skip("tensor descriptors need compute capability >= 9 or TRITON_INTERPRET=1")
+    case = make_inputs(TAIL_COUNTS, 40, 48, torch.bfloat16, gather=True, seed=9)
+    real = int(case.counts.sum())
+    a_rows = torch.cat([case.a_rows, case.a_rows.new_zeros(3 * real)])
+    outs = [grouped_gemm(case.a, case.w, case.counts, a_rows, "silu", True, TAIL, persistent,
+                         tma=tma) for persistent in (False, True)]
+    assert [(k["TAIL_M"], k["PERSISTENT"], k["FLATTEN"], k["TMA_W"]) for k in launches] == \
+        [(16, False, False, tma), (16, True, False, tma)]
+    ref, bound = reference(case, "silu", True)
+    assert_close_to(outs[1][:real], ref, bound, torch.bfloat16)
+    assert torch.equal(outs[0][:real], outs[1][:real])
+    assert all(out[real:].isnan().all() for out in outs)
 
 
 @needs_tma
 @pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
 def test_tail_tiles_beside_descriptor_loads(poisoned_outputs, persistent):
     """Sorted rows through a descriptor of 32-row boxes; a tail tile reads its rows by
-    pointer instead (the box would be 32 rows): the same results as pointer loads everywhere.
-    Persistent on exact buffers with descriptor rows is the flattened loop, which takes no
-    tail tiles: still the same rows."""
+    pointer instead (the box would be 32 rows): the same results as pointer loads everywhere,
+    bit for bit, in the grid and the (unflattened: not `flatten_wins`' tile) persistent loop."""
     case = make_inputs(TAIL_COUNTS, 40, 48, torch.bfloat16, seed=8)
     outs = [grouped_gemm(case.a, case.w, case.counts, None, "silu", True, TAIL, persistent,
                          tma=tma) for tma in (False, True)]
     ref, bound = reference(case, "silu", True)
     for out in outs:
         assert_close_to(out, ref, bound, torch.bfloat16)
+    assert torch.equal(outs[0], outs[1])
 
 
 @needs_triton
@@ -374,7 +414,7 @@ FLAT_TILE = GemmConfig(128, 256, 16, 8, 8, 4)
     [130, 0, 7, 129, 1, 0, 0, 40, 3],  # 9 experts: rows past a block, empty and tiny experts
     [0] * 8 + [300],                    # one expert has every row: three row blocks
 ], ids=["spread", "one_expert"])
-def test_flattened_persistent_launch(poisoned_outputs, monkeypatch, counts):
+def test_flattened_persistent_launch(poisoned_outputs, monkeypatch, launches, counts):
     """persistent=None on rows read through a descriptor, 128 x 256 tiles, more than 8
     experts: `flatten_wins` picks the persistent launch whose tile and K loops are one
     flattened loop; its products are the grid's, bit for bit, and match float64."""
@@ -386,12 +426,32 @@ def test_flattened_persistent_launch(poisoned_outputs, monkeypatch, counts):
 
     monkeypatch.setattr(gg, "flatten_wins", spy)
     case = make_inputs(counts, 40, 264, torch.bfloat16, seed=3)  # N past a 256-wide tile
-    flat = grouped_gemm(case.a, case.w, case.counts, config=FLAT_TILE, persistent=None)
+    flat = grouped_gemm(case.a, case.w, case.counts, config=FLAT_TILE._replace(tail_m=64),
+                        persistent=None)
     assert picked == [True]
+    # flattened: no tail tile (its branch would stop the flattening), whatever the config asks
+    assert [(k["PERSISTENT"], k["FLATTEN"], k["TAIL_M"]) for k in launches] == [(True, True, 128)]
     grid = grouped_gemm(case.a, case.w, case.counts, config=FLAT_TILE, persistent=False)
+    assert (launches[1]["PERSISTENT"], launches[1]["FLATTEN"]) == (False, False)
     ref, bound = reference(case)
     assert_close_to(flat, ref, bound, torch.bfloat16)
     assert torch.equal(flat, grid)
+
+
+@needs_tma
+@pytest.mark.parametrize("num_experts,flattens", [(9, True), (8, False)])
+def test_persistent_flattens_only_where_flatten_wins(poisoned_outputs, launches, num_experts,
+                                                     flattens):
+    """persistent=True (the layer's loose-bound launch) flattens only where `flatten_wins`
+    does; elsewhere it loops unflattened and keeps the config's tail tiles."""
+    counts = ([150, 3, 0, 40, 7, 0, 1, 60, 2] * 2)[:num_experts]
+    case = make_inputs(counts, 32, 40, torch.bfloat16, seed=4)
+    cfg = FLAT_TILE._replace(tail_m=64)
+    out = grouped_gemm(case.a, case.w, case.counts, config=cfg, persistent=True, tma=True)
+    ref, bound = reference(case)
+    assert_close_to(out, ref, bound, torch.bfloat16)
+    assert [(k["FLATTEN"], k["TAIL_M"]) for k in launches] == \
+        [(flattens, 128 if flattens else 64)]
 
 
 @pytest.mark.parametrize("tile,by_descriptor,experts,budget,wins", [
@@ -399,7 +459,7 @@ def test_flattened_persistent_launch(poisoned_outputs, monkeypatch, counts):
     (GemmConfig(128, 256, 64, 8, 8, 4), True, 8, None, False),     # Mixtral's: no gain
     (GemmConfig(128, 256, 64, 8, 8, 4), False, 128, None, False),  # gathered rows: slower
     (GemmConfig(128, 128, 64, 8, 8, 4), True, 128, None, False),   # another tile: slower
-    (GemmConfig(128, 256, 64, 8, 8, 4), True, 128, 92 * 1024, False),  # 229 KiB will not fit
+    (GemmConfig(128, 256, 64, 8, 8, 4), True, 128, 92 * 1024, False),  # 224 KiB will not fit
 ])
 def test_flatten_wins(tile, by_descriptor, experts, budget, wins):
     assert gg_configs.flatten_wins(tile, by_descriptor, experts, budget) is wins
@@ -694,7 +754,8 @@ def test_gemm_config_few_experts(rows_per_expert, num_experts, gated, expected):
     (256, True, 64),   # Qwen3 at 4096 tokens, Mixtral at 1024 (probe_tail, stop 16)
     (384, True, 64),
     (385, True, 0),    # 512 and more: the branch cost the full tiles more than it saved
-    (256, False, 0),   # the down projection: 128 x 256 tiles, no tail (flattened instead)
+    (256, False, 0),   # the down projection: 128 x 256 tiles, no tail (flattened where many
+    #                    experts; for few the tail's gain was within noise)
 ])
 def test_gemm_config_tail_tiles(rows_per_expert, gated, tail_m):
     for num_experts in (8, 128):
@@ -785,41 +846,50 @@ def test_gemm_config_fitting_order():
 # --------------------------------------------------------------------------------------------
 
 @needs_triton
-def test_counts_past_p_write_nothing_outside():
-    # counts sum to 40 for 30 output rows: rows past 30 are cut; the first 30 are right
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+@pytest.mark.parametrize("config", [SMALL, TAIL], ids=["small", "tail"])
+@pytest.mark.parametrize("counts,P", [
+    ([10, 7, 23], 30),  # the last expert's rows cut at P (with TAIL: a full tile, cut)
+    ([20, 12, 0], 25),  # with TAIL: the second expert's tail tile (rows 20-31) cut at 25
+], ids=["last_cut", "tail_cut"])
+def test_counts_past_p_write_nothing_outside(counts, P, config, persistent):
+    # counts sum past the P output rows: rows past P are cut; the first P are right
     case = make_inputs([10, 7, 13], 32, 32, torch.float32, gather=True, seed=5)
-    P = 30
     rows = case.a_rows[:P].contiguous()
-    big = torch.tensor([10, 7, 23], device=case.a.device)
-    out = grouped_gemm(case.a, case.w, big, rows, "silu", True, SMALL)
+    big = torch.tensor(counts, device=case.a.device)
+    out = grouped_gemm(case.a, case.w, big, rows, "silu", True, config, persistent)
     assert out.shape == (P, 16)
     a64, w64 = case.a.double(), case.w.double()
+    ends = [min(int(e), P) for e in torch.tensor(counts).cumsum(0)]
     parts = []
-    for i, (lo, hi) in enumerate([(0, 10), (10, 17), (17, P)]):
+    for i, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)):
         h = a64[rows[lo:hi]] @ w64[i].t()
         parts.append(F.silu(h[:, :16]) * h[:, 16:])
     torch.testing.assert_close(out.double(), torch.cat(parts), rtol=1e-5, atol=1e-5)
 
 
 @needs_triton
-def test_negative_count_counts_as_zero():
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+@pytest.mark.parametrize("config", [SMALL, TAIL], ids=["small", "tail"])
+def test_negative_count_counts_as_zero(config, persistent):
     a = torch.randn(12, 32, device=DEVICE)
     w = torch.randn(3, 16, 32, device=DEVICE)
-    counts = torch.tensor([-5, 12, 0], device=DEVICE)
-    out = grouped_gemm(a, w, counts, config=SMALL)
+    counts = torch.tensor([-5, 12, 0], device=DEVICE)  # with TAIL: 12 rows in a tail tile
+    out = grouped_gemm(a, w, counts, config=config, persistent=persistent)
     torch.testing.assert_close(out.double(), a.double() @ w[1].double().t(), rtol=1e-5, atol=1e-5)
 
 
 @needs_tma
+@pytest.mark.parametrize("config", [SMALL, TAIL], ids=["small", "tail"])
 @pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
 @pytest.mark.parametrize("counts", [[10, 7, 23], [-5, 30, 0], [0, 0, 45]],
                          ids=["sum_past_p", "negative", "one_past_p"])
-def test_tma_bad_counts_like_pointers(counts, gather):
+def test_tma_bad_counts_like_pointers(counts, gather, config):
     """Counts that break the invariants (device data, never checked): the descriptor loads,
     whose tiles run past a's 30 rows where the pointer loads mask, give the same output."""
     case = make_inputs([10, 7, 13], 32, 32, torch.bfloat16, gather=gather, seed=6)
     bad = torch.tensor(counts, device=DEVICE)
-    outs = [grouped_gemm(case.a, case.w, bad, case.a_rows, "silu", True, SMALL, tma=tma)
+    outs = [grouped_gemm(case.a, case.w, bad, case.a_rows, "silu", True, config, tma=tma)
             for tma in (False, True)]
     assert outs[0].shape == (30, 16)
     assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])

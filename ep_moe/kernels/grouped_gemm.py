@@ -262,9 +262,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
         persistent: one program per SM, each looping over the tiles of the real row blocks
             (counted on the device). For a P far above the counts' sum (a buffer sized by a
             bound), where the grid sized by P would be mostly programs that exit at once,
-            each still holding its SM's shared memory while it starts. Where a's rows come in
-            through a descriptor, the tile loop and the K loop are flattened into one
-            pipelined loop. None: persistent where `flatten_wins` says that beats the grid.
+            each still holding its SM's shared memory while it starts. Where `flatten_wins`
+            says so, the tile loop and the K loop are flattened into one pipelined loop (and
+            the config's `tail_m` is not used: a branch would stop the flattening). None:
+            persistent where `flatten_wins` says so, else the grid.
         tma: load the weight tiles (and a's, when rows are not gathered) through tensor
             descriptors (Hopper's TMA) instead of per-thread pointers. None: for 128-row
             tiles wherever `tma_ok` allows it (launch/probe_tma.py, H100: 3-16% faster GEMMs
@@ -333,9 +334,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
                          f"gathered); got {a.dtype} on {a.device}, a strides {a.stride()}, "
                          f"w strides {w.stride()}")
     tma_a = tma and not gathered
+    if persistent is not None and not isinstance(persistent, bool):
+        raise TypeError(f"persistent must be True, False or None, got {persistent!r}")
+    flatten = flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
     if persistent is None:
-        persistent = flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
-    flatten = persistent and tma_a
+        persistent = flatten
+    flatten = flatten and persistent
     a_arg, w_arg = a, w
     if tma:
         w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
