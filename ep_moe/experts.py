@@ -170,11 +170,11 @@ class Experts(nn.Module):
             # by P is mostly programs with nothing to do, and with 128-row tiles each holds an
             # SM's shared memory alone while it starts and exits (H100, Qwen3 at W = 4, 8192
             # tokens: both GEMMs 1324 -> 1234 us; on exact buffers the grid is faster, but
-            # for `flatten_wins`' down projection). Not
-            # beside a pipeline's exchanges: a persistent program holds its SM for the whole
-            # GEMM, so an exchange that starts meanwhile finds none free, while the grid's
-            # short programs free theirs as they finish (4x H200, Qwen3 in 3 chunks, CUDA
-            # graph: persistent 2.12-2.14 ms, grid 1.87-1.90; launch/NOTES.md, stop 13)
+            # for `flatten_wins`' down projection). Not beside a pipeline's exchanges: a
+            # persistent program holds its SM for the whole GEMM, so an exchange that starts
+            # meanwhile finds none free, while the grid's short programs free theirs as they
+            # finish (4x H200, Qwen3 in 3 chunks, CUDA graph: persistent 2.12-2.14 ms, grid
+            # 1.87-1.90; launch/NOTES.md, stop 13)
             loose = source_rows.shape[0] > 2 * rows_per_expert * self.num_local_experts
             if loose and not overlapped:
                 persistent = [t.block_m >= 128 or None for t in tiles]

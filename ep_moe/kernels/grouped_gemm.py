@@ -319,6 +319,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
                          f"{tuple(w.shape)}")
     if config is not None:
         _check_config(config)
+    if persistent is not None and not isinstance(persistent, bool):
+        raise TypeError(f"persistent must be True, False or None, got {persistent!r}")
     if not _use_triton(a):
         raise RuntimeError("grouped_gemm runs through Triton: needs a CUDA tensor, or a CPU "
                            "tensor with TRITON_INTERPRET=1")
@@ -334,12 +336,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
                          f"gathered); got {a.dtype} on {a.device}, a strides {a.stride()}, "
                          f"w strides {w.stride()}")
     tma_a = tma and not gathered
-    if persistent is not None and not isinstance(persistent, bool):
-        raise TypeError(f"persistent must be True, False or None, got {persistent!r}")
-    flatten = flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
-    if persistent is None:
-        persistent = flatten
-    flatten = flatten and persistent
+    wins = flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
+    persistent = wins if persistent is None else persistent
+    flatten = wins and persistent
     a_arg, w_arg = a, w
     if tma:
         w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
