@@ -18,6 +18,8 @@
 #            launch or a persistent one leaving 16 SMs free) against this checkout
 #   channels: Qwen3 fixed, in 3 chunks, in 3 chunks with NCCL at high priority, under
 #             NCCL_MAX_P2P_NCHANNELS 16 and 8, and in 3 chunks again
+#   final17: Qwen3 fixed in 3 chunks and in 1 (the flattened down projection runs there),
+#            Mixtral exact (8192)
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -99,6 +101,11 @@ for set in ${SET:-qwen3}; do
         examples/hf_expert_parallel.py --block deepseek_v3 2>&1 | grep "^rank" \
         | tee "$OUT/hf_example.log"
       pack ;;
+    final17)  # stop 16's code: the targets' configs, and one chunk, where the persistent
+      # flattened down projection runs (the pipeline's chunks keep the grid)
+      harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
+      harness mixtral_exact --preset mixtral --tokens 8192 ;;
     final11)  # stop 11's code: Qwen3 fixed in 1 and 3 chunks, decode, Mixtral exact
       harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
       harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
