@@ -61,8 +61,10 @@ class MoEConfig:
     activation: Activation = "silu"
     gated: bool = True  # act(x w1) * (x w3) when True, act(x w1) when False
     # auto: Triton grouped GEMMs (gather and activation fused) for forwards that need no
-    # gradient, torch's grouped GEMM otherwise; grouped_mm: always torch's; loop: one GEMM per
-    # expert (debugging, old torch)
+    # gradient, torch's grouped GEMM otherwise, or one cuBLAS GEMM per expert for large
+    # experts where the exchange brought the row counts to the host (`Experts.loop_wins`);
+    # grouped_mm: always torch's; loop: one GEMM per expert (a host sync where no exchange
+    # read the counts)
     expert_impl: ExpertImpl = "auto"
     # when a rank computes at most this many rows and the forward needs gradients (the Triton
     # inference path takes precedence otherwise), run every local expert on every row with

@@ -8,7 +8,7 @@ Weights follow the Hugging Face transformers v5 layout:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,15 @@ FUSED_MAX_ROWS_PER_EXPERT = 256
 FUSED_MAX_ROWS_PER_EXPERT_SMALL_I = 1024
 SMALL_I = 1024
 
+# Where the row counts are on the host anyway (the exact exchanges read them with their split
+# sizes), one cuBLAS product per expert beats torch's grouped GEMM on large experts: Mixtral's
+# shape (I = 14336), gate/up and down (launch/probe_loop.py): H100 1024 rows an expert -1% /
+# -16%, 4096 rows -8% / +3.5%; H200 2048 rows -4% / -9%, 8192 rows (a rank's at W = 4) -6% /
+# -4%. For Qwen3's 128 small experts the loop is 2-4x slower. Taken from LOOP_MIN_I (a round
+# bound under the one shape measured) and LOOP_MIN_ROWS_PER_EXPERT rows an expert (mean).
+LOOP_MIN_I = 8192
+LOOP_MIN_ROWS_PER_EXPERT = 1024
+
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -68,6 +77,51 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 
 
+def _products(a: torch.Tensor, b: torch.Tensor, counts: Sequence[int], out: torch.Tensor,
+              transpose_b: bool) -> None:
+    """out[rows of e] = a[rows of e] @ (b[e].T if transpose_b else b[e]), rows in blocks of
+    counts[e]; out's rows past sum(counts) are zeroed."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            w = b[e].t() if transpose_b else b[e]
+            torch.mm(a[start:start + n], w, out=out[start:start + n])
+        start += n
+    out[start:].zero_()
+
+
+class _PerExpertLinear(torch.autograd.Function):
+    """y = x @ w[e].T on each expert e's block of rows: one dense product per expert, the
+    counts on the host. Backward writes each expert's weight gradient into its slice of one
+    (e, N, K) buffer (a `w[e]` select in autograd would send back a full-size zero gradient
+    per expert instead)."""
+
+    @staticmethod
+    def forward(ctx, x, w, counts):
+        ctx.save_for_backward(x, w)
+        ctx.counts = counts
+        out = x.new_empty(x.shape[0], w.shape[1])
+        _products(x, w, counts, out, transpose_b=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            _products(grad, w, ctx.counts, grad_x, transpose_b=False)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(w) if 0 in ctx.counts else torch.empty_like(w)
+            start = 0
+            for e, n in enumerate(ctx.counts):
+                if n:
+                    torch.mm(grad[start:start + n].t(), x[start:start + n], out=grad_w[e])
+                start += n
+        return grad_x, grad_w, None
+
+
 class Experts(nn.Module):
     """`num_local_experts` SwiGLU (or GELU-gated, or plain) MLPs applied to sorted rows."""
 
@@ -86,7 +140,8 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=self.config.init_std)
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor,
-                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                offsets: Optional[torch.Tensor] = None,
+                counts: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Run each local expert on its rows.
 
         Args:
@@ -95,6 +150,8 @@ class Experts(nn.Module):
                 the rows past the sum are computed by nobody, and their outputs are garbage).
             offsets: optional (e,) int32 running sum of num_tokens_per_expert (the expert sort
                 writes it; one op fewer here).
+            counts: optional host copy of num_tokens_per_expert (e ints), where the caller has
+                it without a sync: then large experts (`loop_wins`) run one dense product each.
 
         Returns:
             (P, D) expert outputs, same order and dtype as x.
@@ -105,14 +162,31 @@ class Experts(nn.Module):
             h = activate(F.linear(x, self.gate_up_proj[0]), cfg.activation, cfg.gated)
             return F.linear(h, self.down_proj[0])
         w13, w2 = self.gate_up_proj, self.down_proj
-        if cfg.expert_impl != "loop" and grouped_mm_supported(x, w13, w2):
+        if counts is not None and (len(counts) != self.num_local_experts or
+                                   min(counts) < 0 or sum(counts) > x.shape[0]):
+            raise ValueError(f"counts must hold {self.num_local_experts} ints >= 0 (one per "
+                             f"local expert) summing to at most x's {x.shape[0]} rows, got "
+                             f"{tuple(counts)}")
+        loop = cfg.expert_impl == "loop" or (cfg.expert_impl == "auto" and counts is not None
+                                             and self.loop_wins(sum(counts)))
+        if not loop and grouped_mm_supported(x, w13, w2):
             offs = offsets if offsets is not None else \
                 torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)
             h = _grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # (P, 2I)
             # rows past offs[-1] (P a bound: a fixed-size exchange) hold no group's output
             h = activate(h, cfg.activation, cfg.gated, offs[-1:])
             return _grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # (P, D)
-        return self._loop(x, num_tokens_per_expert)
+        if counts is None:
+            # host sync: the per-expert products need the row counts on the CPU
+            counts = tuple(num_tokens_per_expert.tolist())
+        h = activate(_PerExpertLinear.apply(x, w13, counts), cfg.activation, cfg.gated)
+        return _PerExpertLinear.apply(h, w2, counts)  # rows past sum(counts): zeros
+
+    def loop_wins(self, num_pairs: int) -> bool:
+        """Whether one dense product per expert beats torch's grouped GEMM for `num_pairs`
+        routed rows, the counts being on the host (see LOOP_MIN_I)."""
+        return self.config.intermediate_size >= LOOP_MIN_I and \
+            num_pairs >= LOOP_MIN_ROWS_PER_EXPERT * self.num_local_experts
 
     def fused_forward_supported(self, x: torch.Tensor, num_pairs: int,
                                 exact: bool = True) -> bool:
@@ -196,20 +270,6 @@ class Experts(nn.Module):
         h = torch.matmul(x, self.gate_up_proj.transpose(-2, -1))  # (e, R, 2I)
         h = activate(h, cfg.activation, cfg.gated)
         return torch.matmul(h, self.down_proj.transpose(-2, -1))  # (e, R, D)
-
-    def _loop(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        # host sync: the per-expert loop needs the row counts on the CPU
-        counts = num_tokens_per_expert.tolist()
-        real = sum(counts)  # x may be sized by a bound (fixed-size exchange): rows past it unused
-        outs = []
-        for e, rows in enumerate(x[:real].split(counts)):
-            if rows.shape[0] == 0:
-                continue
-            h = activate(F.linear(rows, self.gate_up_proj[e]), cfg.activation, cfg.gated)
-            outs.append(F.linear(h, self.down_proj[e]))
-        return torch.cat(outs + [x.new_zeros(x.shape[0] - real, x.shape[1])]) if outs else \
-            x.new_zeros(x.shape)
 
 
 class SharedExperts(nn.Module):

@@ -167,7 +167,8 @@ class MoE(nn.Module):
             # P a bound: gather only the sort's real pairs (its total, on the device)
             count = None if sent.pairs_exact else order.offsets[-1:]
             rows = expand_rows(sent.x, order.source_rows, order.row_index, count)  # (P, D)
-            out_rows = self.experts(rows, order.num_tokens_per_expert, order.offsets)  # (P, D)
+            out_rows = self.experts(rows, order.num_tokens_per_expert, order.offsets,
+                                    sent.pairs_per_expert)  # (P, D)
         # the combine doubles as the un-permute: reads each row once, writes (R, D)
         return fused_mul_sum_rows(out_rows, sent.topk_weights, order.row_index)
 

@@ -20,6 +20,9 @@
 #             NCCL_MAX_P2P_NCHANNELS 16 and 8, and in 3 chunks again
 #   final17: Qwen3 fixed in 3 chunks and in 1 (the flattened down projection runs there),
 #            Mixtral exact (8192)
+#   loop17: Mixtral exact (8192) with one cuBLAS product per expert (this checkout) and with
+#           torch's grouped GEMM (.var/grouped: the package before it), in turn, twice; then
+#           the same once at W = 2
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -27,13 +30,13 @@ pack() { tar czf "$FINAL/results${TAG:-}.tgz" -C "$OUT" .; }
 harness() {  # harness NAME ARGS...: one run at W = n, its table printed, its JSON kept
   local name=$1; shift
   timeout "${HARNESS_TIMEOUT:-150}" python3 -m torch.distributed.run --standalone \
-    --nproc-per-node "$n" launch/harness.py --json "$name.json" "$@" 2>&1 \
+    --nproc-per-node "${NPROC:-$n}" launch/harness.py --json "$name.json" "$@" 2>&1 \
     | grep -v -i "warn" | tee "$OUT/$name.log" | grep "^| \|check\|Error\|error" | grep -v "^|---"
   pack
 }
 nvidia-smi -L > "$OUT/gpus.txt"
 if [ -n "${TEST_FILES:-}" ]; then
-  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -x -m "not distributed" \
+  CUDA_VISIBLE_DEVICES=0 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -m "not distributed" \
     $TEST_FILES > "$OUT/pytest_gpu.log" 2>&1
   tail -3 "$OUT/pytest_gpu.log"
   pack
@@ -106,6 +109,15 @@ for set in ${SET:-qwen3}; do
       harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
       harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
       harness mixtral_exact --preset mixtral --tokens 8192 ;;
+    loop17)  # the exact exchange's host counts: per-expert products against grouped GEMMs
+      for r in 1 2; do
+        harness mixtral_exact_loop_r$r --preset mixtral --tokens 8192
+        PYTHONPATH="$PWD/.var/grouped:$PYTHONPATH" harness mixtral_exact_grouped_r$r \
+          --preset mixtral --tokens 8192
+      done
+      NPROC=2 harness mixtral_exact_loop_W2 --preset mixtral --tokens 8192
+      NPROC=2 PYTHONPATH="$PWD/.var/grouped:$PYTHONPATH" harness mixtral_exact_grouped_W2 \
+        --preset mixtral --tokens 8192 ;;
     final11)  # stop 11's code: Qwen3 fixed in 1 and 3 chunks, decode, Mixtral exact
       harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
       harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph

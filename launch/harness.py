@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (copy_ceiling_gbs, graph_time_us, markdown_table, out_dir, sync,  # noqa: E402
                     time_fwd_and_fwd_bwd, time_ms, write_json)
 
+import ep_moe  # noqa: E402
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.distributed import group_rank_and_size, init_distributed  # noqa: E402
 from ep_moe.kernels.dispatch_layout import packed_row  # noqa: E402
@@ -362,9 +363,11 @@ def main():
     backend = dist.get_backend(group) if group is not None else "none"
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     log(rank, f"# ep_moe harness: W={W} backend={backend} device={name} "
-              f"preset={args.preset} T/rank={args.tokens} dtype={dtype}")
+              f"preset={args.preset} T/rank={args.tokens} dtype={dtype} "
+              f"package={os.path.dirname(ep_moe.__file__)}")
     report = {"W": W, "backend": backend, "device": name, "preset": args.preset,
-              "torch": torch.__version__, "checks": {}, "runs": []}
+              "torch": torch.__version__, "package": os.path.dirname(ep_moe.__file__),
+              "checks": {}, "runs": []}
     cap = args.tokens if args.fixed else None
 
     def config(kind):

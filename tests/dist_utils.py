@@ -319,6 +319,40 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
     return fails
 
 
+def _check_host_counts(layer, x) -> list[str]:
+    """Exact exchanges: the experts get each local expert's pair count on the host from the
+    exchange (the split sizes' read), equal to the sort's device counts, and read nothing
+    back themselves (with expert_impl="loop", which needs the counts, too)."""
+    forward, seen, fails = layer.experts.forward, [], []
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "cpu")}
+
+    def host_read(*args, **kwargs):
+        raise _HostRead("a tensor was read back to the host")
+
+    def recording(x, num_tokens_per_expert, offsets=None, counts=None):
+        seen.append((saved["tolist"](num_tokens_per_expert), counts))
+        for name in saved:
+            setattr(torch.Tensor, name, host_read)
+        try:
+            return forward(x, num_tokens_per_expert, offsets, counts)
+        finally:
+            for name, fn in saved.items():
+                setattr(torch.Tensor, name, fn)
+
+    layer.experts.forward = recording
+    try:
+        layer(x).sum().backward()
+    except _HostRead:
+        fails.append(f"the experts read a tensor back to the host:\n{traceback.format_exc()}")
+    finally:
+        del layer.experts.forward  # the method again
+        layer.zero_grad(set_to_none=True)
+    for device_counts, counts in seen:
+        if counts is None or list(counts) != device_counts:
+            fails.append(f"experts got host counts {counts}, the sort counted {device_counts}")
+    return fails
+
+
 def check_match(case: Case, group, seed: int) -> list[str]:
     """Sharded layer vs single-process layer on every rank's tokens at once."""
     rank, W = dist.get_rank(group), dist.get_world_size(group)
@@ -365,6 +399,8 @@ def check_match(case: Case, group, seed: int) -> list[str]:
     fails += _compare("no-grad output vs training forward", y_inf, y.detach(), dtype)
     if cfg.max_tokens_per_rank is not None:
         fails += _check_fixed_exchange(sharded, x_all[rows], y_inf, W)
+    else:
+        fails += _check_host_counts(sharded, x_all[rows].detach().requires_grad_())
 
     # frozen experts (training adapters elsewhere): gradients reach the tokens and the router
     # through both exchanges with no expert-weight gradient in the graph

@@ -99,6 +99,10 @@ CASES = {
              config=dict(top_k=2, max_tokens_per_rank=8, expert_impl="grouped_mm")),
         Case("fixed_loop_a2a", tokens=(5, 7),  # the per-expert loop over a bound-sized buffer
              config=dict(top_k=2, max_tokens_per_rank=8, expert_impl="loop")),
+        # the per-expert loop on the exact exchanges: the counts come with the split sizes
+        Case("loop_a2a", tokens=(5, 7), config=dict(top_k=2, expert_impl="loop")),
+        Case("loop_allgather_rank0_empty", tokens=(0, 6),
+             config=dict(top_k=3, dispatcher=AG, expert_impl="loop")),
         Case("fixed_one_rank_over_capacity", kind="one_over_capacity",
              config=dict(max_tokens_per_rank=3)),
     ],
@@ -117,6 +121,12 @@ CASES = {
         Case("K8_rr_a2a_rank1_empty", tokens=(9, 0, 5), config=dict(top_k=8, placement=RR)),
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=2, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
+        # 2, 2 and 1 experts: rank 2's count message has a padding column
+        Case("E5_K3_loop_a2a", tokens=(4, 7, 2),
+             config=dict(num_experts=5, top_k=3, expert_impl="loop")),
+        Case("E5_K2_rr_loop_allgather", tokens=(3, 0, 6),
+             config=dict(num_experts=5, top_k=2, placement=RR, dispatcher=AG,
+                         expert_impl="loop")),
         Case("fixed_K8_rr_a2a_rank1_empty", tokens=(9, 0, 5),
              config=dict(top_k=8, placement=RR, max_tokens_per_rank=9)),
         Case("fixed_E7_K3_allgather", tokens=(4, 2, 0),

@@ -61,13 +61,15 @@ class Dispatched:
     """Rows this rank computes: x (R, D), topk_ids (R, K) global ids (-1: padding row),
     topk_weights (R, K) fp32, and the handle `combine` needs. pairs_exact: whether
     `handle.num_local_pairs` is the count of local pairs, or (a fixed-size exchange, which
-    reads nothing back) a bound on it."""
+    reads nothing back) a bound on it. pairs_per_expert: the local pairs of each local expert,
+    on the host where the exchange read them anyway (the exact exchanges), else None."""
 
     x: torch.Tensor
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     handle: Handle
     pairs_exact: bool = True
+    pairs_per_expert: Optional[tuple[int, ...]] = None
 
 
 def _wait(work: Optional[dist.Work]) -> None:
@@ -84,14 +86,15 @@ class _InFlight:
     recv_x: torch.Tensor
     recv_routing: torch.Tensor
     handle: AllToAllHandle
-    pairs_exact: bool
+    pairs_per_expert: Optional[tuple[int, ...]]
     work: Optional[dist.Work]
 
     def wait(self) -> Dispatched:
         _wait(self.work)
         K = self.recv_routing.shape[1] // 2
         recv_ids, recv_weights = _unpack_routing(self.recv_routing, K)
-        return Dispatched(self.recv_x, recv_ids, recv_weights, self.handle, self.pairs_exact)
+        return Dispatched(self.recv_x, recv_ids, recv_weights, self.handle,
+                          self.pairs_per_expert is not None, self.pairs_per_expert)
 
 
 def check_capacity(T: int, capacity: int) -> None:
@@ -239,10 +242,15 @@ class AllToAllDispatcher(_Dispatcher):
             input_splits = tuple(row[META_COPIES] for row in sent)
             output_splits = tuple(row[META_COPIES] for row in received)
             send = send[:sum(input_splits)]
-            num_local_pairs = sum(sum(row[META_PAIRS:]) for row in received)
+            # the columns past this rank's experts are padding
+            local = len(self.placement.local_experts[dist.get_rank(self.group)])
+            pairs_per_expert = tuple(map(sum, zip(*(row[META_PAIRS:] for row in received))))[
+                :local]
+            num_local_pairs = sum(pairs_per_expert)
         else:  # fixed-size: C rows each way, known on the host
             input_splits = output_splits = (C,) * self.world_size
             num_local_pairs = _pairs_bound(C * self.world_size, K)
+            pairs_per_expert = None
         splits = (output_splits, input_splits)
         work = None
         if needs_grad(x, topk_weights):
@@ -253,7 +261,7 @@ class AllToAllDispatcher(_Dispatcher):
                                                               self.group)
         handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
                                 output_splits)
-        return _InFlight(recv_x, recv_routing, handle, C is None, work)
+        return _InFlight(recv_x, recv_routing, handle, pairs_per_expert, work)
 
     def _start_return(self, partial, handle: AllToAllHandle):
         """The partials' exchange home: (rows, work to wait for); work None: done."""
@@ -290,6 +298,7 @@ class AllGatherDispatcher(_Dispatcher):
             check_capacity(T, C)
             tokens_per_rank = (C,) * self.world_size
             num_local_pairs = _pairs_bound(C * self.world_size, K)
+            pairs_per_expert = None
         else:
             counts = torch.cat([torch.tensor([T], device=x.device),
                                 count_ids(topk_ids, E)])
@@ -299,7 +308,9 @@ class AllGatherDispatcher(_Dispatcher):
             # host sync: token counts for the uneven all-gather, local pair count for the sort
             all_counts = all_counts.cpu()
             tokens_per_rank = tuple(all_counts[:, 0].tolist())
-            num_local_pairs = int(all_counts[:, [1 + g for g in self.local_experts]].sum())
+            pairs_per_expert = tuple(all_counts[:, [1 + g for g in self.local_experts]]
+                                     .sum(0).tolist())
+            num_local_pairs = sum(pairs_per_expert)
         pad = max(tokens_per_rank) - T
         routing = _pack_routing(topk_ids, topk_weights)
         routing = torch.cat([routing, routing.new_full((pad, 2 * K), -1.0)])  # id -1: no slot
@@ -307,7 +318,7 @@ class AllGatherDispatcher(_Dispatcher):
         recv_x = _AllGather.apply(x, self.group)
         recv_ids, recv_weights = _unpack_routing(_AllGather.apply(routing, self.group), K)
         handle = AllGatherHandle(T, num_local_pairs, tokens_per_rank)
-        return Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=C is None)
+        return Dispatched(recv_x, recv_ids, recv_weights, handle, C is None, pairs_per_expert)
 
     def combine(self, partial, handle: AllGatherHandle) -> torch.Tensor:
         return _ReduceScatter.apply(partial, self.group)[:handle.num_tokens].to(partial.dtype)

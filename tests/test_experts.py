@@ -1,0 +1,129 @@
+"""`Experts` with the row counts on the host: one dense product per expert (`_PerExpertLinear`),
+against a float64 loop over the rows, forward and backward; the rule that picks it
+(`Experts.loop_wins`) and the checks on `counts`.
+
+Shapes: P sorted rows, D hidden, I per-expert intermediate size, e local experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ep_moe import MoEConfig
+from ep_moe import experts as experts_module
+from ep_moe.experts import Experts, _PerExpertLinear
+
+D, I = 12, 20
+
+
+def make_experts(num_local=4, dtype=torch.float64, **changes) -> Experts:
+    cfg = MoEConfig.tiny(hidden_size=D, intermediate_size=I, num_experts=8, **changes)
+    torch.manual_seed(0)
+    experts = Experts(cfg, num_local).to(dtype)
+    experts.reset_parameters()
+    return experts
+
+
+def reference(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, counts) -> torch.Tensor:
+    """Row by row in float64: row r of expert e's block is SwiGLU(x_r) through expert e's
+    weights; rows past sum(counts) are zeros."""
+    out = torch.zeros(x.shape[0], D, dtype=torch.float64)
+    expert_of_row = [e for e, n in enumerate(counts) for _ in range(n)]
+    for r, e in enumerate(expert_of_row):
+        gate, up = (w13[e] @ x[r]).chunk(2)
+        out[r] = w2[e] @ (F.silu(gate) * up)
+    return out
+
+
+def weights(experts: Experts):
+    return experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
+
+
+# counts chosen for: an empty expert in the middle and at both ends; rows past the sum (a
+# buffer sized by a bound); every row on one expert; one row each
+COUNTS = [(3, 0, 5, 2), (0, 4, 4, 0), (2, 1, 0, 3), (0, 0, 9, 0), (1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("extra_rows", [0, 3])
+def test_products_match_reference(counts, extra_rows):
+    experts = make_experts(expert_impl="loop")
+    P = sum(counts) + extra_rows
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(P, D, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(P, D, generator=g, dtype=torch.float64)
+    device_counts = torch.tensor(counts)
+    y = experts(x, device_counts, counts=counts)
+    y.backward(grad_y)
+
+    x_ref = x.detach().clone().requires_grad_()
+    params = [w.clone().requires_grad_() for w in weights(experts)]
+    y_ref = reference(*params, x_ref, counts)
+    y_ref.backward(grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    for p, ref in zip(experts.parameters(), params):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-12, atol=1e-12)
+    assert not y[sum(counts):].any() and not x.grad[sum(counts):].any()
+    for e, n in enumerate(counts):  # an expert with no rows gets an exact zero gradient
+        if n == 0:
+            assert not experts.gate_up_proj.grad[e].any() and not experts.down_proj.grad[e].any()
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    for counts in [(2, 0, 4), (0, 7, 0)]:  # the last: no row past the sum; the first: one
+        assert torch.autograd.gradcheck(lambda a, b: _PerExpertLinear.apply(a, b, counts),
+                                        (x, w))
+
+
+def test_host_counts_decide_without_a_sync(monkeypatch):
+    """With counts given and the loop chosen, the device counts are not read: here they are
+    wrong on purpose, and the output follows the host counts."""
+    monkeypatch.setattr(experts_module, "LOOP_MIN_I", 0)
+    monkeypatch.setattr(experts_module, "LOOP_MIN_ROWS_PER_EXPERT", 0)
+    experts = make_experts()  # expert_impl="auto"
+    counts = (2, 3, 0, 4)
+    x = torch.randn(9, D, dtype=torch.float64)
+    assert experts.loop_wins(sum(counts))
+    y = experts(x, torch.tensor([9, 0, 0, 0]), counts=counts)
+    torch.testing.assert_close(y, reference(*weights(experts), x, counts), rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_and_loop_agree_on_the_layer_dtype():
+    """auto with counts but a small I: torch's grouped GEMM (fp32 on CPU); the loop on the
+    same rows gives the same result."""
+    experts = make_experts(dtype=torch.float32)
+    counts = (5, 0, 3, 6)
+    x = torch.randn(16, D)
+    assert not experts.loop_wins(sum(counts))
+    grouped = experts(x, torch.tensor(counts), counts=counts)
+    experts.config = MoEConfig.tiny(hidden_size=D, intermediate_size=I, num_experts=8,
+                                    expert_impl="loop")
+    loop = experts(x, torch.tensor(counts), counts=counts)
+    torch.testing.assert_close(loop[:14], grouped[:14], rtol=1e-5, atol=1e-5)
+    assert not loop[14:].any()
+
+
+@pytest.mark.parametrize("preset, local, rows, expected", [
+    ("mixtral_8x7b", 2, 8192, True),  # a rank's two experts at W = 4, 8192 tokens per rank
+    ("mixtral_8x7b", 8, 1024, True),  # one GPU, 4096 tokens
+    ("mixtral_8x7b", 8, 512, False),  # below LOOP_MIN_ROWS_PER_EXPERT
+    ("qwen3_30b_a3b", 32, 2048, False),  # small experts: 2-4x slower as a loop
+])
+def test_loop_wins(preset, local, rows, expected):
+    with torch.device("meta"):  # no real weights: only the sizes matter
+        experts = Experts(getattr(MoEConfig, preset)(), local)
+    assert experts.loop_wins(local * rows) is expected
+
+
+@pytest.mark.parametrize("counts", [(1, 2, 3), (1, 2, 3, 4, 0), (3, -1, 2, 0), (5, 5, 5, 5)])
+def test_bad_counts(counts):
+    experts = make_experts()
+    with pytest.raises(ValueError, match="counts must hold 4 ints"):
+        experts(torch.randn(12, D, dtype=torch.float64), torch.zeros(4, dtype=torch.int64),
+                counts=counts)
