@@ -7,21 +7,24 @@ Shapes: P sorted rows, D hidden, I per-expert intermediate size, e local experts
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ep_moe import MoEConfig
 from ep_moe import experts as experts_module
-from ep_moe.experts import Experts, _PerExpertLinear
+from ep_moe.experts import Experts, _PerExpertLinear, grouped_mm_supported
 
 D, I = 12, 20
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_experts(num_local=4, dtype=torch.float64, **changes) -> Experts:
     cfg = MoEConfig.tiny(hidden_size=D, intermediate_size=I, num_experts=8, **changes)
     torch.manual_seed(0)
-    experts = Experts(cfg, num_local).to(dtype)
+    experts = Experts(cfg, num_local).to(DEVICE, dtype)
     experts.reset_parameters()
     return experts
 
@@ -29,7 +32,7 @@ def make_experts(num_local=4, dtype=torch.float64, **changes) -> Experts:
 def reference(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, counts) -> torch.Tensor:
     """Row by row in float64: row r of expert e's block is SwiGLU(x_r) through expert e's
     weights; rows past sum(counts) are zeros."""
-    out = torch.zeros(x.shape[0], D, dtype=torch.float64)
+    out = torch.zeros(x.shape[0], D, dtype=torch.float64, device=x.device)
     expert_of_row = [e for e, n in enumerate(counts) for _ in range(n)]
     for r, e in enumerate(expert_of_row):
         gate, up = (w13[e] @ x[r]).chunk(2)
@@ -52,9 +55,9 @@ def test_products_match_reference(counts, extra_rows):
     experts = make_experts(expert_impl="loop")
     P = sum(counts) + extra_rows
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(P, D, generator=g, dtype=torch.float64, requires_grad=True)
-    grad_y = torch.randn(P, D, generator=g, dtype=torch.float64)
-    device_counts = torch.tensor(counts)
+    x = torch.randn(P, D, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    grad_y = torch.randn(P, D, generator=g, dtype=torch.float64).to(DEVICE)
+    device_counts = torch.tensor(counts, device=DEVICE)
     y = experts(x, device_counts, counts=counts)
     y.backward(grad_y)
 
@@ -74,8 +77,8 @@ def test_products_match_reference(counts, extra_rows):
 
 def test_gradcheck():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    w = torch.randn(3, 4, 5, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
     for counts in [(2, 0, 4), (0, 7, 0)]:  # the last: no row past the sum; the first: one
         assert torch.autograd.gradcheck(lambda a, b: _PerExpertLinear.apply(a, b, counts),
                                         (x, w))
@@ -88,24 +91,30 @@ def test_host_counts_decide_without_a_sync(monkeypatch):
     monkeypatch.setattr(experts_module, "LOOP_MIN_ROWS_PER_EXPERT", 0)
     experts = make_experts()  # expert_impl="auto"
     counts = (2, 3, 0, 4)
-    x = torch.randn(9, D, dtype=torch.float64)
+    x = torch.randn(9, D, dtype=torch.float64, device=DEVICE)
     assert experts.loop_wins(sum(counts))
-    y = experts(x, torch.tensor([9, 0, 0, 0]), counts=counts)
+    y = experts(x, torch.tensor([9, 0, 0, 0], device=DEVICE), counts=counts)
     torch.testing.assert_close(y, reference(*weights(experts), x, counts), rtol=1e-12, atol=1e-12)
 
 
 def test_grouped_and_loop_agree_on_the_layer_dtype():
-    """auto with counts but a small I: torch's grouped GEMM (fp32 on CPU); the loop on the
-    same rows gives the same result."""
-    experts = make_experts(dtype=torch.float32)
+    """auto with counts but a small I: torch's grouped GEMM (fp32 on CPU, bf16 on CUDA); the
+    loop on the same rows gives the same result."""
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    D16, I16 = 16, 32  # grouped_mm wants 16-byte aligned rows
+    cfg = MoEConfig.tiny(hidden_size=D16, intermediate_size=I16, num_experts=8)
+    torch.manual_seed(0)
+    experts = Experts(cfg, 4).to(DEVICE, dtype)
+    experts.reset_parameters()
     counts = (5, 0, 3, 6)
-    x = torch.randn(16, D)
+    x = torch.randn(16, D16, device=DEVICE).to(dtype)
     assert not experts.loop_wins(sum(counts))
-    grouped = experts(x, torch.tensor(counts), counts=counts)
-    experts.config = MoEConfig.tiny(hidden_size=D, intermediate_size=I, num_experts=8,
-                                    expert_impl="loop")
-    loop = experts(x, torch.tensor(counts), counts=counts)
-    torch.testing.assert_close(loop[:14], grouped[:14], rtol=1e-5, atol=1e-5)
+    assert grouped_mm_supported(x, experts.gate_up_proj, experts.down_proj)
+    grouped = experts(x, torch.tensor(counts, device=DEVICE), counts=counts)
+    experts.config = dataclasses.replace(cfg, expert_impl="loop")
+    loop = experts(x, torch.tensor(counts, device=DEVICE), counts=counts)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loop[:14], grouped[:14], rtol=tol, atol=tol)
     assert not loop[14:].any()
 
 
@@ -125,5 +134,5 @@ def test_loop_wins(preset, local, rows, expected):
 def test_bad_counts(counts):
     experts = make_experts()
     with pytest.raises(ValueError, match="counts must hold 4 ints"):
-        experts(torch.randn(12, D, dtype=torch.float64), torch.zeros(4, dtype=torch.int64),
-                counts=counts)
+        experts(torch.randn(12, D, dtype=torch.float64, device=DEVICE),
+                torch.zeros(4, dtype=torch.int64, device=DEVICE), counts=counts)
