@@ -1,5 +1,6 @@
 """The single-GPU layer with one cuBLAS product per expert after a host sync, against torch's
-grouped GEMM with none (or, at few rows, the Triton GEMMs: `expert_impl="auto"`), eager (a sync cannot be captured in a CUDA graph), one GPU.
+grouped GEMM with none (or, at few rows, the Triton GEMMs: `expert_impl="auto"`), eager (a
+sync cannot be captured in a CUDA graph), one GPU.
 
     python launch/probe_hostloop.py [--presets mixtral] [--tokens 1024 4096 8192 16384]
 
