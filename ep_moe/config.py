@@ -61,7 +61,7 @@ class MoEConfig:
     activation: Activation = "silu"
     gated: bool = True  # act(x w1) * (x w3) when True, act(x w1) when False
     # auto: Triton grouped GEMMs (gather and activation fused) for forwards that need no
-    # gradient, torch's grouped GEMM otherwise, or one cuBLAS GEMM per expert for large
+    # gradient, torch's grouped GEMM otherwise, or one dense GEMM per expert for large
     # experts where the exchange brought the row counts to the host (`Experts.loop_wins`);
     # grouped_mm: always torch's; loop: one GEMM per expert (a host sync where no exchange
     # read the counts)

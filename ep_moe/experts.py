@@ -42,11 +42,12 @@ FUSED_MAX_ROWS_PER_EXPERT_SMALL_I = 1024
 SMALL_I = 1024
 
 # Where the row counts are on the host anyway (the exact exchanges read them with their split
-# sizes), one cuBLAS product per expert beats torch's grouped GEMM on large experts: Mixtral's
-# shape (I = 14336), gate/up and down (launch/probe_loop.py): H100 1024 rows an expert -1% /
-# -16%, 4096 rows -8% / +3.5%; H200 2048 rows -4% / -9%, 8192 rows (a rank's at W = 4) -6% /
-# -4%. For Qwen3's 128 small experts the loop is 2-4x slower. Taken from LOOP_MIN_I (a round
-# bound under the one shape measured) and LOOP_MIN_ROWS_PER_EXPERT rows an expert (mean).
+# sizes), one cuBLAS product per expert beats torch's grouped GEMM on large experts. The loop's
+# time against torch's, Mixtral's shape (I = 14336), gate/up / down (launch/probe_loop.py):
+# H100 1024 rows an expert -1% / -16%, 4096 rows -8% / +3.5%; H200 2048 rows -4% / -9%, 8192
+# rows (a rank's at W = 4) -6% / -4%. For Qwen3's 128 small experts the loop is 2-4x slower.
+# Chosen where I >= LOOP_MIN_I (a round bound under the one shape measured) and the mean rows
+# per expert >= LOOP_MIN_ROWS_PER_EXPERT.
 LOOP_MIN_I = 8192
 LOOP_MIN_ROWS_PER_EXPERT = 1024
 
@@ -99,12 +100,13 @@ class _PerExpertLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, counts):
         ctx.save_for_backward(x, w)
-        ctx.counts = counts
+        ctx.counts = tuple(counts)
         out = x.new_empty(x.shape[0], w.shape[1])
         _products(x, w, counts, out, transpose_b=True)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # products written with out=
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         grad = grad.contiguous()
@@ -151,24 +153,30 @@ class Experts(nn.Module):
             offsets: optional (e,) int32 running sum of num_tokens_per_expert (the expert sort
                 writes it; one op fewer here).
             counts: optional host copy of num_tokens_per_expert (e ints), where the caller has
-                it without a sync: then large experts (`loop_wins`) run one dense product each.
+                it without a sync (trusted: not compared with the device counts). Large experts
+                (`loop_wins`) then run one dense product each, and expert_impl="loop" takes no
+                sync; on the per-expert path the rows past sum(counts) come out zero.
 
         Returns:
             (P, D) expert outputs, same order and dtype as x.
         """
         cfg = self.config
+        if counts is not None and (
+                len(counts) != self.num_local_experts or
+                not all(isinstance(n, int) and n >= 0 for n in counts) or
+                sum(counts) > x.shape[0]):
+            raise ValueError(f"counts must hold {self.num_local_experts} ints >= 0 (one per "
+                             f"local expert) summing to at most x's {x.shape[0]} rows, got "
+                             f"{tuple(counts)}")
         if x.shape[0] == 0:
             # nothing routed here: an empty product still gives the weights a (zero) gradient
             h = activate(F.linear(x, self.gate_up_proj[0]), cfg.activation, cfg.gated)
             return F.linear(h, self.down_proj[0])
         w13, w2 = self.gate_up_proj, self.down_proj
-        if counts is not None and (len(counts) != self.num_local_experts or
-                                   min(counts) < 0 or sum(counts) > x.shape[0]):
-            raise ValueError(f"counts must hold {self.num_local_experts} ints >= 0 (one per "
-                             f"local expert) summing to at most x's {x.shape[0]} rows, got "
-                             f"{tuple(counts)}")
-        loop = cfg.expert_impl == "loop" or (cfg.expert_impl == "auto" and counts is not None
-                                             and self.loop_wins(sum(counts)))
+        # not under torch.compile: it would guard on every count (a recompile per batch)
+        loop = cfg.expert_impl == "loop" or (
+            cfg.expert_impl == "auto" and counts is not None and self.loop_wins(sum(counts))
+            and not torch.compiler.is_compiling())
         if not loop and grouped_mm_supported(x, w13, w2):
             offs = offsets if offsets is not None else \
                 torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)

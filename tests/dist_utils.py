@@ -347,6 +347,8 @@ def _check_host_counts(layer, x) -> list[str]:
     finally:
         del layer.experts.forward  # the method again
         layer.zero_grad(set_to_none=True)
+    if not seen and layer.config.dense_max_rows == 0:  # the dense path skips the experts
+        fails.append("the experts' forward never ran")
     for device_counts, counts in seen:
         if counts is None or list(counts) != device_counts:
             fails.append(f"experts got host counts {counts}, the sort counted {device_counts}")

@@ -87,16 +87,29 @@ def test_gradcheck():
                                         (x, w))
 
 
-def test_host_counts_decide_without_a_sync(monkeypatch):
-    """With counts given and the loop chosen, the device counts are not read: here they are
-    wrong on purpose, and the output follows the host counts."""
+def _no_host_reads(monkeypatch):
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read back to the host")
+
+    for name in ("tolist", "item", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+
+
+@pytest.mark.parametrize("impl", ["auto", "loop"])
+def test_host_counts_decide_without_a_sync(monkeypatch, impl):
+    """With counts given and the loop chosen (auto where `loop_wins`, or "loop"), nothing is
+    read back and the device counts are not used: here they are wrong on purpose, and the
+    output follows the host counts."""
     monkeypatch.setattr(experts_module, "LOOP_MIN_I", 0)
     monkeypatch.setattr(experts_module, "LOOP_MIN_ROWS_PER_EXPERT", 0)
-    experts = make_experts()  # expert_impl="auto"
+    experts = make_experts(expert_impl=impl)
     counts = (2, 3, 0, 4)
     x = torch.randn(9, D, dtype=torch.float64, device=DEVICE)
+    wrong = torch.tensor([9, 0, 0, 0], device=DEVICE)
     assert experts.loop_wins(sum(counts))
-    y = experts(x, torch.tensor([9, 0, 0, 0], device=DEVICE), counts=counts)
+    with monkeypatch.context() as m:
+        _no_host_reads(m)
+        y = experts(x, wrong, counts=counts)
     torch.testing.assert_close(y, reference(*weights(experts), x, counts), **TOL)
 
 
@@ -113,17 +126,22 @@ def test_grouped_and_loop_agree_on_the_layer_dtype():
     x = torch.randn(16, D16, device=DEVICE).to(dtype)
     assert not experts.loop_wins(sum(counts))
     assert grouped_mm_supported(x, experts.gate_up_proj, experts.down_proj)
-    grouped = experts(x, torch.tensor(counts, device=DEVICE), counts=counts)
+    # host counts that disagree with the device's: the grouped paths read the device's
+    wrong = (14, 0, 0, 0)
+    grouped = experts(x, torch.tensor(counts, device=DEVICE), counts=wrong)
+    experts.config = dataclasses.replace(cfg, expert_impl="grouped_mm")
+    grouped_mm = experts(x, torch.tensor(counts, device=DEVICE), counts=wrong)
     experts.config = dataclasses.replace(cfg, expert_impl="loop")
     loop = experts(x, torch.tensor(counts, device=DEVICE), counts=counts)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(loop[:14], grouped[:14], rtol=tol, atol=tol)
+    torch.testing.assert_close(loop[:14], grouped_mm[:14], rtol=tol, atol=tol)
     assert not loop[14:].any()
 
 
 @pytest.mark.parametrize("preset, local, rows, expected", [
     ("mixtral_8x7b", 2, 8192, True),  # a rank's two experts at W = 4, 8192 tokens per rank
-    ("mixtral_8x7b", 8, 1024, True),  # one GPU, 4096 tokens
+    ("mixtral_8x7b", 8, 1024, True),  # 8 local experts, 1024 rows each
     ("mixtral_8x7b", 8, 512, False),  # below LOOP_MIN_ROWS_PER_EXPERT
     ("qwen3_30b_a3b", 32, 2048, False),  # small experts: 2-4x slower as a loop
 ])
@@ -133,9 +151,43 @@ def test_loop_wins(preset, local, rows, expected):
     assert experts.loop_wins(local * rows) is expected
 
 
-@pytest.mark.parametrize("counts", [(1, 2, 3), (1, 2, 3, 4, 0), (3, -1, 2, 0), (5, 5, 5, 5)])
-def test_bad_counts(counts):
+@pytest.mark.parametrize("counts", [(1, 2, 3), (1, 2, 3, 4, 0), (3, -1, 2, 0), (5, 5, 5, 5),
+                                    (2.0, 2, 2, 2)])
+@pytest.mark.parametrize("rows", [12, 0])  # no rows: checked all the same
+def test_bad_counts(counts, rows):
     experts = make_experts()
     with pytest.raises(ValueError, match="counts must hold 4 ints"):
-        experts(torch.randn(12, D, dtype=torch.float64, device=DEVICE),
+        experts(torch.randn(rows, D, dtype=torch.float64, device=DEVICE),
                 torch.zeros(4, dtype=torch.int64, device=DEVICE), counts=counts)
+
+
+def test_create_graph_first_order():
+    """A gradient taken with create_graph=True (as gradient penalties do) still works; a
+    second order through the per-expert products says so clearly."""
+    experts = make_experts(expert_impl="loop")
+    x = torch.randn(6, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = experts(x, torch.tensor([2, 0, 3, 1], device=DEVICE), counts=(2, 0, 3, 1))
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = reference(*weights(experts), x_ref, (2, 0, 3, 1))
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref)
+    torch.testing.assert_close(gx, gx_ref, **TOL)
+    with pytest.raises(RuntimeError, match="differentiate"):
+        gx.sum().backward()
+
+
+def test_compile_keeps_the_grouped_path(monkeypatch):
+    """Under torch.compile auto does not loop (it would guard on every count): with host
+    counts that disagree with the device's, the compiled forward follows the device's."""
+    monkeypatch.setattr(experts_module, "LOOP_MIN_I", 0)
+    monkeypatch.setattr(experts_module, "LOOP_MIN_ROWS_PER_EXPERT", 0)
+    cfg = MoEConfig.tiny(hidden_size=16, intermediate_size=32, num_experts=8)
+    torch.manual_seed(0)
+    experts = Experts(cfg, 4).to(torch.bfloat16)  # CPU: torch's grouped GEMM traces bf16
+    experts.reset_parameters()
+    x = torch.randn(14, 16).to(torch.bfloat16)
+    counts = torch.tensor([5, 0, 3, 6])
+    eager = experts(x, counts)  # no host counts: grouped
+    compiled = torch.compile(lambda a: experts(a, counts, counts=(14, 0, 0, 0)),
+                             backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)

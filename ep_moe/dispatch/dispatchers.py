@@ -94,7 +94,8 @@ class _InFlight:
         K = self.recv_routing.shape[1] // 2
         recv_ids, recv_weights = _unpack_routing(self.recv_routing, K)
         return Dispatched(self.recv_x, recv_ids, recv_weights, self.handle,
-                          self.pairs_per_expert is not None, self.pairs_per_expert)
+                          pairs_exact=self.pairs_per_expert is not None,
+                          pairs_per_expert=self.pairs_per_expert)
 
 
 def check_capacity(T: int, capacity: int) -> None:
@@ -183,6 +184,7 @@ class AllToAllDispatcher(_Dispatcher):
         self.placement, self.group, self.capacity = placement, group, capacity
         self.world_size = placement.world_size
         self.chunks = chunks
+        self._num_local_experts: Optional[int] = None  # this rank's, on the first exact dispatch
         self._tables: dict = {}
 
     def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
@@ -237,15 +239,17 @@ class AllToAllDispatcher(_Dispatcher):
         send = gather_send_rows(x, topk_weights, topk_ids, layout)  # while the meta travels
         if C is None:
             meta_work.wait()  # on NCCL a stream wait, not a host block
-            # host sync: split sizes must be on the CPU for all_to_all_single
+            # host sync: split sizes must be on the CPU for all_to_all_single (and with them
+            # each local expert's pairs, which the experts then take without a sync)
             sent, received = layout.meta.tolist()
             input_splits = tuple(row[META_COPIES] for row in sent)
             output_splits = tuple(row[META_COPIES] for row in received)
             send = send[:sum(input_splits)]
-            # the columns past this rank's experts are padding
-            local = len(self.placement.local_experts[dist.get_rank(self.group)])
-            pairs_per_expert = tuple(map(sum, zip(*(row[META_PAIRS:] for row in received))))[
-                :local]
+            if self._num_local_experts is None:
+                rank = dist.get_rank(self.group)
+                self._num_local_experts = len(self.placement.local_experts[rank])
+            end = META_PAIRS + self._num_local_experts  # the columns past it are padding
+            pairs_per_expert = tuple(map(sum, zip(*(row[META_PAIRS:end] for row in received))))
             num_local_pairs = sum(pairs_per_expert)
         else:  # fixed-size: C rows each way, known on the host
             input_splits = output_splits = (C,) * self.world_size
@@ -305,7 +309,8 @@ class AllGatherDispatcher(_Dispatcher):
             all_counts = counts.new_empty(self.world_size * (1 + E))
             dist.all_gather_into_tensor(all_counts, counts, group=self.group)
             all_counts = all_counts.view(self.world_size, 1 + E)
-            # host sync: token counts for the uneven all-gather, local pair count for the sort
+            # host sync: token counts for the uneven all-gather, local pair counts for the sort
+            # and the experts
             all_counts = all_counts.cpu()
             tokens_per_rank = tuple(all_counts[:, 0].tolist())
             pairs_per_expert = tuple(all_counts[:, [1 + g for g in self.local_experts]]
@@ -318,7 +323,8 @@ class AllGatherDispatcher(_Dispatcher):
         recv_x = _AllGather.apply(x, self.group)
         recv_ids, recv_weights = _unpack_routing(_AllGather.apply(routing, self.group), K)
         handle = AllGatherHandle(T, num_local_pairs, tokens_per_rank)
-        return Dispatched(recv_x, recv_ids, recv_weights, handle, C is None, pairs_per_expert)
+        return Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=C is None,
+                          pairs_per_expert=pairs_per_expert)
 
     def combine(self, partial, handle: AllGatherHandle) -> torch.Tensor:
         return _ReduceScatter.apply(partial, self.group)[:handle.num_tokens].to(partial.dtype)
