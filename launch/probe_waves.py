@@ -9,7 +9,9 @@ choice, on the routed rows of two draws per size and on balanced counts. Each va
 checked against torch's path, then timed by CUDA-graph replay, twice. Writes probe_waves.json
 under $OUT.
 
-    python launch/probe_waves.py [--tokens 512 520 1024 1032]
+    python launch/probe_waves.py [--tokens 512 520 1024 1032] [--layer]
+
+--layer: the layer's graph forward with stop 17's `gemm_config` and stop 16's, in turn.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import graph_time_us, write_json  # noqa: E402
+from common import graph_time_us, layer_cases, on_off, write_json  # noqa: E402
 from sweep_gemm import ceilings, gemm_cases, rel  # noqa: E402
 
 from ep_moe.kernels.grouped_gemm import GemmConfig, gemm_config, grouped_gemm  # noqa: E402
@@ -35,11 +37,51 @@ GATE_UP = [(128, 128, 64, 16, 8, 4, 0), (128, 128, 64, 16, 8, 4, 64), (128, 128,
            (128, 128, 64, 8, 8, 4, 64), (128, 64, 64, 8, 4, 4, 0), (64, 128, 64, 8, 4, 4, 0)]
 
 
+def stop16_config(*args, **kwargs):
+    """gemm_config as stop 16 shipped it: no tail on few experts' down projection at 33-128
+    rows an expert, groups of 8 for their gated tiles at 129-384."""
+    cfg = gemm_config(*args, **kwargs)
+    if cfg.block_m == 128 and cfg.group_m == 16:
+        cfg = cfg._replace(tail_m=0) if cfg.block_k == 128 else cfg
+        cfg = cfg._replace(group_m=8) if cfg.tail_m else cfg
+    return cfg
+
+
+def layer_rows(tokens, dev):
+    """The single-GPU Mixtral layer's no-grad graph forward with stop 17's configs and stop
+    16's, in turn, four rounds."""
+    import ep_moe.experts as experts_module
+    shipped = experts_module.gemm_config
+
+    def switch(on):
+        experts_module.gemm_config = shipped if on else stop16_config
+
+    rows = []
+    for preset, cfg, layer, T, fwd in layer_cases(["mixtral"], tokens, dev):
+        outs, times = on_off({"layer": fwd}, switch, 10)
+        on, off = outs["layer"]
+        row = {"preset": preset, "T": T, "what": "layer_stop17_vs_stop16_configs",
+               "max_abs_diff": (on.float() - off.float()).abs().max().item(),
+               "on_us": times["layer_on_us"], "off_us": times["layer_off_us"]}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", nargs="+", type=int, default=[512, 520, 1024, 1032])
+    p.add_argument("--layer", action="store_true", help="the layer, stop 17's configs and 16's")
     args = p.parse_args()
     dev = torch.device("cuda")
+    if args.layer:
+        rows = layer_rows(args.tokens, dev)
+        write_json("probe_waves_layer.json", {"device": torch.cuda.get_device_name(dev),
+                                              "rows": rows})
+        for r in rows:
+            print(f"T={r['T']:6d} stop 17 {'/'.join(f'{u:.0f}' for u in r['on_us'])} against "
+                  f"stop 16 {'/'.join(f'{u:.0f}' for u in r['off_us'])} us")
+        return
     copy_gbs, mm_tflops = ceilings(dev)
     rows = []
     for preset, T, K, w13, w2, case in gemm_cases(["mixtral"], args.tokens, dev, copy_gbs,

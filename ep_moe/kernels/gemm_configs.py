@@ -50,7 +50,11 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
     if rows_per_expert <= 8:
         cfg = GemmConfig(16, 128, 128, 1, 4, 3)
     elif few_experts and 32 < rows_per_expert <= 128:
-        cfg = GemmConfig(128, 128, 64, 16, 8, 4) if gated else GemmConfig(128, 128, 128, 16, 8, 3)
+        # the down projection's second row block (half the experts at 128 rows an expert) as
+        # a 64-row tile where it fits (launch/probe_waves.py, H100, stop 17: Mixtral at 512
+        # tokens 382 -> 374 us, and 396 -> 375 in probe_tail.py)
+        cfg = GemmConfig(128, 128, 64, 16, 8, 4) if gated else \
+            GemmConfig(128, 128, 128, 16, 8, 3, 64)
     elif rows_per_expert <= 64:
         cfg = GemmConfig(64, 128, 64, 4, 4, 4)
     elif gated or rows_per_expert <= 128:
@@ -60,7 +64,10 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
         # 128 rows, DeepSeek-V3 6.56 -> 6.94 ms, nor 512-1024, where the branch costs the full
         # tiles' loop more than the tail saves)
         tail = 64 if gated and 128 < rows_per_expert <= 384 else 0
-        cfg = GemmConfig(128, 128, 64, 8, 8, 4, tail)
+        # few experts' gated tiles in groups of 16 row blocks, as at <= 128 rows (probe_waves,
+        # H100, stop 17: Mixtral at 1024 / 1032 tokens 932 -> 911 / 1036 -> 999 us)
+        group = 16 if few_experts and tail else 8
+        cfg = GemmConfig(128, 128, 64, group, 8, 4, tail)
     else:
         cfg = GemmConfig(128, 256, 64, 8, 8, 4)
     while _shared_bytes(cfg, gated, element_size) > budget and \
