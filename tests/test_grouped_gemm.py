@@ -295,6 +295,19 @@ def test_tail_tiles(poisoned_outputs, launches, dtype, gather, persistent):
 
 
 @needs_triton
+@pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gather"])
+def test_tail_tiles_in_groups(poisoned_outputs, launches, gather):
+    """Tails with row blocks in groups (few experts' configs: groups of 16 that span every
+    expert's blocks): here groups of 4 over the 9 row blocks, so groups cut experts' blocks
+    apart; every row written once, against float64."""
+    case = make_inputs(TAIL_COUNTS, 40, 48, torch.float32, gather=gather, seed=8)
+    grouped = TAIL._replace(group_m=4)
+    check(case, "silu", True, grouped)
+    check(case, None, True, grouped)
+    assert [(k["TAIL_M"], k["GROUP_M"]) for k in launches] == [(16, 4)] * 2
+
+
+@needs_triton
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
 def test_tail_tiles_over_a_bound(poisoned_outputs, launches, tma):
     """The layer's loose-bound gate/up launch: gathered rows, P = 4x the counts' sum,
@@ -737,7 +750,8 @@ def test_layer_fused_no_tokens(gemm_calls):
 
 @pytest.mark.parametrize("rows_per_expert,num_experts,gated,expected", [
     (64, 8, True, GemmConfig(128, 128, 64, 16, 8, 4)),    # few experts: every row block in
-    (128, 2, False, GemmConfig(128, 128, 128, 16, 8, 3)),  # one group of 16
+    (128, 2, False, GemmConfig(128, 128, 128, 16, 8, 3, 64)),  # one group of 16; the down
+    #                                                        projection's second block a tail
     (64, 9, True, GemmConfig(64, 128, 64, 4, 4, 4)),      # more experts: the rows decide
     (64, None, False, GemmConfig(64, 128, 64, 4, 4, 4)),
     (32, 8, True, GemmConfig(64, 128, 64, 4, 4, 4)),      # 32 rows and fewer: not measured
@@ -760,6 +774,20 @@ def test_gemm_config_few_experts(rows_per_expert, num_experts, gated, expected):
 def test_gemm_config_tail_tiles(rows_per_expert, gated, tail_m):
     for num_experts in (8, 128):
         assert gemm_config(rows_per_expert, gated, num_experts=num_experts).tail_m == tail_m
+
+
+@pytest.mark.parametrize("rows_per_expert,gated,num_experts,tail_m,group_m", [
+    (128, False, 8, 64, 16),   # few experts' down projection: a sliver's block as a tail
+    (64, False, 8, 64, 16),    # (probe_waves, stop 17: Mixtral at 512 tokens)
+    (128, False, 128, 0, 8),   # many experts: the rows decide, no tail measured there
+    (256, True, 8, 64, 16),    # few experts' gated tiles with tails: groups of 16
+    (256, True, 128, 64, 8),   # many: groups of 8 (Qwen3 at 4096 tokens, stop 16)
+    (512, True, 8, 0, 8),      # past the tails' range: not measured
+])
+def test_gemm_config_few_experts_tails_and_groups(rows_per_expert, gated, num_experts, tail_m,
+                                                 group_m):
+    cfg = gemm_config(rows_per_expert, gated, num_experts=num_experts)
+    assert (cfg.tail_m, cfg.group_m) == (tail_m, group_m)
 
 
 @needs_triton
