@@ -16,12 +16,15 @@ import torch.nn.functional as F
 from ep_moe import MoEConfig
 from ep_moe import experts as experts_module
 from ep_moe.experts import Experts, _PerExpertLinear, grouped_mm_supported
+from ep_moe.kernels.activation import fused_activation_available
 
 D, I = 12, 20
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# float64 products throughout; on CUDA the gated activation is the Triton kernel, which computes
-# in fp32 (an H100: 9e-11 absolute, 3e-6 relative at a value near zero)
-TOL = dict(rtol=1e-12, atol=1e-12) if DEVICE.type == "cpu" else dict(rtol=1e-5, atol=1e-9)
+# float64 products throughout; where Triton runs (CUDA, or the CPU under TRITON_INTERPRET) the
+# gated activation is its kernel, which computes in fp32 (an H100: 9e-11 absolute, 3e-6
+# relative at a value near zero; the interpreter 4e-11 and 1.2e-5)
+TOL = dict(rtol=1e-5, atol=1e-9) if fused_activation_available(torch.empty(1, device=DEVICE)) \
+    else dict(rtol=1e-12, atol=1e-12)
 
 
 def make_experts(num_local=4, dtype=torch.float64, **changes) -> Experts:
@@ -163,7 +166,7 @@ def test_bad_counts(counts, rows):
 
 def test_create_graph_first_order():
     """A gradient taken with create_graph=True (as gradient penalties do) still works; a
-    second order through the per-expert products says so clearly."""
+    second order through the per-expert products raises."""
     experts = make_experts(expert_impl="loop")
     x = torch.randn(6, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
     y = experts(x, torch.tensor([2, 0, 3, 1], device=DEVICE), counts=(2, 0, 3, 1))
@@ -172,7 +175,8 @@ def test_create_graph_first_order():
     y_ref = reference(*weights(experts), x_ref, (2, 0, 3, 1))
     (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref)
     torch.testing.assert_close(gx, gx_ref, **TOL)
-    with pytest.raises(RuntimeError, match="differentiate"):
+    # the products' backward is once-differentiable (and so is the Triton activation's)
+    with pytest.raises(RuntimeError, match="differentiate|does not require grad"):
         gx.sum().backward()
 
 
