@@ -170,3 +170,26 @@ def on_off(fns: dict, switch, calls: int, rounds: int = 4):
     finally:
         switch(True)
     return outs, times
+
+
+def layer_config_ab(presets, tokens, device, other, what: str, extra=None) -> list[dict]:
+    """The single-GPU layer's no-grad graph forward with `gemm_config` as shipped and as
+    `other(shipped)` returns it, in turn (`on_off`, four rounds): one row per (preset, T) with
+    both outputs' largest difference and the times; `extra(shipped, cfg, T)` adds fields."""
+    import ep_moe.experts as experts_module
+    shipped = experts_module.gemm_config
+    alternative = other(shipped)
+
+    def switch(on):
+        experts_module.gemm_config = shipped if on else alternative
+
+    rows = []
+    for preset, cfg, layer, T, fwd in layer_cases(presets, tokens, device):
+        outs, times = on_off({"layer": fwd}, switch, 2 if T >= 4096 else 10)
+        on, off = outs["layer"]
+        row = {"preset": preset, "T": T, "what": what, **(extra(shipped, cfg, T) if extra else {}),
+               "max_abs_diff": (on.float() - off.float()).abs().max().item(),
+               "on_us": times["layer_on_us"], "off_us": times["layer_off_us"]}
+        rows.append(row)
+        print(row, flush=True)
+    return rows

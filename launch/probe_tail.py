@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep_gemm  # noqa: E402
-from common import graph_time_us, layer_cases, on_off, write_json  # noqa: E402
-from sweep_gemm import ceilings, gemm_cases, rel  # noqa: E402
+from common import layer_config_ab, write_json  # noqa: E402
+from sweep_gemm import (balanced_like, ceilings, check_and_time, gemm_cases,  # noqa: E402
+                        timing_text, write_rows)
 
 from ep_moe.kernels.grouped_gemm import gemm_config, grouped_gemm  # noqa: E402
 
@@ -34,25 +35,14 @@ sweep_gemm.SHAPES.setdefault("deepseek_v3", (256, 7168, 2048, 8))  # E, D, I, K
 def layer_rows(presets, tokens, dev):
     """The single-GPU layer's no-grad graph forward with `gemm_config`'s tails as shipped and
     forced off, in turn, four rounds."""
-    import ep_moe.experts as experts_module
-    shipped = experts_module.gemm_config
+    def no_tails(shipped):
+        return lambda *a, **k: shipped(*a, **k)._replace(tail_m=0)
 
-    def switch(on):
-        experts_module.gemm_config = shipped if on else (
-            lambda *a, **k: shipped(*a, **k)._replace(tail_m=0))
+    def tail_m(shipped, cfg, T):
+        return {"tail_m": shipped(T * cfg.top_k / cfg.num_experts, True, 2,
+                                  num_experts=cfg.num_experts).tail_m}
 
-    rows = []
-    for preset, cfg, layer, T, fwd in layer_cases(presets, tokens, dev):
-        outs, times = on_off({"layer": fwd}, switch, 2 if T >= 4096 else 10)
-        on, off = outs["layer"]
-        row = {"preset": preset, "T": T, "what": "layer_tails_on_off",
-               "tail_m": shipped(T * cfg.top_k / cfg.num_experts, True, 2,
-                                 num_experts=cfg.num_experts).tail_m,
-               "max_abs_diff": (on.float() - off.float()).abs().max().item(),
-               "on_us": times["layer_on_us"], "off_us": times["layer_off_us"]}
-        rows.append(row)
-        print(row, flush=True)
-    return rows
+    return layer_config_ab(presets, tokens, dev, no_tails, "layer_tails_on_off", tail_m)
 
 
 def main():
@@ -80,8 +70,7 @@ def main():
         x, src, counts, offs, h_ref, y_ref, floors = case
         E = w13.shape[0]
         P = T * K
-        balanced = torch.full_like(counts, P // E)
-        balanced[: P - int(balanced.sum())] += 1
+        balanced = balanced_like(counts)
         variants = {}
         for gemm, gated in ((1, True), (2, False)):
             base = gemm_config(P / E, gated, 2, num_experts=E)
@@ -108,26 +97,15 @@ def main():
             row = {"preset": preset, "T": T, "gemm": gemm, "variant": name,
                    "floor_us": floors[gemm], "rows_per_expert": P / E,
                    "config": list(gemm_config(P / E, gemm == 1, 2, num_experts=E))}
-            try:
-                if name != "balanced":
-                    err = rel(fn(), h_ref if gemm == 1 else y_ref)
-                    row["rel_err_vs_torch"] = err
-                    if not err < 2e-2:
-                        raise RuntimeError(f"rel err {err:.3g}")
-                row["us"] = [graph_time_us([fn], calls, replays) for _ in range(2)]
-                row["x_floor"] = min(row["us"]) / floors[gemm]
-            except Exception as exc:  # noqa: BLE001 - a variant that fails is a result
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            ref = None if name == "balanced" else (h_ref if gemm == 1 else y_ref)
+            check_and_time(row, fn, ref, floors[gemm], calls, replays)
             rows.append(row)
             print(row, flush=True)
-        write_json("probe_tail.json", {"device": torch.cuda.get_device_name(dev),
-                                       "copy_gbs": copy_gbs, "mm_tflops": mm_tflops,
-                                       "rows": rows})
+        write_rows("probe_tail.json", dev, copy_gbs, mm_tflops, rows)
     print(f"# copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.0f} TFLOP/s")
     for r in rows:
-        tail = (f"{min(r['us']):9.1f} us  {r['x_floor']:.2f}x floor" if "us" in r
-                else r["error"])
-        print(f"{r['preset']:11s} T={r['T']:6d} gemm{r['gemm']} {r['variant']:9s} {tail}")
+        print(f"{r['preset']:11s} T={r['T']:6d} gemm{r['gemm']} {r['variant']:9s} "
+              f"{timing_text(r)}")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import graph_time_us, layer_cases, on_off, write_json  # noqa: E402
-from sweep_gemm import ceilings, gemm_cases, rel  # noqa: E402
+from common import layer_config_ab, write_json  # noqa: E402
+from sweep_gemm import (balanced_like, ceilings, check_and_time, gemm_cases,  # noqa: E402
+                        timing_text, write_rows)
 
 from ep_moe.kernels.grouped_gemm import GemmConfig, gemm_config, grouped_gemm  # noqa: E402
 
@@ -50,22 +51,8 @@ def stop16_config(*args, **kwargs):
 def layer_rows(tokens, dev):
     """The single-GPU Mixtral layer's no-grad graph forward with stop 17's configs and stop
     16's, in turn, four rounds."""
-    import ep_moe.experts as experts_module
-    shipped = experts_module.gemm_config
-
-    def switch(on):
-        experts_module.gemm_config = shipped if on else stop16_config
-
-    rows = []
-    for preset, cfg, layer, T, fwd in layer_cases(["mixtral"], tokens, dev):
-        outs, times = on_off({"layer": fwd}, switch, 10)
-        on, off = outs["layer"]
-        row = {"preset": preset, "T": T, "what": "layer_stop17_vs_stop16_configs",
-               "max_abs_diff": (on.float() - off.float()).abs().max().item(),
-               "on_us": times["layer_on_us"], "off_us": times["layer_off_us"]}
-        rows.append(row)
-        print(row, flush=True)
-    return rows
+    return layer_config_ab(["mixtral"], tokens, dev, lambda shipped: stop16_config,
+                           "layer_stop17_vs_stop16_configs")
 
 
 def main():
@@ -89,8 +76,7 @@ def main():
         x, src, counts, offs, h_ref, y_ref, floors = case
         E = w13.shape[0]
         P = T * K
-        balanced = torch.full_like(counts, P // E)
-        balanced[: P - int(balanced.sum())] += 1
+        balanced = balanced_like(counts)
         variants = {}
         for gemm, gated, table in ((1, True, GATE_UP), (2, False, DOWN)):
             shipped = gemm_config(P / E, gated, 2, num_experts=E)
@@ -108,25 +94,13 @@ def main():
         for (gemm, name, which), (cfg, fn) in variants.items():
             row = {"T": T, "gemm": gemm, "variant": name, "counts": which, "config": list(cfg),
                    "floor_us": floors[gemm], "counts_list": counts.tolist()}
-            try:
-                if which == "routed":
-                    err = rel(fn(), h_ref if gemm == 1 else y_ref)
-                    row["rel_err_vs_torch"] = err
-                    if not err < 2e-2:
-                        raise RuntimeError(f"rel err {err:.3g}")
-                row["us"] = [graph_time_us([fn], 6, 12) for _ in range(2)]
-                row["x_floor"] = min(row["us"]) / floors[gemm]
-            except Exception as exc:  # noqa: BLE001 - a variant that fails is a result
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(row)
-        write_json("probe_waves.json", {"device": torch.cuda.get_device_name(dev),
-                                        "copy_gbs": copy_gbs, "mm_tflops": mm_tflops,
-                                        "rows": rows})
+            ref = (h_ref if gemm == 1 else y_ref) if which == "routed" else None
+            rows.append(check_and_time(row, fn, ref, floors[gemm], 6, 12))
+        write_rows("probe_waves.json", dev, copy_gbs, mm_tflops, rows)
     print(f"# copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.0f} TFLOP/s")
     for r in rows:
-        res = (f"{min(r['us']):8.1f} us  {r['x_floor']:.2f}x floor" if "us" in r
-               else r["error"])
-        print(f"T={r['T']:5d} gemm{r['gemm']} {r['variant']:30s} {r['counts']:8s} {res}"
+        print(f"T={r['T']:5d} gemm{r['gemm']} {r['variant']:30s} {r['counts']:8s} "
+              f"{timing_text(r)}"
               + (f"  {r['config']}" if r["variant"] == "shipped" else ""))
 
 

@@ -71,6 +71,44 @@ def gemm_case(T, K, w13, w2, copy_gbs, mm_tflops):
     return x, src, counts, offs, h_ref, y_ref, floors
 
 
+def check_and_time(row: dict, fn, ref, floor_us: float, calls: int, replays: int) -> dict:
+    """Fill `row` for one variant: its error against `ref` (None: not compared, e.g. other
+    counts), above 2% an error; then two CUDA-graph timings (us) and the faster over the
+    floor. A variant that fails is a result: its exception lands in row["error"]."""
+    try:
+        if ref is not None:
+            err = rel(fn(), ref)
+            row["rel_err_vs_torch"] = err
+            if not err < 2e-2:
+                raise RuntimeError(f"rel err {err:.3g}")
+        row["us"] = [graph_time_us([fn], calls, replays) for _ in range(2)]
+        row["x_floor"] = min(row["us"]) / floor_us
+    except Exception as exc:  # noqa: BLE001 - a variant that fails is a result
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return row
+
+
+def balanced_like(counts: torch.Tensor) -> torch.Tensor:
+    """The same number of rows split as evenly as the experts allow (the first ones take the
+    remainder): what the routed counts would cost without their spread."""
+    E, P = counts.shape[0], int(counts.sum())
+    balanced = torch.full_like(counts, P // E)
+    balanced[: P - int(balanced.sum())] += 1
+    return balanced
+
+
+def write_rows(name: str, dev, copy_gbs: float, mm_tflops: float, rows: list) -> None:
+    """The probes' JSON under $OUT: device, the run's ceilings and the rows so far."""
+    write_json(name, {"device": torch.cuda.get_device_name(dev), "copy_gbs": copy_gbs,
+                      "mm_tflops": mm_tflops, "rows": rows})
+
+
+def timing_text(row: dict) -> str:
+    """'<faster of the two timings> us  <x>x floor', or the variant's error."""
+    return (f"{min(row['us']):9.1f} us  {row['x_floor']:.2f}x floor" if "us" in row
+            else row["error"])
+
+
 def ceilings(dev):
     """The copy and matmul ceilings of this run, printed as its first line."""
     copy_gbs, mm_tflops = copy_ceiling_gbs(dev), matmul_ceiling_tflops(dev)
