@@ -341,12 +341,11 @@ def _check_host_counts(layer, x) -> list[str]:
 
     layer.experts.forward = recording
     try:
-        layer(x).sum().backward()
+        layer(x)  # x needs a gradient: the training path, which calls the experts' forward
     except _HostRead:
         fails.append(f"the experts read a tensor back to the host:\n{traceback.format_exc()}")
     finally:
         del layer.experts.forward  # the method again
-        layer.zero_grad(set_to_none=True)
     if not seen and layer.config.dense_max_rows == 0:  # the dense path skips the experts
         fails.append("the experts' forward never ran")
     for device_counts, counts in seen:
