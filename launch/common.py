@@ -193,3 +193,13 @@ def layer_config_ab(presets, tokens, device, other, what: str, extra=None) -> li
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+def write_layer_rows(name: str, rows: list) -> None:
+    """An A/B probe's layer rows under $OUT, with the GPU's name."""
+    write_json(name, {"device": torch.cuda.get_device_name(), "rows": rows})
+
+
+def spans(us) -> str:
+    """Timings of the rounds as '757/762/776' (us)."""
+    return "/".join(f"{u:.0f}" for u in us)

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import graph_time_us, layer_cases, on_off, write_json  # noqa: E402
+from common import (graph_time_us, layer_cases, on_off, spans, write_json,  # noqa: E402
+                    write_layer_rows)
 from sweep_gemm import ceilings, gemm_cases, rel  # noqa: E402
 
 from ep_moe.experts import _grouped_mm  # noqa: E402
@@ -168,13 +169,11 @@ def main():
     dev = torch.device("cuda")
     if args.layer:
         rows = layer_rows(args.presets, args.tokens, dev)
-        write_json("probe_flat_layer.json", {"device": torch.cuda.get_device_name(dev),
-                                             "rows": rows})
+        write_layer_rows("probe_flat_layer.json", rows)
         for r in rows:
             print(f"{r['preset']:8s} T={r['T']:6d} flattens={r['flattens']} down on/off "
                   f"{min(r['down_on_us']):.1f}/{min(r['down_off_us']):.1f} us, layer on/off "
-                  f"{'/'.join(f'{u:.0f}' for u in r['layer_on_us'])} against "
-                  f"{'/'.join(f'{u:.0f}' for u in r['layer_off_us'])} us")
+                  f"{spans(r['layer_on_us'])} against {spans(r['layer_off_us'])} us")
         return
     copy_gbs, mm_tflops = ceilings(dev)
     rows = []

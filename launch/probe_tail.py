@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep_gemm  # noqa: E402
-from common import layer_config_ab, write_json  # noqa: E402
+from common import layer_config_ab, spans, write_layer_rows  # noqa: E402
 from sweep_gemm import (balanced_like, ceilings, check_and_time, gemm_cases,  # noqa: E402
                         timing_text, write_rows)
 
@@ -55,12 +55,10 @@ def main():
     dev = torch.device("cuda")
     if args.layer:
         rows = layer_rows(args.presets, args.tokens, dev)
-        write_json("probe_tail_layer.json", {"device": torch.cuda.get_device_name(dev),
-                                             "rows": rows})
+        write_layer_rows("probe_tail_layer.json", rows)
         for r in rows:
             print(f"{r['preset']:8s} T={r['T']:6d} tail_m={r['tail_m']} on "
-                  f"{'/'.join(f'{u:.0f}' for u in r['on_us'])} against off "
-                  f"{'/'.join(f'{u:.0f}' for u in r['off_us'])} us")
+                  f"{spans(r['on_us'])} against off {spans(r['off_us'])} us")
         return
     copy_gbs, mm_tflops = ceilings(dev)
     rows = []
