@@ -23,13 +23,16 @@
 #   loop17: Mixtral exact (8192) with one cuBLAS product per expert (this checkout) and with
 #           torch's grouped GEMM (.var/grouped: the package before it), in turn, twice; then
 #           the same once at W = 2
-#   sized18: Qwen3 fixed, the chunks' GEMMs launched for the expected rows (this checkout)
-#            against the grid over the bound (.var/pre18: the package before it), in 3
-#            chunks twice and in 2 once, in turn; one chunk against .var/sized_c1 (the gate/up
-#            GEMM sized there too); then probe_pipeline.py's kernel timelines
+#   sized18: Qwen3 fixed, the chunks' GEMMs launched for the expected rows (.var/sized18:
+#            `git archive 5a9edd9 ep_moe`, branch exp/sized-launch) against the grid over
+#            the bound (this checkout), in 3 chunks twice and in 2 once, in turn; one chunk
+#            against .var/sized_c1 (that package with the one chunk's gate/up GEMM sized too:
+#            `persistent = [False, True]` and `expected_rows` in its not-overlapped branch);
+#            then probe_pipeline.py's kernel timelines of .var/sized18
 #   flat18: Qwen3 fixed in 3 chunks, the chunks' down projection as a flattened persistent
-#           loop (.var/flat) on every SM and on 16 and 32 fewer (EP_MOE_RESERVE_SMS), between
-#           two runs of this checkout; then probe_pipeline.py's timelines with 16 fewer
+#           loop (.var/flat: `git archive 1e70d94 ep_moe`) on every SM and on 16 and 32
+#           fewer (EP_MOE_RESERVE_SMS), between two runs of .var/sized18; then
+#           probe_pipeline.py's timelines with 16 fewer
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -128,23 +131,27 @@ for set in ${SET:-qwen3}; do
     sized18)  # stop 18: programs for the expected rows' tiles, against stop 17's grid
       for run in c3_r1 c2 c3_r2; do
         c=${run:1:1}
-        harness qwen3_fixed_${run}_sized --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
-        PYTHONPATH="$PWD/.var/pre18:$PYTHONPATH" harness qwen3_fixed_${run}_pre18 \
+        PYTHONPATH="$PWD/.var/sized18:$PYTHONPATH" harness qwen3_fixed_${run}_sized \
           --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
+        harness qwen3_fixed_${run}_pre18 --preset qwen3 --tokens 8192 --fixed --chunks $c --graph
       done
-      harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
+      PYTHONPATH="$PWD/.var/sized18:$PYTHONPATH" harness qwen3_fixed_c1 --preset qwen3 \
+        --tokens 8192 --fixed --graph
       PYTHONPATH="$PWD/.var/sized_c1:$PYTHONPATH" harness qwen3_fixed_c1_sized --preset qwen3 \
         --tokens 8192 --fixed --graph
-      timeout 150 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
-        launch/probe_pipeline.py 2>&1 | grep "graph fwd" | cut -c1-200 | tee "$OUT/pipeline.log"
+      PYTHONPATH="$PWD/.var/sized18:$PYTHONPATH" timeout 150 python3 -m torch.distributed.run \
+        --standalone --nproc-per-node "$n" launch/probe_pipeline.py 2>&1 | grep "graph fwd" \
+        | cut -c1-200 | tee "$OUT/pipeline.log"
       pack ;;
     flat18)  # stop 18: the chunks' down projection flattened, on fewer SMs beside NCCL
-      harness qwen3_fixed_c3_base_r1 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      PYTHONPATH="$PWD/.var/sized18:$PYTHONPATH" harness qwen3_fixed_c3_base_r1 --preset qwen3 \
+        --tokens 8192 --fixed --chunks 3 --graph
       for r in 0 16 32; do
         EP_MOE_RESERVE_SMS=$r PYTHONPATH="$PWD/.var/flat:$PYTHONPATH" harness \
           qwen3_fixed_c3_flat$r --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
       done
-      harness qwen3_fixed_c3_base_r2 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      PYTHONPATH="$PWD/.var/sized18:$PYTHONPATH" harness qwen3_fixed_c3_base_r2 --preset qwen3 \
+        --tokens 8192 --fixed --chunks 3 --graph
       EP_MOE_RESERVE_SMS=16 PYTHONPATH="$PWD/.var/flat:$PYTHONPATH" timeout 150 \
         python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
         launch/probe_pipeline.py --chunks 3 2>&1 | grep "graph fwd" | cut -c1-200 \
