@@ -33,6 +33,14 @@
 #           loop (.var/flat: `git archive 1e70d94 ep_moe`) on every SM and on 16 and 32
 #           fewer (EP_MOE_RESERVE_SMS), between two runs of .var/sized18; then
 #           probe_pipeline.py's timelines with 16 fewer
+#   home18: Qwen3 fixed, one chunk with this rank's own rows kept home (.var/home: `git archive
+#           20e4af3 ep_moe`, branch exp/home-split, with EP_MOE_HOME_SPLIT=1: half of them
+#           beside the rows' exchange, half beside the partials') against 3 tapered chunks and
+#           one plain chunk (this checkout), in turn, twice; then probe_pipeline.py's timelines
+#           of the home split
+#   home18c: the same home split (.var/home) with 3 tapered chunks (the first chunk's own rows beside the
+#            first rows' exchange, the others' beside the last partials') against 3 chunks
+#            and the one-chunk home split, in turn, twice; then the timelines of both
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -43,6 +51,9 @@ harness() {  # harness NAME ARGS...: one run at W = n, its table printed, its JS
     --nproc-per-node "${NPROC:-$n}" launch/harness.py --json "$name.json" "$@" 2>&1 \
     | grep -v -i "warn" | tee "$OUT/$name.log" | grep "^| \|check\|Error\|error" | grep -v "^|---"
   pack
+}
+home() {  # home CMD...: CMD with stop 18's home split (.var/home, branch exp/home-split)
+  EP_MOE_HOME_SPLIT=1 PYTHONPATH="$PWD/.var/home:$PYTHONPATH" "$@"
 }
 nvidia-smi -L > "$OUT/gpus.txt"
 if [ -n "${TEST_FILES:-}" ]; then
@@ -155,6 +166,27 @@ for set in ${SET:-qwen3}; do
       EP_MOE_RESERVE_SMS=16 PYTHONPATH="$PWD/.var/flat:$PYTHONPATH" timeout 150 \
         python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
         launch/probe_pipeline.py --chunks 3 2>&1 | grep "graph fwd" | cut -c1-200 \
+        | tee "$OUT/pipeline.log"
+      pack ;;
+    home18)  # stop 18: a rank's own rows never travel, and hide both exchanges
+      for r in 1 2; do
+        home harness qwen3_fixed_home_r$r --preset qwen3 --tokens 8192 --fixed --graph
+        harness qwen3_fixed_c3_r$r --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      done
+      harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
+      home timeout 150 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+        launch/probe_pipeline.py --chunks 1 2>&1 | grep "graph fwd" | cut -c1-200 \
+        | tee "$OUT/pipeline.log"
+      pack ;;
+    home18c)  # stop 18: the home split in the 3-chunk pipeline
+      for r in 1 2; do
+        home harness qwen3_fixed_c3_home_r$r --preset qwen3 --tokens 8192 --fixed --chunks 3 \
+          --graph
+        harness qwen3_fixed_c3_r$r --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+        home harness qwen3_fixed_c1_home_r$r --preset qwen3 --tokens 8192 --fixed --graph
+      done
+      home timeout 150 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+        launch/probe_pipeline.py --chunks 1 3 2>&1 | grep "graph fwd" | cut -c1-200 \
         | tee "$OUT/pipeline.log"
       pack ;;
     final11)  # stop 11's code: Qwen3 fixed in 1 and 3 chunks, decode, Mixtral exact
