@@ -38,9 +38,10 @@
 #           beside the rows' exchange, half beside the partials') against 3 tapered chunks and
 #           one plain chunk (this checkout), in turn, twice; then probe_pipeline.py's timelines
 #           of the home split
-#   home18c: the same home split (.var/home) with 3 tapered chunks (the first chunk's own rows beside the
-#            first rows' exchange, the others' beside the last partials') against 3 chunks
-#            and the one-chunk home split, in turn, twice; then the timelines of both
+#   home18c: the same home split (.var/home) with 3 tapered chunks (the first chunk's own
+#            rows beside the first rows' exchange, the others' beside the last partials')
+#            against 3 chunks and the one-chunk home split, in turn, twice; then the
+#            timelines of both
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
