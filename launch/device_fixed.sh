@@ -42,6 +42,7 @@
 #            rows beside the first rows' exchange, the others' beside the last partials')
 #            against 3 chunks and the one-chunk home split, in turn, twice; then the
 #            timelines of both
+#   loop18: loop17 shortened to the device time left: per-expert, grouped, per-expert, at W = n
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -190,6 +191,11 @@ for set in ${SET:-qwen3}; do
         launch/probe_pipeline.py --chunks 1 3 2>&1 | grep "graph fwd" | cut -c1-200 \
         | tee "$OUT/pipeline.log"
       pack ;;
+    loop18)  # loop17's W = n comparison in three runs
+      harness mixtral_exact_loop_r1 --preset mixtral --tokens 8192
+      PYTHONPATH="$PWD/.var/grouped:$PYTHONPATH" harness mixtral_exact_grouped_r1 \
+        --preset mixtral --tokens 8192
+      harness mixtral_exact_loop_r2 --preset mixtral --tokens 8192 ;;
     final11)  # stop 11's code: Qwen3 fixed in 1 and 3 chunks, decode, Mixtral exact
       harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
       harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
