@@ -83,8 +83,9 @@ def time_fwd_and_fwd_bwd(module, x, g, device, iters, barrier=None) -> dict:
     return res
 
 
-def graph_time_us(fns, calls=12, replays=30, capture_error_mode="global"):
-    """Median per call of a graph that cycles through `fns` (one per input set)."""
+def capture_graph(fns, calls=1, capture_error_mode="global") -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls` calls cycling through `fns` (one per input set), each fn run
+    once on a side stream first (warm-up, as capture requires)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -95,6 +96,12 @@ def graph_time_us(fns, calls=12, replays=30, capture_error_mode="global"):
     with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
         for i in range(calls):
             fns[i % len(fns)]()
+    return graph
+
+
+def graph_time_us(fns, calls=12, replays=30, capture_error_mode="global"):
+    """Median per call of a graph that cycles through `fns` (one per input set)."""
+    graph = capture_graph(fns, calls, capture_error_mode)
     graph.replay()
     times = []
     for _ in range(replays):

@@ -22,22 +22,10 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import graph_time_us, out_dir  # noqa: E402
+from common import capture_graph, graph_time_us, out_dir  # noqa: E402
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.distributed import group_rank_and_size, init_distributed  # noqa: E402
-
-
-def capture(fwd) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fwd()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        fwd()
-    return graph
 
 
 def kernels_of(graph: torch.cuda.CUDAGraph, barrier) -> list[dict]:
@@ -69,15 +57,12 @@ def kind(name: str) -> str:
 def summary(ks: list[dict]) -> dict:
     """Span, busy time per kind, and the GEMMs' time that overlapped an NCCL kernel."""
     span = max((k["start"] + k["dur"] for k in ks), default=0.0)
-    busy = {}
+    spans = {"nccl": [], "gemm": [], "other": []}  # (start, end) of each kernel, by kind
     for k in ks:
-        busy[kind(k["name"])] = busy.get(kind(k["name"]), 0.0) + k["dur"]
-    nccl = [(k["start"], k["start"] + k["dur"]) for k in ks if kind(k["name"]) == "nccl"]
-    beside = 0.0
-    for k in ks:
-        if kind(k["name"]) == "gemm":
-            a, b = k["start"], k["start"] + k["dur"]
-            beside += sum(max(0.0, min(b, d) - max(a, c)) for c, d in nccl)
+        spans[kind(k["name"])].append((k["start"], k["start"] + k["dur"]))
+    busy = {n: sum(b - a for a, b in v) for n, v in spans.items() if v}
+    beside = sum(max(0.0, min(b, d) - max(a, c))
+                 for a, b in spans["gemm"] for c, d in spans["nccl"])
     return {"span_us": round(span, 1), **{f"{n}_us": round(v, 1) for n, v in busy.items()},
             "gemm_beside_nccl_us": round(beside, 1)}
 
@@ -104,11 +89,14 @@ def main():
         torch.manual_seed(0)
         layer = MoE(cfg, process_group=None if chunks is None else group, device=device,
                     dtype=dtype)
+
         def fwd():
             with torch.no_grad():
                 layer(x)
+
         barrier()
-        graph = capture(fwd)
+        # thread-local capture: NCCL's watchdog thread queries events meanwhile
+        graph = capture_graph([fwd], 1, "thread_local")
         barrier()
         ms = graph_time_us([fwd], 3, 20, "thread_local") / 1e3
         replays = [kernels_of(graph, barrier) for _ in range(args.replays)]
