@@ -43,6 +43,9 @@
 #            against 3 chunks and the one-chunk home split, in turn, twice; then the
 #            timelines of both
 #   loop18: loop17 shortened to the device time left: per-expert, grouped, per-expert, at W = n
+#   streams19: Qwen3 fixed in 3 chunks with each chunk's sort on a side stream and its slot
+#              reduction on another (EP_MOE_PIPE_STREAMS=2), the sort only (1) and neither
+#              (0: stop 18's pipeline), in turn, twice; then probe_pipeline.py's timelines of 2
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -190,6 +193,17 @@ for set in ${SET:-qwen3}; do
       home timeout 150 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
         launch/probe_pipeline.py --chunks 1 3 2>&1 | grep "graph fwd" | cut -c1-200 \
         | tee "$OUT/pipeline.log"
+      pack ;;
+    streams19)  # stop 19: the pipeline's bookkeeping and reductions off the GEMMs' stream
+      for r in 1 2; do
+        for v in 2 0 1; do
+          EP_MOE_PIPE_STREAMS=$v harness qwen3_fixed_c3_s${v}_r$r --preset qwen3 --tokens 8192 \
+            --fixed --chunks 3 --graph
+        done
+      done
+      EP_MOE_PIPE_STREAMS=2 timeout 150 python3 -m torch.distributed.run --standalone \
+        --nproc-per-node "$n" launch/probe_pipeline.py --chunks 3 2>&1 | grep "graph fwd" \
+        | cut -c1-200 | tee "$OUT/pipeline.log"
       pack ;;
     loop18)  # loop17's W = n comparison in three runs
       harness mixtral_exact_loop_r1 --preset mixtral --tokens 8192

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (copy_ceiling_gbs, graph_time_us, markdown_table, out_dir, sync,  # noqa: E402
-                    time_fwd_and_fwd_bwd, time_ms, write_json)
+from common import (capture_graph, copy_ceiling_gbs, graph_time_us, markdown_table,  # noqa: E402
+                    out_dir, sync, time_fwd_and_fwd_bwd, time_ms, write_json)
 
 import ep_moe  # noqa: E402
 from ep_moe import MoE, MoEConfig  # noqa: E402
@@ -123,6 +123,26 @@ def check(cfg: MoEConfig, group, device) -> dict:
         "grad_x_vs_single": rel(x.grad, x_all.grad[mine]) if x.shape[0] else 0.0,
         "grad_experts_vs_single": rel(ep.experts.gate_up_proj.grad, expert_grad),
     }
+    # inference: the no-grad forward (with chunks on CUDA, the pipeline's side streams), and
+    # with a fixed-size exchange on CUDA the same forward replayed from a CUDA graph, which
+    # must give the eager forward's output bit for bit
+    with torch.no_grad():
+        y_inf = ep(xs[rank])
+    errors["inference_vs_single"] = rel(y_inf, y_all[mine]) if x.shape[0] else 0.0
+    if device.type == "cuda" and small.max_tokens_per_rank is not None:
+        x_static, out = xs[rank].clone(), {}
+
+        def fwd():
+            with torch.no_grad():
+                out["y"] = ep(x_static)
+
+        dist.barrier(group)
+        graph = capture_graph([fwd], 1, "thread_local")
+        out["y"].fill_(float("nan"))
+        graph.replay()
+        sync(device)
+        same = torch.equal(out["y"], y_inf)
+        errors["graph_vs_eager"] = 0.0 if same else max(rel(out["y"], y_inf), 1.0)
     router_grad = ep.router.weight.grad.clone()
     if group is not None:
         dist.all_reduce(router_grad, group=group)  # replicated weights: sum over ranks
