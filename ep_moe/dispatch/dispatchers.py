@@ -294,7 +294,11 @@ class AllToAllDispatcher(_Dispatcher):
 
     def _streams(self, device) -> tuple:
         if device not in self._side_streams:  # constants per device, like the tables
-            self._side_streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+            # high priority: a waiting sort or reduction gets the next SM a GEMM tile frees,
+            # not the GEMM's queued tiles after it (4x H200, stop 19: at default priority a
+            # chunk's sort waited for the whole GEMM beside it)
+            self._side_streams[device] = tuple(torch.cuda.Stream(device, priority=-1)
+                                               for _ in range(2))
         return self._side_streams[device]
 
     def _owner_and_table(self, device):

@@ -164,7 +164,7 @@ def _layout_torch(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Tens
     pairs = torch.zeros(E + 1, dtype=torch.int64, device=topk_ids.device)  # E: padding / dump
     pairs.scatter_add_(0, torch.where(valid, ids, E).reshape(-1),
                        torch.ones(topk_ids.numel(), dtype=torch.int64, device=ids.device))
-    pairs[E] = 0
+    pairs[E:].zero_()  # a kernel, not a host-to-device copy: capturable in a CUDA graph
     meta = counts.new_empty(2, W, 1 + table.shape[1], dtype=torch.int64)
     meta[0] = torch.cat([counts[:, None].long(), pairs[table]], 1)
     return SendLayout(meta, copy_index, send_tokens[:cap], capacity)
