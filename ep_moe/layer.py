@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
 from .config import MoEConfig
-from .dispatch import ComputeStages, Dispatched, check_capacity, make_dispatcher
+from .dispatch import Dispatched, check_capacity, make_dispatcher
 from .distributed import all_gather_rows, check_same_config, group_rank_and_size
 from .experts import Experts, SharedExperts
 from .kernels import fused_mul_sum_rows
 from .kernels.fused_mul_sum import FLOAT_DTYPES
-from .kernels.expert_sort import ExpertSort, sort_by_expert
+from .kernels.expert_sort import sort_by_expert
 from .permute import expand_rows
 from .placement import ExpertPlacement
 from .router import Router, RouterOutput
 
 _EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
-
-
-class _ExpertPlan(NamedTuple):
-    """How `compute_experts` runs a batch of received rows (see `MoE._plan_experts`).
-    path: "fused" (Triton GEMMs from the token rows), "grouped" (sorted copy, torch's GEMMs or
-    the per-expert loop) or "dense" (every local expert on every row). order: the pairs sorted
-    by local expert (None for "dense"). row_index: (R, K) int32 row of each slot's output, -1
-    where the slot is not local. expected_pairs: the pairs the tile sizes are chosen for."""
-
-    path: Literal["fused", "grouped", "dense"]
-    order: Optional[ExpertSort]
-    row_index: torch.Tensor
-    expected_pairs: int
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -146,22 +133,12 @@ class MoE(nn.Module):
         return (y, route) if return_router_output else y
 
     def _routed(self, x_TD: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-        return self.dispatcher.run(x_TD, route.topk_ids, route.topk_weights, self.expert_stages)
-
-    @property
-    def expert_stages(self) -> ComputeStages:
-        """`compute_experts` in its three steps, which a dispatcher's pipeline runs on
-        different streams: the sort, the GEMMs, the reduction of each row's slots."""
-        return ComputeStages(self._plan_experts, self._expert_products, self._reduce_slots)
+        return self.dispatcher.run(x_TD, route.topk_ids, route.topk_weights,
+                                   self.compute_experts)
 
     def compute_experts(self, sent: Dispatched) -> torch.Tensor:
         """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots
         whose expert is local (the harness times this phase on its own)."""
-        return self.expert_stages(sent)
-
-    def _plan_experts(self, sent: Dispatched) -> _ExpertPlan:
-        """Which path the rows take, and the (row, slot) bookkeeping it needs: the pairs
-        sorted by local expert, or for the dense path each slot's row of its output."""
         ids = sent.topk_ids  # (R, K) global ids, -1 on padding rows
         # one rank: the router's own ids, all valid, and local ids = global ones
         expert_map = self.expert_map if self.world_size > 1 else None
@@ -173,35 +150,27 @@ class MoE(nn.Module):
         if not fused and 0 < R <= self.config.dense_max_rows:
             local_ids = ids if expert_map is None else \
                 torch.where(ids >= 0, expert_map[ids.clamp(min=0)], -1)
-            # the dense output's row (i, r) is expert i on row r
+            out_rows = self.experts.dense(sent.x)  # (e, R, D): row (i, r) is expert i on row r
             rows_of_slot = local_ids * R + torch.arange(R, device=ids.device)[:, None]
             row_index = torch.where(local_ids >= 0, rows_of_slot, -1).to(torch.int32)
-            return _ExpertPlan("dense", None, row_index, expected)
+            return fused_mul_sum_rows(out_rows.view(-1, sent.x.shape[1]), sent.topk_weights,
+                                      row_index)
         order = sort_by_expert(ids, len(self.local_expert_ids), num_pairs, expert_map)
-        return _ExpertPlan("fused" if fused else "grouped", order, order.row_index, expected)
-
-    def _expert_products(self, sent: Dispatched, plan: _ExpertPlan) -> torch.Tensor:
-        """The experts on the planned rows: (P, D) in sorted order, or (e * R, D) dense."""
-        if plan.path == "dense":
-            return self.experts.dense(sent.x).view(-1, sent.x.shape[1])  # (e * R, D)
-        order = plan.order
-        if plan.path == "fused":  # inference: gather and activation inside the Triton GEMMs
-            rows = plan.expected_pairs / max(self.experts.num_local_experts, 1)  # tiles for these
+        if fused:  # inference: gather and activation inside the Triton GEMMs
+            rows = expected / max(self.experts.num_local_experts, 1)  # tiles for these
             # chunks: the other chunks' exchanges run beside these GEMMs
             overlapped = self.world_size > 1 and self.config.dispatch_chunks > 1
-            return self.experts.fused_forward(sent.x, order.source_rows,
-                                              order.num_tokens_per_expert, rows,
-                                              overlapped=overlapped)  # (P, D)
-        # P a bound: gather only the sort's real pairs (its total, on the device)
-        count = None if sent.pairs_exact else order.offsets[-1:]
-        rows = expand_rows(sent.x, order.source_rows, order.row_index, count)  # (P, D)
-        return self.experts(rows, order.num_tokens_per_expert, order.offsets,
-                            sent.pairs_per_expert)  # (P, D)
-
-    def _reduce_slots(self, sent: Dispatched, plan: _ExpertPlan,
-                      out_rows: torch.Tensor) -> torch.Tensor:
+            out_rows = self.experts.fused_forward(sent.x, order.source_rows,
+                                                  order.num_tokens_per_expert, rows,
+                                                  overlapped=overlapped)  # (P, D)
+        else:
+            # P a bound: gather only the sort's real pairs (its total, on the device)
+            count = None if sent.pairs_exact else order.offsets[-1:]
+            rows = expand_rows(sent.x, order.source_rows, order.row_index, count)  # (P, D)
+            out_rows = self.experts(rows, order.num_tokens_per_expert, order.offsets,
+                                    sent.pairs_per_expert)  # (P, D)
         # the combine doubles as the un-permute: reads each row once, writes (R, D)
-        return fused_mul_sum_rows(out_rows, sent.topk_weights, plan.row_index)
+        return fused_mul_sum_rows(out_rows, sent.topk_weights, order.row_index)
 
     # checkpoints ----------------------------------------------------------------------------
 

@@ -43,9 +43,11 @@
 #            against 3 chunks and the one-chunk home split, in turn, twice; then the
 #            timelines of both
 #   loop18: loop17 shortened to the device time left: per-expert, grouped, per-expert, at W = n
-#   streams19: Qwen3 fixed in 3 chunks with each chunk's sort on a side stream and its slot
-#              reduction on another (EP_MOE_PIPE_STREAMS=2), the sort only (1) and neither
-#              (0: stop 18's pipeline), in turn, twice; then probe_pipeline.py's timelines of 2
+#   streams19: Qwen3 fixed in 3 chunks, stop 19's side streams (.var/streams: `git archive
+#              exp/side-streams ep_moe`): each chunk's sort on a high-priority side stream and
+#              its slot reduction on another (EP_MOE_PIPE_STREAMS=2), the sort only (1) and
+#              neither (0: stop 18's pipeline), in turn, twice; then probe_pipeline.py's
+#              timelines of 2
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -197,11 +199,13 @@ for set in ${SET:-qwen3}; do
     streams19)  # stop 19: the pipeline's bookkeeping and reductions off the GEMMs' stream
       for r in 1 2; do
         for v in 2 0 1; do
-          EP_MOE_PIPE_STREAMS=$v harness qwen3_fixed_c3_s${v}_r$r --preset qwen3 --tokens 8192 \
+          EP_MOE_PIPE_STREAMS=$v PYTHONPATH="$PWD/.var/streams:$PYTHONPATH" harness \
+            qwen3_fixed_c3_s${v}_r$r --preset qwen3 --tokens 8192 \
             --fixed --chunks 3 --graph
         done
       done
-      EP_MOE_PIPE_STREAMS=2 timeout 150 python3 -m torch.distributed.run --standalone \
+      EP_MOE_PIPE_STREAMS=2 PYTHONPATH="$PWD/.var/streams:$PYTHONPATH" timeout 150 \
+        python3 -m torch.distributed.run --standalone \
         --nproc-per-node "$n" launch/probe_pipeline.py --chunks 3 2>&1 | grep "graph fwd" \
         | cut -c1-200 | tee "$OUT/pipeline.log"
       pack ;;

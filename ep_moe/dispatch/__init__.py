@@ -6,9 +6,6 @@ The only package that moves activations between ranks. Three dispatchers share o
     y = dispatcher.combine(partial, dispatched.handle)             # (T, D) on the home rank
     y = dispatcher.run(x, topk_ids, topk_weights, compute)         # both, compute in between
 
-`compute` maps a `Dispatched` to its (R, D) partials; given as `ComputeStages` (prepare,
-products, reduce) a pipeline may run the three on different CUDA streams.
-
 `partial` (R, D) holds, per received row, the weighted sum over the row's slots whose expert is
 local. The handle is a frozen dataclass: nothing per call is kept on the dispatcher.
 
@@ -17,9 +14,9 @@ all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
 """
 
 from .dispatchers import (AllGatherDispatcher, AllGatherHandle, AllToAllDispatcher,
-                          AllToAllHandle, ComputeStages, Dispatched, Handle, LocalDispatcher, LocalHandle,
+                          AllToAllHandle, Dispatched, Handle, LocalDispatcher, LocalHandle,
                           check_capacity, chunk_bounds, make_dispatcher)
 
 __all__ = ["AllGatherDispatcher", "AllGatherHandle", "AllToAllDispatcher", "AllToAllHandle",
-           "ComputeStages", "Dispatched", "Handle", "LocalDispatcher", "LocalHandle", "check_capacity",
+           "Dispatched", "Handle", "LocalDispatcher", "LocalHandle", "check_capacity",
            "chunk_bounds", "make_dispatcher"]

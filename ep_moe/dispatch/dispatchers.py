@@ -6,8 +6,7 @@ See the package docstring for the interface they share.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import os
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -71,34 +70,6 @@ class Dispatched:
     handle: Handle
     pairs_exact: bool = True
     pairs_per_expert: Optional[tuple[int, ...]] = None
-
-
-class ComputeStages(NamedTuple):
-    """What a rank computes on its received rows, in three steps, so that a pipeline can run
-    them on different streams: `prepare(sent) -> plan` (latency-bound bookkeeping, such as
-    the sort by expert), `products(sent, plan) -> rows` (the expert GEMMs) and
-    `reduce(sent, plan, rows) -> (R, D)` partials (each row's local slots, weighted and
-    summed). Called on one `Dispatched`, it runs the three in turn."""
-
-    prepare: Callable[[Dispatched], Any]
-    products: Callable[[Dispatched, Any], torch.Tensor]
-    reduce: Callable[[Dispatched, Any, torch.Tensor], torch.Tensor]
-
-    def __call__(self, sent: Dispatched) -> torch.Tensor:
-        plan = self.prepare(sent)
-        return self.reduce(sent, plan, self.products(sent, plan))
-
-    @classmethod
-    def of(cls, compute) -> "ComputeStages":
-        """`compute` as stages: itself, or a plain `sent -> partial` callable as the middle
-        step."""
-        if isinstance(compute, cls):
-            return compute
-        return cls(lambda sent: None, lambda sent, plan: compute(sent),
-                   lambda sent, plan, rows: rows)
-
-
-_PIPE_STREAMS = int(os.environ.get("EP_MOE_PIPE_STREAMS", "2"))  # experiment: 0, 1, 2
 
 
 def _wait(work: Optional[dist.Work]) -> None:
@@ -215,7 +186,6 @@ class AllToAllDispatcher(_Dispatcher):
         self.chunks = chunks
         self._num_local_experts: Optional[int] = None  # this rank's, on the first exact dispatch
         self._tables: dict = {}
-        self._side_streams: dict = {}
 
     def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
         """Dispatch, compute, combine; with `chunks` > 1 (fixed-size exchange only) a pipeline.
@@ -223,10 +193,7 @@ class AllToAllDispatcher(_Dispatcher):
         Inference: every chunk's rows are issued at once, and no exchange is waited for before
         its result is read, so chunk i + 1's rows travel while chunk i's experts run and chunk
         i's partials travel home while chunk i + 1's experts run (on NCCL the exchanges run
-        on the group's stream). On CUDA, with `compute` as `ComputeStages`, each chunk's
-        bookkeeping runs on a side stream as soon as its rows land and its reduction on
-        another, so neither waits behind the GEMMs of the chunk before (see
-        `_run_on_streams`). Training: the chunks in turn. All ranks issue the same
+        on the group's stream). Training: the chunks in turn. All ranks issue the same
         collectives in the same order."""
         if self.chunks == 1:
             return super().run(x, topk_ids, topk_weights, compute)
@@ -240,66 +207,15 @@ class AllToAllDispatcher(_Dispatcher):
             return torch.cat([self.combine(compute(s), s.handle) for s in sent])
         started = [self._start_dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], C)
                    for a, b, C in bounds]
-        stages = ComputeStages.of(compute)
-        if x.device.type == "cuda" and _PIPE_STREAMS:
-            returning = self._run_on_streams(started, stages, x.device)
-        else:
-            returning = []
-            for flight in started:
-                sent = flight.wait()
-                returning.append((sent.handle, *self._start_return(stages(sent), sent.handle)))
+        returning = []
+        for flight in started:
+            sent = flight.wait()
+            returning.append((sent.handle, *self._start_return(compute(sent), sent.handle)))
         y = x.new_empty(x.shape)  # each chunk's sums written in place (no concatenation)
         for (a, b, _), (handle, back, work) in zip(bounds, returning):
             _wait(work)
             sum_rows(back, handle.copy_index, out=y[a:b])
         return y
-
-    def _run_on_streams(self, started, stages: ComputeStages, device) -> list:
-        """The chunks' compute over three streams (inference): each chunk's `prepare` on one
-        side stream, as soon as its rows land, its `products` (the GEMMs) on the current
-        stream, its `reduce` and the partials' exchange on another side stream, so that the
-        next chunk's GEMMs need not wait behind either. Returns each chunk's (handle, rows
-        coming back, work to wait for); the current stream has joined both side streams.
-
-        Memory: both side streams first wait for everything issued so far, so a block they
-        take from their own pool (freed there after the last call) is no longer read by that
-        call's work; every tensor that crosses streams is held until the join, but each
-        chunk's GEMM output, which the reduce stream reads after the current stream drops
-        it, is recorded on that stream."""
-        main = torch.cuda.current_stream(device)
-        prep, red = self._streams(device)
-        prep.wait_stream(main)
-        red.wait_stream(main)
-        planned = []
-        with torch.cuda.stream(prep):
-            for flight in started:
-                sent = flight.wait()  # this stream waits for the chunk's rows
-                planned.append((sent, stages.prepare(sent), prep.record_event()))
-        returning = []
-        for sent, plan, ready in planned:
-            main.wait_event(ready)
-            rows = stages.products(sent, plan)
-            if _PIPE_STREAMS > 1:
-                red.wait_stream(main)
-                rows.record_stream(red)
-                with torch.cuda.stream(red):
-                    partial = stages.reduce(sent, plan, rows)
-                    returning.append((sent.handle, *self._start_return(partial, sent.handle)))
-            else:
-                partial = stages.reduce(sent, plan, rows)
-                returning.append((sent.handle, *self._start_return(partial, sent.handle)))
-        main.wait_stream(prep)
-        main.wait_stream(red)
-        return returning
-
-    def _streams(self, device) -> tuple:
-        if device not in self._side_streams:  # constants per device, like the tables
-            # high priority: a waiting sort or reduction gets the next SM a GEMM tile frees,
-            # not the GEMM's queued tiles after it (4x H200, stop 19: at default priority a
-            # chunk's sort waited for the whole GEMM beside it)
-            self._side_streams[device] = tuple(torch.cuda.Stream(device, priority=-1)
-                                               for _ in range(2))
-        return self._side_streams[device]
 
     def _owner_and_table(self, device):
         if device not in self._tables:  # constants, cached per device (not module state)
