@@ -277,9 +277,11 @@ def test_fixed_capacity_layout_captures_in_a_cuda_graph(T):
     x = torch.randn(T, 64, device="cuda", dtype=torch.bfloat16)
     weights = torch.rand(T, K, device="cuda")
 
-    def step():
+    def step():  # what travels and is read: the metadata, the copy index, each send row's
+        # token and routing (not the bytes that pad a row to whole 16-byte lines)
         lay = dispatch_layout(ids, owner, table, capacity=C)
-        return lay.send_meta, lay.copy_index, gather_send_rows(x, weights, ids, lay)
+        return lay.send_meta, lay.copy_index, *split_packed(
+            gather_send_rows(x, weights, ids, lay), x.shape[1], K)
 
     eager = step()
     side = torch.cuda.Stream()
