@@ -11,7 +11,7 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 Activation = Literal["silu", "gelu", "relu"]
 ExpertImpl = Literal["auto", "grouped_mm", "loop"]
 Placement = Literal["linear", "round_robin"]
-Dispatcher = Literal["all_to_all", "all_to_all_pairs", "allgather"]
+Dispatcher = Literal["all_to_all", "allgather"]
 
 
 # Model presets run batches of at most this many rows per rank through every local expert:
@@ -78,13 +78,7 @@ class MoEConfig:
 
     # expert parallelism
     placement: Placement = "linear"  # linear: contiguous blocks of experts per rank
-    # all_to_all: a token travels once to each rank that owns one of its experts, one partial
-    # sum comes back. all_to_all_pairs: each (token, expert) pair travels, one exchange per
-    # local expert, so each expert's GEMMs start when its own rows land and its outputs
-    # leave while the next runs; more bytes where a token has several experts on one rank
-    # (for few large experts and a small top_k, as Mixtral's). allgather: every rank sees
-    # every token.
-    dispatcher: Dispatcher = "all_to_all"
+    dispatcher: Dispatcher = "all_to_all"  # allgather: every rank sees every token
     # a fixed-size exchange: every rank sends every other rank this many rows (padding
     # included) whatever the routing, so no split size is read back to the host and the
     # expert-parallel forward can be captured in a CUDA graph. Every rank must then pass at
@@ -112,7 +106,7 @@ class MoEConfig:
         _choice("activation", self.activation, ("silu", "gelu", "relu"))
         _choice("expert_impl", self.expert_impl, ("auto", "grouped_mm", "loop"))
         _choice("placement", self.placement, ("linear", "round_robin"))
-        _choice("dispatcher", self.dispatcher, ("all_to_all", "all_to_all_pairs", "allgather"))
+        _choice("dispatcher", self.dispatcher, ("all_to_all", "allgather"))
         if self.num_experts % self.num_expert_groups:
             raise ValueError(
                 f"MoEConfig.num_expert_groups must divide num_experts ({self.num_experts}), "
@@ -149,11 +143,6 @@ class MoEConfig:
                 f"exchange (max_tokens_per_rank set; each chunk would cost a host sync "
                 f"otherwise), got dispatch_chunks={self.dispatch_chunks}, dispatcher="
                 f"{self.dispatcher!r}, max_tokens_per_rank={self.max_tokens_per_rank}")
-        if self.dispatcher == "all_to_all_pairs" and self.max_tokens_per_rank is not None:
-            raise ValueError(
-                f"MoEConfig.max_tokens_per_rank (a fixed-size exchange) needs the all_to_all or "
-                f"allgather dispatcher; all_to_all_pairs exchanges exact split sizes, got "
-                f"max_tokens_per_rank={self.max_tokens_per_rank}")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts > 0")
         if self.shared_intermediate_size is not None and self.num_shared_experts == 0:

@@ -139,12 +139,6 @@ class MoE(nn.Module):
     def compute_experts(self, sent: Dispatched) -> torch.Tensor:
         """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots
         whose expert is local (the harness times this phase on its own)."""
-        if sent.rows_by_expert:  # grouped by local expert already, one pair of weight 1 each
-            counts = sent.pairs_per_expert
-            # non_blocking: a blocking copy would wait for the GPU (the expert before this one)
-            num_tokens_per_expert = torch.tensor(counts, dtype=torch.int64).to(
-                sent.x.device, non_blocking=True)
-            return self.experts(sent.x, num_tokens_per_expert, counts=counts)  # (R, D)
         ids = sent.topk_ids  # (R, K) global ids, -1 on padding rows
         # one rank: the router's own ids, all valid, and local ids = global ones
         expert_map = self.expert_map if self.world_size > 1 else None

@@ -48,10 +48,11 @@
 #              its slot reduction on another (EP_MOE_PIPE_STREAMS=2), the sort only (1) and
 #              neither (0: stop 18's pipeline), in turn, twice; then probe_pipeline.py's
 #              timelines of 2
-#   pairs19: Mixtral exact (8192 tokens per GPU): the pair dispatcher (all_to_all_pairs: a
-#            row per (token, expert), one exchange per local expert, each expert's GEMMs
-#            beside the next one's rows and the last one's outputs) against all_to_all, in
-#            turn, twice at W = n, then once each at W = 2
+#   pairs19: Mixtral exact (8192 tokens per GPU): stop 19's pair dispatcher (.var/pairs: `git
+#            archive exp/pairs ep_moe`; all_to_all_pairs: a row per (token, expert), one
+#            exchange per local expert, each expert's GEMMs beside the next one's rows and the
+#            last one's outputs) against all_to_all, in turn, twice at W = n, then once each
+#            at W = 2 (the harness of that branch: `git show exp/pairs:launch/harness.py`)
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -215,11 +216,12 @@ for set in ${SET:-qwen3}; do
       pack ;;
     pairs19)  # stop 19: the pair dispatcher against the token one, Mixtral's shape
       for r in 1 2; do
-        harness mixtral_pairs_r$r --preset mixtral --tokens 8192 --dispatcher all_to_all_pairs
+        PYTHONPATH="$PWD/.var/pairs:$PYTHONPATH" harness mixtral_pairs_r$r --preset mixtral \
+          --tokens 8192 --dispatcher all_to_all_pairs
         harness mixtral_exact_r$r --preset mixtral --tokens 8192
       done
-      NPROC=2 harness mixtral_pairs_W2 --preset mixtral --tokens 8192 \
-        --dispatcher all_to_all_pairs
+      NPROC=2 PYTHONPATH="$PWD/.var/pairs:$PYTHONPATH" harness mixtral_pairs_W2 \
+        --preset mixtral --tokens 8192 --dispatcher all_to_all_pairs
       NPROC=2 harness mixtral_exact_W2 --preset mixtral --tokens 8192 ;;
     loop18)  # loop17's W = n comparison in three runs
       harness mixtral_exact_loop_r1 --preset mixtral --tokens 8192

@@ -42,8 +42,7 @@ def parse_args():
     p.add_argument("--preset", default=None,
                    help="tiny | mixtral | qwen3 | deepseek_v3 (default: mixtral on GPU, tiny on CPU)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank (T)")
-    p.add_argument("--dispatcher", default="all_to_all", choices=["all_to_all", "all_to_all_pairs", "allgather", "both"],
-                   help="both: all_to_all and allgather")
+    p.add_argument("--dispatcher", default="all_to_all", choices=["all_to_all", "allgather", "both"])
     p.add_argument("--placement", default="linear", choices=["linear", "round_robin"])
     p.add_argument("--fixed", action="store_true",
                    help="fixed-size exchange: MoEConfig.max_tokens_per_rank = T (no host sync)")
@@ -272,11 +271,6 @@ def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
         res["rows_sent"], res["rows_received"] = sum(h.input_splits), sum(h.output_splits)
         width, _ = packed_row(D, route.topk_ids.shape[1], x.dtype)  # a token and its routing
         res["dispatch_bytes"] = res["rows_sent"] * width * x.element_size()
-        res["combine_bytes"] = res["rows_received"] * row_bytes
-    if hasattr(h, "send_splits"):  # all_to_all_pairs: a row per (token, expert) each way
-        res["rows_sent"] = sum(map(sum, h.send_splits))
-        res["rows_received"] = sum(map(sum, h.recv_splits))
-        res["dispatch_bytes"] = res["rows_sent"] * row_bytes
         res["combine_bytes"] = res["rows_received"] * row_bytes
     res["local_pairs"] = h.num_local_pairs
     return res

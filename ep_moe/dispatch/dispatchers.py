@@ -62,10 +62,7 @@ class Dispatched:
     topk_weights (R, K) fp32, and the handle `combine` needs. pairs_exact: whether
     `handle.num_local_pairs` is the count of local pairs, or (a fixed-size exchange, which
     reads nothing back) a bound on it. pairs_per_expert: the local pairs of each local expert,
-    on the host where the exchange read them anyway (the exact exchanges), else None.
-    rows_by_expert: the rows are already grouped by local expert, `pairs_per_expert` of each
-    in order, and each row is one pair of weight 1 (the pair dispatcher, whose home rank
-    applies the weights): the partial of a row is its expert's output."""
+    on the host where the exchange read them anyway (the exact exchanges), else None."""
 
     x: torch.Tensor
     topk_ids: torch.Tensor
@@ -73,7 +70,6 @@ class Dispatched:
     handle: Handle
     pairs_exact: bool = True
     pairs_per_expert: Optional[tuple[int, ...]] = None
-    rows_by_expert: bool = False
 
 
 def _wait(work: Optional[dist.Work]) -> None:
@@ -342,7 +338,4 @@ def make_dispatcher(config, placement: ExpertPlacement, group: Optional[ProcessG
     if config.dispatcher == "all_to_all":
         return AllToAllDispatcher(placement, group, config.max_tokens_per_rank,
                                   config.dispatch_chunks)
-    if config.dispatcher == "all_to_all_pairs":
-        from .pairs import PairAllToAllDispatcher  # pairs.py imports this module
-        return PairAllToAllDispatcher(placement, group, rank)
     return AllGatherDispatcher(placement, group, rank, config.max_tokens_per_rank)
