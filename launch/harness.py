@@ -123,9 +123,9 @@ def check(cfg: MoEConfig, group, device) -> dict:
         "grad_x_vs_single": rel(x.grad, x_all.grad[mine]) if x.shape[0] else 0.0,
         "grad_experts_vs_single": rel(ep.experts.gate_up_proj.grad, expert_grad),
     }
-    # inference: the no-grad forward (with chunks on CUDA, the pipeline's side streams), and
-    # with a fixed-size exchange on CUDA the same forward replayed from a CUDA graph, which
-    # must give the eager forward's output bit for bit
+    # inference: the no-grad forward (with chunks, the pipeline that the gradient path never
+    # takes), and with a fixed-size exchange on CUDA the same forward replayed from a CUDA
+    # graph, which must give the eager forward's output bit for bit
     with torch.no_grad():
         y_inf = ep(xs[rank])
     errors["inference_vs_single"] = rel(y_inf, y_all[mine]) if x.shape[0] else 0.0
