@@ -12,6 +12,7 @@ Activation = Literal["silu", "gelu", "relu"]
 ExpertImpl = Literal["auto", "grouped_mm", "loop"]
 Placement = Literal["linear", "round_robin"]
 Dispatcher = Literal["all_to_all", "allgather"]
+Exchange = Literal["collective", "nvlink"]
 
 
 # Model presets run batches of at most this many rows per rank through every local expert:
@@ -91,6 +92,13 @@ class MoEConfig:
     # chunk's exchange takes its share of max_tokens_per_rank rows per rank
     # (`ep_moe.dispatch.chunk_bounds`). Training runs the chunks in turn.
     dispatch_chunks: int = 1
+    # how a fixed-size exchange moves its rows in inference. collective: NCCL's (or gloo's)
+    # all-to-all. nvlink (CUDA): the send kernel stores each row straight into the receiving
+    # rank's buffer and the slot reduction stores each partial straight into its home rank's
+    # (torch symmetric memory; barriers where the rows must have landed). No send buffer, no
+    # padding row's token sent, and no SMs of NCCL's beside the experts. Training runs the
+    # collectives either way.
+    exchange: Exchange = "collective"
 
     # init
     init_std: float = 0.02
@@ -143,6 +151,13 @@ class MoEConfig:
                 f"exchange (max_tokens_per_rank set; each chunk would cost a host sync "
                 f"otherwise), got dispatch_chunks={self.dispatch_chunks}, dispatcher="
                 f"{self.dispatcher!r}, max_tokens_per_rank={self.max_tokens_per_rank}")
+        _choice("exchange", self.exchange, ("collective", "nvlink"))
+        if self.exchange == "nvlink" and (self.max_tokens_per_rank is None
+                                          or self.dispatcher != "all_to_all"):
+            raise ValueError(
+                f"MoEConfig.exchange='nvlink' needs the all_to_all dispatcher with a fixed-size "
+                f"exchange (max_tokens_per_rank set), got dispatcher={self.dispatcher!r}, "
+                f"max_tokens_per_rank={self.max_tokens_per_rank}")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts > 0")
         if self.shared_intermediate_size is not None and self.num_shared_experts == 0:

@@ -136,9 +136,14 @@ class MoE(nn.Module):
         return self.dispatcher.run(x_TD, route.topk_ids, route.topk_weights,
                                    self.compute_experts)
 
-    def compute_experts(self, sent: Dispatched) -> torch.Tensor:
+    def compute_experts(self, sent: Dispatched,
+                        outputs: Optional[list] = None) -> Optional[torch.Tensor]:
         """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots
-        whose expert is local (the harness times this phase on its own)."""
+        whose expert is local (the harness times this phase on its own).
+
+        outputs: None, or W tensors (R / W, D) (views of the home ranks' memory, for the
+        exchange over NVLink), a list or a dict by w in the order to write them: rows
+        [w R / W, (w + 1) R / W) are written into outputs[w] and None is returned."""
         ids = sent.topk_ids  # (R, K) global ids, -1 on padding rows
         # one rank: the router's own ids, all valid, and local ids = global ones
         expert_map = self.expert_map if self.world_size > 1 else None
@@ -153,8 +158,8 @@ class MoE(nn.Module):
             out_rows = self.experts.dense(sent.x)  # (e, R, D): row (i, r) is expert i on row r
             rows_of_slot = local_ids * R + torch.arange(R, device=ids.device)[:, None]
             row_index = torch.where(local_ids >= 0, rows_of_slot, -1).to(torch.int32)
-            return fused_mul_sum_rows(out_rows.view(-1, sent.x.shape[1]), sent.topk_weights,
-                                      row_index)
+            return _reduce_slots(out_rows.view(-1, sent.x.shape[1]), sent.topk_weights,
+                                 row_index, outputs)
         order = sort_by_expert(ids, len(self.local_expert_ids), num_pairs, expert_map)
         if fused:  # inference: gather and activation inside the Triton GEMMs
             rows = expected / max(self.experts.num_local_experts, 1)  # tiles for these
@@ -170,7 +175,7 @@ class MoE(nn.Module):
             out_rows = self.experts(rows, order.num_tokens_per_expert, order.offsets,
                                     sent.pairs_per_expert)  # (P, D)
         # the combine doubles as the un-permute: reads each row once, writes (R, D)
-        return fused_mul_sum_rows(out_rows, sent.topk_weights, order.row_index)
+        return _reduce_slots(out_rows, sent.topk_weights, order.row_index, outputs)
 
     # checkpoints ----------------------------------------------------------------------------
 
@@ -207,3 +212,15 @@ class MoE(nn.Module):
         c = self.config
         return (f"D={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, K={c.top_k}, "
                 f"rank={self.rank}/{self.world_size}, local_experts={len(self.local_expert_ids)}")
+
+
+def _reduce_slots(out_rows, topk_weights, row_index, outputs):
+    """The slot reduction into one (R, D) result, or, with `outputs` (a list, or a dict by
+    slice in the order to write them), rows [w n, (w + 1) n) into outputs[w]."""
+    if outputs is None:
+        return fused_mul_sum_rows(out_rows, topk_weights, row_index)
+    n = row_index.shape[0] // len(outputs)
+    for w, out in (outputs.items() if isinstance(outputs, dict) else enumerate(outputs)):
+        fused_mul_sum_rows(out_rows, topk_weights[w * n:(w + 1) * n],
+                           row_index[w * n:(w + 1) * n], outputs=out)
+    return None

@@ -53,6 +53,10 @@
 #            exchange per local expert, each expert's GEMMs beside the next one's rows and the
 #            last one's outputs) against all_to_all, in turn, twice at W = n, then once each
 #            at W = 2 (the harness of that branch: `git show exp/pairs:launch/harness.py`)
+#   nvlink20: Qwen3 fixed over NVLink (MoEConfig.exchange="nvlink") in 1 and 3 chunks against
+#             NCCL's in 3 and 1, in turn; then Mixtral fixed over NVLink
+#   nvlink20b: probe_pipeline.py's timelines of the NVLink exchange in 1, 2 and 3 chunks (the
+#              pipeline's send kernel on 32, 264 and all programs), then NCCL's in 1 and 3
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -223,6 +227,31 @@ for set in ${SET:-qwen3}; do
       NPROC=2 PYTHONPATH="$PWD/.var/pairs:$PYTHONPATH" harness mixtral_pairs_W2 \
         --preset mixtral --tokens 8192 --dispatcher all_to_all_pairs
       NPROC=2 harness mixtral_exact_W2 --preset mixtral --tokens 8192 ;;
+    nvlink20)  # stop 20: the fixed exchange over NVLink (--exchange nvlink: the send kernel and
+      # the slot reduction store into the peers' symmetric memory) against NCCL's, Qwen3 in
+      # 1 and 3 chunks, then Mixtral in one; nothing timed unless the check passes
+      HARNESS_TIMEOUT=120 harness nvlink_check --preset qwen3 --tokens 8192 --fixed \
+        --chunks 3 --exchange nvlink --check-only
+      grep -q "check all_to_all: OK" "$OUT/nvlink_check.log" || break
+      harness qwen3_nvlink_c1 --preset qwen3 --tokens 8192 --fixed --exchange nvlink --graph
+      harness qwen3_fixed_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      harness qwen3_nvlink_c3 --preset qwen3 --tokens 8192 --fixed --chunks 3 \
+        --exchange nvlink --graph
+      harness qwen3_fixed_c1 --preset qwen3 --tokens 8192 --fixed --graph
+      harness mixtral_nvlink_c1 --preset mixtral --tokens 8192 --fixed --exchange nvlink \
+        --graph ;;
+    nvlink20b)  # stop 20: timelines and graph times of the NVLink exchange in 1, 2 and 3
+      # chunks, the pipeline's send kernel on 32, 264 and every program it can have
+      # (probe_pipeline.py), then NCCL's in 1 and 3 chunks on the same machine
+      timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+        launch/probe_pipeline.py --exchange nvlink --chunks 1 2 3 \
+        --send-programs 32 264 100000 2>&1 | grep "graph fwd\|Error" | cut -c1-300 \
+        | tee "$OUT/pipeline_nvlink.log"
+      for f in "$OUT"/pipeline_qwen3_r*.json; do mv "$f" "${f/qwen3/qwen3_nvlink}"; done
+      timeout 150 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+        launch/probe_pipeline.py --chunks 1 3 2>&1 | grep "graph fwd\|Error" | cut -c1-300 \
+        | tee "$OUT/pipeline_collective.log"
+      pack ;;
     loop18)  # loop17's W = n comparison in three runs
       harness mixtral_exact_loop_r1 --preset mixtral --tokens 8192
       PYTHONPATH="$PWD/.var/grouped:$PYTHONPATH" harness mixtral_exact_grouped_r1 \

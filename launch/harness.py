@@ -48,6 +48,9 @@ def parse_args():
                    help="fixed-size exchange: MoEConfig.max_tokens_per_rank = T (no host sync)")
     p.add_argument("--chunks", type=int, default=1,
                    help="with --fixed: MoEConfig.dispatch_chunks (exchanges overlap experts)")
+    p.add_argument("--exchange", default="collective", choices=["collective", "nvlink"],
+                   help="with --fixed: MoEConfig.exchange (nvlink: stores into the peers' "
+                        "symmetric memory, inference only)")
     p.add_argument("--graph", action="store_true",
                    help="also time the no-grad forward as CUDA-graph replays (GPU; the "
                         "expert-parallel layer only with --fixed)")
@@ -94,7 +97,8 @@ def check(cfg: MoEConfig, group, device) -> dict:
     small = cfg.replace(hidden_size=D, intermediate_size=min(cfg.intermediate_size, 64),
                         shared_intermediate_size=None, max_tokens_per_rank=cap)
     torch.manual_seed(0)
-    full = MoE(small.replace(max_tokens_per_rank=None, dispatch_chunks=1), device=device)
+    full = MoE(small.replace(max_tokens_per_rank=None, dispatch_chunks=1,
+                             exchange="collective"), device=device)
     torch.manual_seed(0)
     ep = MoE(small, process_group=group, device=device)
     gen = torch.Generator().manual_seed(99)
@@ -143,6 +147,14 @@ def check(cfg: MoEConfig, group, device) -> dict:
         sync(device)
         same = torch.equal(out["y"], y_inf)
         errors["graph_vs_eager"] = 0.0 if same else max(rel(out["y"], y_inf), 1.0)
+    if small.exchange == "nvlink":  # the same rows and partials as the collectives bring
+        torch.manual_seed(0)
+        ep_collective = MoE(small.replace(exchange="collective"), process_group=group,
+                            device=device)
+        with torch.no_grad():
+            y_collective = ep_collective(xs[rank])
+        same = torch.equal(y_inf, y_collective)
+        errors["nvlink_vs_collective"] = 0.0 if same else max(rel(y_inf, y_collective), 1.0)
     router_grad = ep.router.weight.grad.clone()
     if group is not None:
         dist.all_reduce(router_grad, group=group)  # replicated weights: sum over ranks
@@ -303,7 +315,8 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
     T, iters = args.tokens, args.iters
     barrier = (lambda: dist.barrier(group)) if group is not None else None
     out = {"dispatcher": cfg.dispatcher, "W": W, "T_per_rank": T,
-           "max_tokens_per_rank": cfg.max_tokens_per_rank, "chunks": cfg.dispatch_chunks}
+           "max_tokens_per_rank": cfg.max_tokens_per_rank, "chunks": cfg.dispatch_chunks,
+           "exchange": cfg.exchange}
     single = None
     if not args.no_baseline:
         torch.manual_seed(0)
@@ -336,7 +349,8 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
     del single
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    out.update(time_phases(layer, T, dtype, device, iters, barrier))
+    if cfg.exchange == "collective":  # the phases are the collectives' (nvlink: one piece)
+        out.update(time_phases(layer, T, dtype, device, iters, barrier))
     out["tokens_per_s"] = T / out["fwd_ms"] * 1e3
     out["fwd_bwd_tokens_per_s"] = T / out["fwd_bwd_ms"] * 1e3
     if group is not None and "dispatch_bytes" in out:
@@ -392,8 +406,10 @@ def main():
 
     def config(kind):
         chunks = args.chunks if kind == "all_to_all" else 1
+        exchange = args.exchange if kind == "all_to_all" else "collective"
         return MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement,
-                                max_tokens_per_rank=cap, dispatch_chunks=chunks)
+                                max_tokens_per_rank=cap, dispatch_chunks=chunks,
+                                exchange=exchange)
 
     for kind in dispatchers:
         cfg = config(kind)
@@ -416,7 +432,7 @@ def main():
             if rank == 0:
                 # the slowest rank's row, and each ratio's median over every rank and round
                 slowest = dict(max(runs, key=lambda r: r["fwd_bwd_ms"]), **summary)
-                cols = ["dispatcher", "max_tokens_per_rank", "chunks", "W", "T_per_rank", "fwd_ms",
+                cols = ["dispatcher", "exchange", "max_tokens_per_rank", "chunks", "W", "T_per_rank", "fwd_ms",
                         "fwd_bwd_ms", "graph_fwd_ms", "single_graph_fwd_ms", "tokens_per_s",
                         "route_ms", "dispatch_ms", "experts_ms", "combine_ms",
                         "dispatch_vs_raw", "combine_vs_raw", "dispatch_exchange_vs_raw",

@@ -14,7 +14,7 @@ import ep_moe.kernels.dispatch_layout as layout_module
 from dist_utils import expected_local_experts
 from ep_moe import ExpertPlacement
 from ep_moe.kernels.dispatch_layout import (_layout_torch, dispatch_layout, gather_send_rows,
-                                           packed_row, split_packed)
+                                           packed_row, push_send_rows, split_packed)
 from ep_moe.kernels.fused_mul_sum import _use_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -346,6 +346,65 @@ def test_gather_send_rows_fixed_capacity(T, impl, dtype, monkeypatch):
     # padding: zeros and no slot (ids -1, weights 0), so a receiver may read every row
     assert (send_x.cpu()[pad] == 0).all()
     assert (send_routing.cpu()[pad, :K] == 0).all() and (send_routing.cpu()[pad, K:] == -1).all()
+
+
+@pytest.mark.parametrize("T,impl,programs", [
+    (37, "kernel", None),  # a program per row
+    (37, "kernel", 5),     # 5 programs stepping over the 41 rows of each rank
+    (37, "torch", None),
+    (0, "torch", None),    # every row is padding
+])
+def test_push_send_rows_writes_each_ranks_rows_into_its_output(T, impl, programs, monkeypatch):
+    # the exchange over NVLink: rank w's rows go straight into outputs[w] (here plain tensors
+    # standing for views of the other ranks' memory); real rows as gather_send_rows writes
+    # them, padding rows their routing (no slot) and, from the kernel, not their token
+    K, E, W, C, D = 8, 16, 3, 41, 129
+    ids, owner = routed_ids(T, K, E, seed=5), make_owner(E, W, "round_robin")
+    table = make_table(owner, W)
+    lay = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE), capacity=C) \
+        if _use_triton(ids.to(DEVICE)) else _layout_torch(ids, owner, table, C)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, D, generator=g).to(DEVICE, torch.bfloat16)
+    weights = torch.rand(T, K, generator=g).to(DEVICE)
+    want = gather_send_rows(x, weights, ids.to(DEVICE), lay)
+    width = packed_row(D, K, x.dtype)[0]
+    outputs = [torch.full((C, width), float("nan"), dtype=x.dtype, device=DEVICE)
+               for _ in range(W)]
+    if impl == "torch":
+        monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
+    # a dict by rank, in the order to write them (here the last rank first)
+    by_rank = {w: outputs[w] for w in reversed(range(W))} if programs else outputs
+    push_send_rows(x, weights, ids.to(DEVICE), lay, by_rank, programs)
+    monkeypatch.undo()
+    copies = lay.send_meta[:, 0].cpu()
+    for w in range(W):
+        got_x, got_routing = split_packed(outputs[w].cpu(), D, K)
+        want_x, want_routing = split_packed(want[w * C:(w + 1) * C].cpu(), D, K)
+        n = int(copies[w])
+        assert torch.equal(got_routing, want_routing)  # every row: padding has ids -1
+        assert torch.equal(got_x[:n], want_x[:n])
+        if impl == "kernel":  # the padding rows' tokens are not sent
+            assert got_x[n:].isnan().all()
+
+
+def test_push_send_rows_validation():
+    K, E, W, C, D = 2, 8, 2, 6, 16
+    ids, owner = routed_ids(6, K, E, seed=4), make_owner(E, W, "linear")
+    table = make_table(owner, W).to(DEVICE)
+    x = torch.randn(6, D, device=DEVICE)
+    weights = torch.rand(6, K, device=DEVICE)
+    fixed = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table, capacity=C)
+    width = packed_row(D, K, x.dtype)[0]
+    good = [x.new_empty(C, width) for _ in range(W)]
+    packed = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table)
+    with pytest.raises(ValueError, match="fixed-size layout"):
+        push_send_rows(x, weights, ids.to(DEVICE), packed, good)
+    with pytest.raises(ValueError, match=r"outputs must be a list of W = 2 tensors, got 1"):
+        push_send_rows(x, weights, ids.to(DEVICE), fixed, good[:1])
+    with pytest.raises(ValueError, match=r"outputs\[1\] must be \(6, \d+\)"):
+        push_send_rows(x, weights, ids.to(DEVICE), fixed, [good[0], x.new_empty(C, width + 1)])
+    with pytest.raises(ValueError, match="programs must be None or an int >= 1, got 0"):
+        push_send_rows(x, weights, ids.to(DEVICE), fixed, good, programs=0)
 
 
 @pytest.mark.parametrize("capacity", [

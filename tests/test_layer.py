@@ -337,6 +337,9 @@ def test_reproducible_init():
     (dict(dispatch_chunks=0), "dispatch_chunks"),
     (dict(dispatch_chunks=2), "dispatch_chunks"),  # chunks need a fixed-size exchange
     (dict(dispatch_chunks=2, max_tokens_per_rank=8, dispatcher="allgather"), "dispatch_chunks"),
+    (dict(exchange="shm"), "exchange"),
+    (dict(exchange="nvlink"), "exchange='nvlink' needs"),  # no fixed-size exchange
+    (dict(exchange="nvlink", max_tokens_per_rank=8, dispatcher="allgather"), "exchange"),
 ])
 def test_config_validation(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -463,3 +466,39 @@ def test_dispatcher_checks_capacity_before_any_collective(dispatcher, chunks):
     ids = torch.arange(T * K).reshape(T, K) % cfg.num_experts
     with pytest.raises(ValueError, match="5 tokens on this rank.*max_tokens_per_rank=4"):
         d.run(x, ids, torch.full((T, K), 1.0 / K), lambda sent: sent.x)
+
+
+def test_nvlink_exchange_needs_cuda_tensors():
+    """exchange='nvlink' stores into other GPUs' memory: on CPU tensors it raises a clear error
+    (on every rank alike) before any collective or allocation."""
+    from ep_moe.dispatch import make_dispatcher
+    from ep_moe.placement import ExpertPlacement
+
+    cfg = MoEConfig.tiny(max_tokens_per_rank=4, exchange="nvlink")
+    d = make_dispatcher(cfg, ExpertPlacement(cfg.num_experts, 2, cfg.placement), group=None,
+                        rank=0)
+    T, K = 4, cfg.top_k
+    ids = torch.arange(T * K).reshape(T, K) % cfg.num_experts
+    with torch.no_grad(), pytest.raises(ValueError, match="needs CUDA tensors.*got x on cpu"):
+        d.run(torch.randn(T, cfg.hidden_size), ids, torch.full((T, K), 1.0 / K),
+              lambda sent, outputs=None: None)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 4])
+def test_compute_experts_into_outputs(parts):
+    """The slot reduction written into W outputs (views of the home ranks' memory under the
+    NVLink exchange) holds, row for row, what the one-piece reduction returns."""
+    from ep_moe.dispatch import LocalDispatcher
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig.tiny(), device=DEVICE)
+    x = torch.randn(24, layer.config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        route = layer.router(x)
+        sent = LocalDispatcher().dispatch(x, route.topk_ids, route.topk_weights)
+        want = layer.compute_experts(sent)
+        outputs = [torch.full((24 // parts, x.shape[1]), float("nan"), device=DEVICE)
+                   for _ in range(parts)]
+        by_rank = {w: outputs[w] for w in reversed(range(parts))}  # in the order to write
+        assert layer.compute_experts(sent, outputs=by_rank if parts > 2 else outputs) is None
+    assert torch.equal(torch.cat(outputs), want)

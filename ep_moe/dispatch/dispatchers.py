@@ -13,12 +13,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from ..kernels.dispatch_layout import META_COPIES, META_PAIRS, dispatch_layout, gather_send_rows
+from ..kernels.dispatch_layout import (META_COPIES, META_PAIRS, dispatch_layout,
+                                       gather_send_rows, packed_row, push_send_rows, split_packed)
 from ..kernels.fused_mul_sum import needs_grad
 from ..permute import count_ids, sum_rows
 from ..placement import ExpertPlacement
 from .collectives import (_AllGather, _ReduceScatter, _ReturnRows, _SendRows,
                           _start_all_to_all, _start_exchange_rows)
+from .peer import (START_CHANNEL, PeerBuffers, check_peer_device, partials_channel,
+                   rows_channel)
+
+# programs of a pipeline's send kernel: its rows travel beside the chunk before's experts
+_PEER_SEND_PROGRAMS = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,12 +186,14 @@ class AllToAllDispatcher(_Dispatcher):
     """
 
     def __init__(self, placement: ExpertPlacement, group: ProcessGroup,
-                 capacity: Optional[int] = None, chunks: int = 1):
+                 capacity: Optional[int] = None, chunks: int = 1, exchange: str = "collective"):
         self.placement, self.group, self.capacity = placement, group, capacity
         self.world_size = placement.world_size
-        self.chunks = chunks
+        self.chunks, self.exchange = chunks, exchange
         self._num_local_experts: Optional[int] = None  # this rank's, on the first exact dispatch
         self._tables: dict = {}
+        self._peer: Optional[PeerBuffers] = None  # exchange "nvlink": on the first forward
+        self._streams: dict = {}
 
     def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
         """Dispatch, compute, combine; with `chunks` > 1 (fixed-size exchange only) a pipeline.
@@ -195,6 +203,8 @@ class AllToAllDispatcher(_Dispatcher):
         i's partials travel home while chunk i + 1's experts run (on NCCL the exchanges run
         on the group's stream). Training: the chunks in turn. All ranks issue the same
         collectives in the same order."""
+        if self.exchange == "nvlink" and not needs_grad(x, topk_weights):
+            return self._run_peer(x, topk_ids, topk_weights, compute)
         if self.chunks == 1:
             return super().run(x, topk_ids, topk_weights, compute)
         T = x.shape[0]
@@ -216,6 +226,69 @@ class AllToAllDispatcher(_Dispatcher):
             _wait(work)
             sum_rows(back, handle.copy_index, out=y[a:b])
         return y
+
+    def _run_peer(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
+        """`run` over NVLink (`ep_moe.dispatch.peer`): the chunks' rows are stored into the
+        expert ranks' buffers on a send stream, each chunk's experts wait for its barrier, the
+        slot reductions store the partials into the home ranks' buffers, and the home sums wait
+        for the partials' barriers (on a return stream). One chunk or many, no host sync."""
+        check_peer_device(x, self.group)
+        (T, K), D, C = topk_ids.shape, x.shape[1], self.capacity
+        check_capacity(T, C)
+        peer = self._peer_buffers(x, K)
+        W, rank = self.world_size, peer.rank
+        owner, table = self._owner_and_table(x.device)
+        main = torch.cuda.current_stream(x.device)
+        send, ret = self._side_streams(x.device)
+        # each rank writes to the next rank first, so no rank takes every rank's first stores
+        order = [(rank + s) % W for s in range(1, W + 1)]
+        peer.barrier(START_CHANNEL)  # every rank is done reading the last forward's regions
+        chunks, offset = [], 0
+        for a, b in chunk_bounds(C, self.chunks):
+            # the layout on the main stream: the home sums need it too
+            layout = dispatch_layout(topk_ids[min(a, T):min(b, T)], owner, table,
+                                     capacity=b - a)
+            chunks.append((min(a, T), min(b, T), b - a, W * offset, layout))
+            offset += b - a
+        landed = []
+        send.wait_stream(main)
+        with torch.cuda.stream(send):
+            for i, (a, b, Ci, row, layout) in enumerate(chunks):
+                outputs = {w: peer.recv(w, row + rank * Ci, Ci) for w in order}
+                # with chunks, a few programs: the experts of the chunk before run beside
+                programs = None if len(chunks) == 1 else _PEER_SEND_PROGRAMS
+                push_send_rows(x[a:b], topk_weights[a:b], topk_ids[a:b], layout, outputs,
+                               programs)
+                peer.barrier(rows_channel(i))
+                landed.append(send.record_event())
+        for i, ((a, b, Ci, row, layout), event) in enumerate(zip(chunks, landed)):
+            main.wait_event(event)
+            recv_x, recv_routing = split_packed(peer.recv(rank, row, W * Ci), D, K)
+            recv_ids, recv_weights = _unpack_routing(recv_routing, K)
+            handle = AllToAllHandle(b - a, _pairs_bound(W * Ci, K), layout.copy_index,
+                                    (Ci,) * W, (Ci,) * W)
+            sent = Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=False)
+            compute(sent, outputs={w: peer.back(w, row + rank * Ci, Ci) for w in order})
+            ret.wait_stream(main)
+            with torch.cuda.stream(ret):
+                peer.barrier(partials_channel(i))
+        main.wait_stream(ret)
+        y = x.new_empty(x.shape)
+        for a, b, Ci, row, layout in chunks:
+            sum_rows(peer.back(rank, row, W * Ci), layout.copy_index, out=y[a:b])
+        return y
+
+    def _peer_buffers(self, x, K) -> PeerBuffers:
+        width = packed_row(x.shape[1], K, x.dtype)[0]
+        key = (x.device, x.dtype, self.world_size * self.capacity, width, x.shape[1])
+        if self._peer is None or self._peer.key != key:  # a collective, on every rank alike
+            self._peer = PeerBuffers(self.group, *key)
+        return self._peer
+
+    def _side_streams(self, device):
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
 
     def _owner_and_table(self, device):
         if device not in self._tables:  # constants, cached per device (not module state)
@@ -337,5 +410,5 @@ def make_dispatcher(config, placement: ExpertPlacement, group: Optional[ProcessG
         return LocalDispatcher()
     if config.dispatcher == "all_to_all":
         return AllToAllDispatcher(placement, group, config.max_tokens_per_rank,
-                                  config.dispatch_chunks)
+                                  config.dispatch_chunks, config.exchange)
     return AllGatherDispatcher(placement, group, rank, config.max_tokens_per_rank)

@@ -9,7 +9,7 @@ time, bounded the dispatch.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -238,45 +238,53 @@ def _gather_send_kernel(
     # pointers
     x_ptr, weights_ptr, ids_ptr, send_tokens_ptr, send_meta_ptr, send_ptr, send_routing_ptr,
     # sizes
-    D, K, W, meta_cols, capacity,
+    D, K, W, meta_cols, capacity, first_row, num_rows,
     # strides
     stride_x, stride_send, stride_routing,
     # meta-parameters
     W_POW2: tl.constexpr, K_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
+    ZERO_PADDING: tl.constexpr,
 ):
     """Send row r = [x[send_tokens[r]], then its topk_weights and topk_ids as fp32 words].
 
+    The programs step over rows first_row + p for p in [0, num_rows), row p of the output at
+    send_ptr (send_routing_ptr: the same buffer seen as fp32 words, at the routing's first
+    word).
     Packed layout (capacity 0): for r below the rows sent (summed from send_meta on the
     device: the first half, at offset 0, of the layout's meta buffer); the rest stay unwritten.
     Fixed layout: rank w's rows are [w * capacity, w * capacity + send_meta[w, 0]); every other
-    row is padding, written as zeros with ids -1 (no slot), so a receiver can read all rows.
-    send_routing_ptr is the same buffer seen as fp32 words, at the routing's first word."""
-    r = tl.program_id(0).to(tl.int64)
+    row is padding: ids -1 (no slot), so a receiver can read all rows, and with ZERO_PADDING
+    zeros for the token (a receiver never reads a padding row's token)."""
     k = tl.arange(0, K_POW2)
-    if capacity > 0:
-        dest = r // capacity
-        valid = (r - dest * capacity) < tl.load(send_meta_ptr + dest * meta_cols)
-    else:
-        w = tl.arange(0, W_POW2)
-        valid = r < tl.sum(tl.load(send_meta_ptr + w * meta_cols, mask=w < W, other=0))
-    if valid:
-        t = tl.load(send_tokens_ptr + r)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
-            tl.store(send_ptr + r * stride_send + d, row, mask=d < D)
-        weights = tl.load(weights_ptr + t * K + k, mask=k < K).to(tl.float32)
-        ids = tl.load(ids_ptr + t * K + k, mask=k < K).to(tl.float32)
-        tl.store(send_routing_ptr + r * stride_routing + k, weights, mask=k < K)
-        tl.store(send_routing_ptr + r * stride_routing + K + k, ids, mask=k < K)
-    elif capacity > 0:
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            zeros = tl.zeros((BLOCK_D,), dtype=send_ptr.dtype.element_ty)
-            tl.store(send_ptr + r * stride_send + d, zeros, mask=d < D)
-        no_slot = tl.zeros((K_POW2,), dtype=tl.float32)
-        tl.store(send_routing_ptr + r * stride_routing + k, no_slot, mask=k < K)
-        tl.store(send_routing_ptr + r * stride_routing + K + k, no_slot - 1.0, mask=k < K)
+    for p in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+        out_row = tl.cast(p, tl.int64)
+        r = first_row + out_row
+        if capacity > 0:
+            dest = r // capacity
+            valid = (r - dest * capacity) < tl.load(send_meta_ptr + dest * meta_cols)
+        else:
+            w = tl.arange(0, W_POW2)
+            valid = r < tl.sum(tl.load(send_meta_ptr + w * meta_cols, mask=w < W, other=0))
+        if valid:
+            t = tl.load(send_tokens_ptr + r)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
+                tl.store(send_ptr + out_row * stride_send + d, row, mask=d < D)
+            weights = tl.load(weights_ptr + t * K + k, mask=k < K).to(tl.float32)
+            ids = tl.load(ids_ptr + t * K + k, mask=k < K).to(tl.float32)
+            tl.store(send_routing_ptr + out_row * stride_routing + k, weights, mask=k < K)
+            tl.store(send_routing_ptr + out_row * stride_routing + K + k, ids, mask=k < K)
+        elif capacity > 0:
+            if ZERO_PADDING:
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    zeros = tl.zeros((BLOCK_D,), dtype=send_ptr.dtype.element_ty)
+                    tl.store(send_ptr + out_row * stride_send + d, zeros, mask=d < D)
+            no_slot = tl.zeros((K_POW2,), dtype=tl.float32)
+            tl.store(send_routing_ptr + out_row * stride_routing + k, no_slot, mask=k < K)
+            tl.store(send_routing_ptr + out_row * stride_routing + K + k, no_slot - 1.0,
+                     mask=k < K)
 
 
 def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -315,6 +323,69 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
         With a fixed layout (capacity C): (W * C, width), every row written, padding rows as
         zeros with weights 0 and ids -1.
     """
+    _check_send_args(x, topk_weights, topk_ids, layout)
+    K = topk_ids.shape[1]
+    cap, D = layout.send_tokens.shape[0], x.shape[1]
+    send = x.new_empty(cap, packed_row(D, K, x.dtype)[0])
+    if cap == 0:
+        return send
+    if not _use_triton(x) or x.shape[0] == 0:
+        _gather_send_torch(x, topk_weights, topk_ids, layout, send)
+        return send
+    _launch_gather_send(x, topk_weights, topk_ids, layout, send, 0, cap, cap, True)
+    return send
+
+
+def push_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                   layout: SendLayout, outputs: list, programs: Optional[int] = None) -> None:
+    """The send rows of a fixed `layout` written straight into each rank's buffer.
+
+    Rank w's C rows (`gather_send_rows`' rows [w * C, (w + 1) * C)) go to outputs[w], a (C,
+    width) tensor on x's device: on CUDA a view of rank w's memory (symmetric memory over
+    NVLink), so the kernel's stores are the exchange. A padding row gets its routing (weights
+    0, ids -1) and not its token: the receiver never reads a padding row's token, and the
+    bytes are not sent.
+
+    Args:
+        x, topk_weights, topk_ids, layout: as in `gather_send_rows`; layout.capacity > 0.
+        outputs: W tensors (C, width) of x's dtype, last dim contiguous: a list, or a dict
+            by rank in the order to write them (each rank first writing to a different one).
+        programs: Triton programs that step over the rows (default: one per row); fewer leave
+            SMs to kernels that run beside this one.
+    """
+    _check_send_args(x, topk_weights, topk_ids, layout)
+    C, (W, _) = layout.capacity, layout.meta.shape[1:]
+    if C == 0:
+        raise ValueError("layout must be a fixed-size layout (capacity > 0), got capacity 0")
+    width = packed_row(x.shape[1], topk_ids.shape[1], x.dtype)[0]
+    if not isinstance(outputs, (list, tuple, dict)) or len(outputs) != W:
+        got = len(outputs) if isinstance(outputs, (list, tuple, dict)) else \
+            type(outputs).__name__
+        raise ValueError(f"outputs must be a list of W = {W} tensors, got {got}")
+    if isinstance(outputs, dict) and sorted(outputs) != list(range(W)):
+        raise ValueError(f"outputs as a dict must have the keys 0..{W - 1}, got "
+                         f"{sorted(outputs)}")
+    items = list(outputs.items() if isinstance(outputs, dict) else enumerate(outputs))
+    for w, out in items:
+        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != (C, width)
+                or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1):
+            raise ValueError(f"outputs[{w}] must be ({C}, {width}) {x.dtype} on {x.device} with "
+                             f"a contiguous last dim, got {getattr(out, 'shape', type(out))} "
+                             f"{getattr(out, 'dtype', '')} on {getattr(out, 'device', '')}")
+    if programs is not None and (not isinstance(programs, int) or programs < 1):
+        raise ValueError(f"programs must be None or an int >= 1, got {programs!r}")
+    if not _use_triton(x) or x.shape[0] == 0:
+        send = x.new_empty(W * C, width)
+        _gather_send_torch(x, topk_weights, topk_ids, layout, send)
+        for w, out in items:
+            out.copy_(send[w * C:(w + 1) * C])
+        return
+    for w, out in items:
+        _launch_gather_send(x, topk_weights, topk_ids, layout, out, w * C, C,
+                            min(programs or C, C), False)
+
+
+def _check_send_args(x, topk_weights, topk_ids, layout):
     T, K = topk_ids.shape
     if x.ndim != 2 or x.shape[0] != T or tuple(topk_weights.shape) != (T, K):
         raise ValueError(f"x (T, D) and topk_weights (T, K) must match topk_ids (T, K) = "
@@ -329,33 +400,35 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     if len(devices) != 1:
         raise ValueError(f"x, topk_weights, topk_ids and layout must share a device, got "
                          f"{sorted(map(str, devices))}")
-    cap, D = layout.send_tokens.shape[0], x.shape[1]
-    width, _ = packed_row(D, K, x.dtype)
-    send = x.new_empty(cap, width)
-    if cap == 0:
-        return send
+
+
+def _gather_send_torch(x, topk_weights, topk_ids, layout, send):
+    """The torch version of the kernel over all of `send` (padding rows zeroed)."""
+    cap, D, K, C = send.shape[0], x.shape[1], topk_ids.shape[1], layout.capacity
     send_x, send_routing = split_packed(send, D, K)
-    C = layout.capacity
-    if not _use_triton(x) or T == 0:
-        with torch.no_grad():
-            rows = torch.arange(cap, device=x.device)
-            copies = layout.send_meta[:, META_COPIES]
-            valid = rows % C < copies[rows // C] if C else rows < copies.sum()
-            tokens = torch.where(valid, layout.send_tokens, 0)
-            routing = torch.cat([topk_weights.float(), topk_ids.float()], 1)
-            if T == 0:  # padding rows only
-                x, routing = x.new_zeros(1, D), routing.new_zeros(1, 2 * K)
-            no_slot = torch.cat([routing.new_zeros(K), routing.new_full((K,), -1.0)])
-            send_x.copy_(torch.where(valid[:, None], x[tokens], 0))
-            send_routing.copy_(torch.where(valid[:, None], routing[tokens], no_slot))
-        return send
+    with torch.no_grad():
+        rows = torch.arange(cap, device=x.device)
+        copies = layout.send_meta[:, META_COPIES]
+        valid = rows % C < copies[rows // C] if C else rows < copies.sum()
+        tokens = torch.where(valid, layout.send_tokens, 0)
+        routing = torch.cat([topk_weights.float(), topk_ids.float()], 1)
+        if x.shape[0] == 0:  # padding rows only
+            x, routing = x.new_zeros(1, D), routing.new_zeros(1, 2 * K)
+        no_slot = torch.cat([routing.new_zeros(K), routing.new_full((K,), -1.0)])
+        send_x.copy_(torch.where(valid[:, None], x[tokens], 0))
+        send_routing.copy_(torch.where(valid[:, None], routing[tokens], no_slot))
+
+
+def _launch_gather_send(x, topk_weights, topk_ids, layout, out, first_row, num_rows,
+                        programs, zero_padding):
+    D, K = x.shape[1], topk_ids.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
+    _, out_routing = split_packed(out, D, K)
     W, meta_cols = layout.meta.shape[1:]
-    _gather_send_kernel[(cap,)](
+    _gather_send_kernel[(programs,)](
         x, topk_weights.contiguous(), topk_ids.contiguous(), layout.send_tokens,
-        layout.meta, send, send_routing, D, K, W, meta_cols, C, x.stride(0),  # meta[0]: send_meta
-        send.stride(0), send_routing.stride(0),
+        layout.meta, out, out_routing, D, K, W, meta_cols, layout.capacity,  # meta[0]: send_meta
+        first_row, num_rows, x.stride(0), out.stride(0), out_routing.stride(0),
         W_POW2=triton.next_power_of_2(W), K_POW2=triton.next_power_of_2(K),
-        BLOCK_D=min(triton.next_power_of_2(D), 2048), num_warps=4)
-    return send
+        BLOCK_D=min(triton.next_power_of_2(D), 2048), ZERO_PADDING=zero_padding, num_warps=4)
