@@ -13,6 +13,7 @@ from .dispatch import Dispatched, check_capacity, make_dispatcher
 from .distributed import all_gather_rows, check_same_config, group_rank_and_size
 from .experts import Experts, SharedExperts
 from .kernels import fused_mul_sum_rows
+from .kernels.combine import SplitOutputs, fused_mul_sum_rows_split
 from .kernels.fused_mul_sum import FLOAT_DTYPES
 from .kernels.expert_sort import sort_by_expert
 from .permute import expand_rows
@@ -137,13 +138,13 @@ class MoE(nn.Module):
                                    self.compute_experts)
 
     def compute_experts(self, sent: Dispatched,
-                        outputs: Optional[list] = None) -> Optional[torch.Tensor]:
+                        outputs: Optional[SplitOutputs] = None) -> Optional[torch.Tensor]:
         """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots
         whose expert is local (the harness times this phase on its own).
 
-        outputs: None, or W tensors (R / W, D) (views of the home ranks' memory, for the
-        exchange over NVLink), a list or a dict by w in the order to write them: rows
-        [w R / W, (w + 1) R / W) are written into outputs[w] and None is returned."""
+        outputs: None, or a `SplitOutputs` of W tensors (R / W, D) (views of the home ranks'
+        memory, for the exchange over NVLink): rows [w R / W, (w + 1) R / W) are written
+        into view w (rows with no local slot left unwritten) and None is returned."""
         ids = sent.topk_ids  # (R, K) global ids, -1 on padding rows
         # one rank: the router's own ids, all valid, and local ids = global ones
         expert_map = self.expert_map if self.world_size > 1 else None
@@ -215,12 +216,9 @@ class MoE(nn.Module):
 
 
 def _reduce_slots(out_rows, topk_weights, row_index, outputs):
-    """The slot reduction into one (R, D) result, or, with `outputs` (a list, or a dict by
-    slice in the order to write them), rows [w n, (w + 1) n) into outputs[w]."""
+    """The slot reduction into one (R, D) result, or into `outputs` (`SplitOutputs`) in W
+    slices of rows."""
     if outputs is None:
         return fused_mul_sum_rows(out_rows, topk_weights, row_index)
-    n = row_index.shape[0] // len(outputs)
-    for w, out in (outputs.items() if isinstance(outputs, dict) else enumerate(outputs)):
-        fused_mul_sum_rows(out_rows, topk_weights[w * n:(w + 1) * n],
-                           row_index[w * n:(w + 1) * n], outputs=out)
+    fused_mul_sum_rows_split(out_rows, topk_weights, row_index, *outputs)
     return None

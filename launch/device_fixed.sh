@@ -57,6 +57,8 @@
 #             NCCL's in 3 and 1, in turn; then Mixtral fixed over NVLink
 #   nvlink20b: probe_pipeline.py's timelines of the NVLink exchange in 1, 2 and 3 chunks (the
 #              pipeline's send kernel on 32, 264 and all programs), then NCCL's in 1 and 3
+#   nvlink20c: the NVLink exchange's check and timelines (1 and 3 chunks), then Qwen3 over
+#              NVLink in one chunk against NCCL's 3 chunks, in turn, twice
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -252,6 +254,20 @@ for set in ${SET:-qwen3}; do
         launch/probe_pipeline.py --chunks 1 3 2>&1 | grep "graph fwd\|Error" | cut -c1-300 \
         | tee "$OUT/pipeline_collective.log"
       pack ;;
+    nvlink20c)  # stop 20: the NVLink exchange with one launch for every peer (rows and
+      # partials), padding partials not sent: its check, timelines in 1 and 3 chunks, then
+      # the harness in one chunk against NCCL's 3 chunks, in turn
+      HARNESS_TIMEOUT=120 harness nvlink_check --preset qwen3 --tokens 8192 --fixed \
+        --chunks 3 --exchange nvlink --check-only
+      grep -q "check all_to_all: OK" "$OUT/nvlink_check.log" || break
+      timeout 200 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+        launch/probe_pipeline.py --exchange nvlink --chunks 1 3 2>&1 \
+        | grep "graph fwd\|Error" | cut -c1-300 | tee "$OUT/pipeline_nvlink.log"
+      for r in 1 2; do
+        harness qwen3_nvlink_c1_r$r --preset qwen3 --tokens 8192 --fixed --exchange nvlink \
+          --graph
+        harness qwen3_fixed_c3_r$r --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
+      done ;;
     loop18)  # loop17's W = n comparison in three runs
       harness mixtral_exact_loop_r1 --preset mixtral --tokens 8192
       PYTHONPATH="$PWD/.var/grouped:$PYTHONPATH" harness mixtral_exact_grouped_r1 \

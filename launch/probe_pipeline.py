@@ -1,7 +1,7 @@
 """Where the expert-parallel forward's time goes in a CUDA graph: every rank's kernel timeline.
 
     torchrun --nproc-per-node 4 launch/probe_pipeline.py --preset qwen3 --tokens 8192 --chunks 1 3
-        [--exchange nvlink [--send-programs 32 132]]
+        [--exchange nvlink]
 
 For each chunk count the no-grad forward (fixed-size exchange) is captured in a CUDA graph, timed,
 then replayed alone under torch.profiler a few times; the single-GPU layer likewise. Each rank
@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import capture_graph, graph_time_us, out_dir  # noqa: E402
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
-from ep_moe.dispatch import dispatchers  # noqa: E402
 from ep_moe.distributed import group_rank_and_size, init_distributed  # noqa: E402
 
 
@@ -76,8 +75,6 @@ def main():
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 3])
     p.add_argument("--replays", type=int, default=3, help="profiled replays per variant")
     p.add_argument("--exchange", default="collective", choices=["collective", "nvlink"])
-    p.add_argument("--send-programs", type=int, nargs="+", default=[0],
-                   help="nvlink with chunks: the send kernel's programs (0: the default)")
     args = p.parse_args()
     group = init_distributed()
     rank, W = group_rank_and_size(group)
@@ -88,12 +85,8 @@ def main():
     x = torch.randn(T, MoEConfig.preset(args.preset).hidden_size, dtype=dtype, device=device)
     report = {"W": W, "rank": rank, "preset": args.preset, "T": T,
               "device": torch.cuda.get_device_name(device), "variants": {}}
-    variants = [("single", None, 0)] + [
-        (f"c{c}" + (f"_p{n}" if n else ""), c, n) for c in args.chunks
-        for n in (args.send_programs if c > 1 else [0])]
-    default_programs = dispatchers._PEER_SEND_PROGRAMS
-    for name, chunks, programs in variants:
-        dispatchers._PEER_SEND_PROGRAMS = programs or default_programs
+    variants = [("single", None)] + [(f"c{c}", c) for c in args.chunks]
+    for name, chunks in variants:
         cfg = MoEConfig.preset(args.preset, max_tokens_per_rank=T, dispatch_chunks=chunks or 1,
                                exchange=args.exchange if chunks else "collective")
         torch.manual_seed(0)

@@ -348,16 +348,17 @@ def test_gather_send_rows_fixed_capacity(T, impl, dtype, monkeypatch):
     assert (send_routing.cpu()[pad, :K] == 0).all() and (send_routing.cpu()[pad, K:] == -1).all()
 
 
-@pytest.mark.parametrize("T,impl,programs", [
-    (37, "kernel", None),  # a program per row
-    (37, "kernel", 5),     # 5 programs stepping over the 41 rows of each rank
-    (37, "torch", None),
-    (0, "torch", None),    # every row is padding
+@pytest.mark.parametrize("T,impl,first", [
+    (37, "kernel", 0),
+    (37, "kernel", 2),  # the programs start with the last rank's rows
+    (37, "torch", 1),
+    (0, "torch", 0),    # every row is padding
 ])
-def test_push_send_rows_writes_each_ranks_rows_into_its_output(T, impl, programs, monkeypatch):
+def test_push_send_rows_writes_each_ranks_rows_into_its_output(T, impl, first, monkeypatch):
     # the exchange over NVLink: rank w's rows go straight into outputs[w] (here plain tensors
-    # standing for views of the other ranks' memory); real rows as gather_send_rows writes
-    # them, padding rows their routing (no slot) and, from the kernel, not their token
+    # standing for views of the other ranks' memory, reached through a table of addresses);
+    # real rows as gather_send_rows writes them, padding rows their routing (no slot) and,
+    # from the kernel, not their token
     K, E, W, C, D = 8, 16, 3, 41, 129
     ids, owner = routed_ids(T, K, E, seed=5), make_owner(E, W, "round_robin")
     table = make_table(owner, W)
@@ -372,9 +373,7 @@ def test_push_send_rows_writes_each_ranks_rows_into_its_output(T, impl, programs
                for _ in range(W)]
     if impl == "torch":
         monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
-    # a dict by rank, in the order to write them (here the last rank first)
-    by_rank = {w: outputs[w] for w in reversed(range(W))} if programs else outputs
-    push_send_rows(x, weights, ids.to(DEVICE), lay, by_rank, programs)
+    push_send_rows(x, weights, ids.to(DEVICE), lay, outputs, first)
     monkeypatch.undo()
     copies = lay.send_meta[:, 0].cpu()
     for w in range(W):
@@ -383,7 +382,7 @@ def test_push_send_rows_writes_each_ranks_rows_into_its_output(T, impl, programs
         n = int(copies[w])
         assert torch.equal(got_routing, want_routing)  # every row: padding has ids -1
         assert torch.equal(got_x[:n], want_x[:n])
-        if impl == "kernel":  # the padding rows' tokens are not sent
+        if impl == "kernel" and _use_triton(x):  # the padding rows' tokens are not sent
             assert got_x[n:].isnan().all()
 
 
@@ -403,8 +402,14 @@ def test_push_send_rows_validation():
         push_send_rows(x, weights, ids.to(DEVICE), fixed, good[:1])
     with pytest.raises(ValueError, match=r"outputs\[1\] must be \(6, \d+\)"):
         push_send_rows(x, weights, ids.to(DEVICE), fixed, [good[0], x.new_empty(C, width + 1)])
-    with pytest.raises(ValueError, match="programs must be None or an int >= 1, got 0"):
-        push_send_rows(x, weights, ids.to(DEVICE), fixed, good, programs=0)
+    with pytest.raises(ValueError, match=r"outputs\[0\] must be .*contiguous rows"):
+        push_send_rows(x, weights, ids.to(DEVICE), fixed,
+                       [x.new_empty(C, width + 8)[:, :width], good[1]])
+    with pytest.raises(ValueError, match=r"first must be an int in \[0, 2\), got 2"):
+        push_send_rows(x, weights, ids.to(DEVICE), fixed, good, first=2)
+    with pytest.raises(ValueError, match=r"table must be a \(2,\) int64 tensor"):
+        push_send_rows(x, weights, ids.to(DEVICE), fixed, good,
+                       table=torch.zeros(3, dtype=torch.int64, device=DEVICE))
 
 
 @pytest.mark.parametrize("capacity", [

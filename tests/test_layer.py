@@ -484,11 +484,13 @@ def test_nvlink_exchange_needs_cuda_tensors():
               lambda sent, outputs=None: None)
 
 
-@pytest.mark.parametrize("parts", [1, 2, 4])
-def test_compute_experts_into_outputs(parts):
-    """The slot reduction written into W outputs (views of the home ranks' memory under the
-    NVLink exchange) holds, row for row, what the one-piece reduction returns."""
+@pytest.mark.parametrize("parts,first", [(1, 0), (2, 1), (4, 3)])
+def test_compute_experts_into_split_outputs(parts, first):
+    """The slot reduction written in W slices (views of the home ranks' memory under the
+    NVLink exchange) holds, row for row, what the one-piece reduction returns; a row with
+    no local slot (a padding row there) is left as it was."""
     from ep_moe.dispatch import LocalDispatcher
+    from ep_moe.kernels.combine import SplitOutputs
 
     torch.manual_seed(0)
     layer = MoE(MoEConfig.tiny(), device=DEVICE)
@@ -496,9 +498,34 @@ def test_compute_experts_into_outputs(parts):
     with torch.no_grad():
         route = layer.router(x)
         sent = LocalDispatcher().dispatch(x, route.topk_ids, route.topk_weights)
+        padding = torch.arange(24, device=DEVICE) % 5 == 3  # rows with no slot at all
+        sent = dataclasses.replace(sent, topk_ids=torch.where(padding[:, None], -1,
+                                                              sent.topk_ids))
         want = layer.compute_experts(sent)
         outputs = [torch.full((24 // parts, x.shape[1]), float("nan"), device=DEVICE)
                    for _ in range(parts)]
-        by_rank = {w: outputs[w] for w in reversed(range(parts))}  # in the order to write
-        assert layer.compute_experts(sent, outputs=by_rank if parts > 2 else outputs) is None
-    assert torch.equal(torch.cat(outputs), want)
+        assert layer.compute_experts(sent, SplitOutputs(outputs, first)) is None
+    got = torch.cat(outputs)
+    assert torch.equal(got[~padding], want[~padding])
+    assert (want[padding] == 0).all()
+    if _triton_runs():  # the kernel skips them; the torch fallback writes their zeros
+        assert got[padding].isnan().all()
+
+
+def _triton_runs() -> bool:
+    from ep_moe.kernels.fused_mul_sum import _use_triton
+    return _use_triton(torch.empty(0, device=DEVICE))
+
+
+def test_fused_mul_sum_rows_split_validation():
+    from ep_moe.kernels.combine import fused_mul_sum_rows_split
+
+    inputs, w = torch.randn(6, 4), torch.rand(6, 2)
+    rows = torch.arange(12, dtype=torch.int32).reshape(6, 2) % 6
+    good = [torch.empty(3, 4), torch.empty(3, 4)]
+    with pytest.raises(ValueError, match="W dividing T = 6, got 4"):
+        fused_mul_sum_rows_split(inputs, w, rows, [torch.empty(1, 4)] * 4)
+    with pytest.raises(ValueError, match=r"outputs\[1\] must be \(3, 4\) torch.float32"):
+        fused_mul_sum_rows_split(inputs, w, rows, [good[0], torch.empty(3, 4).half()])
+    with pytest.raises(ValueError, match="no backward"):
+        fused_mul_sum_rows_split(inputs.requires_grad_(), w, rows, good)

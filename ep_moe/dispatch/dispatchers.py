@@ -15,6 +15,7 @@ from torch.distributed import ProcessGroup
 
 from ..kernels.dispatch_layout import (META_COPIES, META_PAIRS, dispatch_layout,
                                        gather_send_rows, packed_row, push_send_rows, split_packed)
+from ..kernels.combine import SplitOutputs
 from ..kernels.fused_mul_sum import needs_grad
 from ..permute import count_ids, sum_rows
 from ..placement import ExpertPlacement
@@ -22,9 +23,6 @@ from .collectives import (_AllGather, _ReduceScatter, _ReturnRows, _SendRows,
                           _start_all_to_all, _start_exchange_rows)
 from .peer import (START_CHANNEL, PeerBuffers, check_peer_device, partials_channel,
                    rows_channel)
-
-# programs of a pipeline's send kernel: its rows travel beside the chunk before's experts
-_PEER_SEND_PROGRAMS = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,16 +235,15 @@ class AllToAllDispatcher(_Dispatcher):
         check_capacity(T, C)
         peer = self._peer_buffers(x, K)
         W, rank = self.world_size, peer.rank
-        owner, table = self._owner_and_table(x.device)
+        owner, experts = self._owner_and_table(x.device)
         main = torch.cuda.current_stream(x.device)
         send, ret = self._side_streams(x.device)
-        # each rank writes to the next rank first, so no rank takes every rank's first stores
-        order = [(rank + s) % W for s in range(1, W + 1)]
+        first = (rank + 1) % W  # each rank starts with another, so the stores spread
         peer.barrier(START_CHANNEL)  # every rank is done reading the last forward's regions
         chunks, offset = [], 0
         for a, b in chunk_bounds(C, self.chunks):
             # the layout on the main stream: the home sums need it too
-            layout = dispatch_layout(topk_ids[min(a, T):min(b, T)], owner, table,
+            layout = dispatch_layout(topk_ids[min(a, T):min(b, T)], owner, experts,
                                      capacity=b - a)
             chunks.append((min(a, T), min(b, T), b - a, W * offset, layout))
             offset += b - a
@@ -254,11 +251,9 @@ class AllToAllDispatcher(_Dispatcher):
         send.wait_stream(main)
         with torch.cuda.stream(send):
             for i, (a, b, Ci, row, layout) in enumerate(chunks):
-                outputs = {w: peer.recv(w, row + rank * Ci, Ci) for w in order}
-                # with chunks, a few programs: the experts of the chunk before run beside
-                programs = None if len(chunks) == 1 else _PEER_SEND_PROGRAMS
-                push_send_rows(x[a:b], topk_weights[a:b], topk_ids[a:b], layout, outputs,
-                               programs)
+                views, addresses = peer.outputs("recv", row + rank * Ci, Ci)
+                push_send_rows(x[a:b], topk_weights[a:b], topk_ids[a:b], layout, views, first,
+                               addresses)
                 peer.barrier(rows_channel(i))
                 landed.append(send.record_event())
         for i, ((a, b, Ci, row, layout), event) in enumerate(zip(chunks, landed)):
@@ -268,7 +263,8 @@ class AllToAllDispatcher(_Dispatcher):
             handle = AllToAllHandle(b - a, _pairs_bound(W * Ci, K), layout.copy_index,
                                     (Ci,) * W, (Ci,) * W)
             sent = Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=False)
-            compute(sent, outputs={w: peer.back(w, row + rank * Ci, Ci) for w in order})
+            views, addresses = peer.outputs("back", row + rank * Ci, Ci)
+            compute(sent, outputs=SplitOutputs(views, first, addresses))
             ret.wait_stream(main)
             with torch.cuda.stream(ret):
                 peer.barrier(partials_channel(i))

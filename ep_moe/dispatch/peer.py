@@ -62,6 +62,7 @@ class PeerBuffers:
                          self.handle.get_buffer(w, (numel,), dtype, 0)
                          for w in range(self.world_size)]
         self._views: dict = {}
+        self._tables: dict = {}
 
     def recv(self, rank: int, row: int, count: int) -> torch.Tensor:
         """(count, width) view of `rank`'s received-rows region from `row`."""
@@ -70,6 +71,19 @@ class PeerBuffers:
     def back(self, rank: int, row: int, count: int) -> torch.Tensor:
         """(count, D) view of `rank`'s returned-partials region from `row`."""
         return self._view(rank, self._recv_numel, self.D, row, count)
+
+    def outputs(self, region: str, row: int, count: int) -> tuple[list, torch.Tensor]:
+        """Every rank's (count, width or D) view at `row` of `region` ("recv" or "back"), and
+        the (W,) int64 table of their addresses on this device (built once per place, on the
+        first forward: a CUDA graph captured later reuses it)."""
+        key = (region, row, count)
+        if key not in self._tables:
+            view = self.recv if region == "recv" else self.back
+            views = [view(w, row, count) for w in range(self.world_size)]
+            table = torch.tensor([v.data_ptr() for v in views], dtype=torch.int64,
+                                 device=self.key[0])
+            self._tables[key] = (views, table)
+        return self._tables[key]
 
     def _view(self, rank, start, width, row, count):
         key = (rank, start, row, count)

@@ -8,12 +8,12 @@ custom-op dispatch's host cost; validation; and the public functions.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .fused_mul_sum import (FLOAT_DTYPES, INDEX_DTYPES, _backward_impl, _forward, _num_cols,
-                            needs_grad)
+from .fused_mul_sum import (FLOAT_DTYPES, INDEX_DTYPES, _backward_impl, _forward, _fwd_triton,
+                            _num_cols, _use_triton, check_split_outputs, needs_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,6 +208,59 @@ def fused_mul_sum_rows(
     args = (inputs, _contig(topk_weights), _contig(topk_ids), _contig(expert_map),
             row_index.contiguous())
     return _dispatch(args, outputs)
+
+
+class SplitOutputs(NamedTuple):
+    """Where `fused_mul_sum_rows_split` writes: W views, the slice to start with, and the
+    (W,) int64 table of the views' addresses (None: built per call)."""
+
+    views: list
+    first: int = 0
+    table: Optional[torch.Tensor] = None
+
+
+def fused_mul_sum_rows_split(
+    inputs: torch.Tensor,
+    topk_weights: torch.Tensor,
+    row_index: torch.Tensor,
+    outputs: list,
+    first: int = 0,
+    table: Optional[torch.Tensor] = None,
+) -> None:
+    """`fused_mul_sum_rows` written in W slices: rows [w n, (w + 1) n) of the (T, D) result,
+    n = T / W, into outputs[w] (on CUDA, views of other ranks' memory: the stores are the
+    exchange). One launch, consecutive programs writing to different outputs (from slice
+    `first` on). A row with no counting slot is not written (under the NVLink exchange those
+    are the padding rows, which their home rank never reads). Inference only: no autograd.
+
+    Args:
+        inputs, topk_weights, row_index: as in `fused_mul_sum_rows`; T divisible by W.
+        outputs: W tensors (n, D) of inputs' dtype and device, rows contiguous.
+        first: the slice the first programs write.
+        table: (W,) int64 tensor of outputs[w].data_ptr() on inputs' device; built here when
+            None (a host-to-device copy, which a CUDA graph cannot capture: pass it built).
+    """
+    _check_tensor("inputs", inputs, 2, FLOAT_DTYPES)
+    if not inputs.is_contiguous():
+        raise ValueError(f"inputs must be contiguous, got strides {inputs.stride()}")
+    _check_tensor("row_index", row_index, 2, INDEX_DTYPES, inputs.device)
+    T, K = row_index.shape
+    _check_routing(T, K, inputs.device, topk_weights, None, None)
+    if needs_grad(inputs, topk_weights):
+        raise ValueError("fused_mul_sum_rows_split has no backward: call it without autograd "
+                         "(torch.no_grad()), got inputs or topk_weights that require grad")
+    W = len(outputs) if isinstance(outputs, (list, tuple)) else 0
+    if W == 0 or T % W:
+        raise ValueError(f"outputs must be a list of W tensors with W dividing T = {T}, got "
+                         f"{W if W else type(outputs).__name__}")
+    table = check_split_outputs(outputs, W, (T // W, inputs.shape[1]), inputs, first, table)
+    weights, rows = topk_weights.contiguous(), row_index.contiguous()
+    if not _use_triton(inputs):
+        full = _forward(inputs, weights, None, None, rows)
+        for w, out in enumerate(outputs):
+            out.copy_(full[w * (T // W):(w + 1) * (T // W)])
+        return
+    _fwd_triton(inputs, weights, None, None, rows, outputs[0], table, first)
 
 
 def _dispatch(args, outputs):

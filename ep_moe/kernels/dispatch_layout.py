@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mul_sum import FLOAT_DTYPES, _use_triton
+from .fused_mul_sum import FLOAT_DTYPES, _use_triton, check_split_outputs
 
 
 META_COPIES, META_PAIRS = 0, 1  # send_meta columns: copies for a rank, then its experts' pairs
@@ -236,29 +236,40 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Te
 @triton.jit
 def _gather_send_kernel(
     # pointers
-    x_ptr, weights_ptr, ids_ptr, send_tokens_ptr, send_meta_ptr, send_ptr, send_routing_ptr,
+    x_ptr, weights_ptr, ids_ptr, send_tokens_ptr, send_meta_ptr, send_ptr, table_ptr,
     # sizes
-    D, K, W, meta_cols, capacity, first_row, num_rows,
+    D, Dp, K, W, meta_cols, capacity, first, num_rows,
     # strides
-    stride_x, stride_send, stride_routing,
+    stride_x, stride_send,
     # meta-parameters
     W_POW2: tl.constexpr, K_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
-    ZERO_PADDING: tl.constexpr,
+    ZERO_PADDING: tl.constexpr, OUT_TABLE: tl.constexpr,
 ):
-    """Send row r = [x[send_tokens[r]], then its topk_weights and topk_ids as fp32 words].
+    """Send row r = [x[send_tokens[r]], then its topk_weights and topk_ids as fp32 words from
+    element Dp on].
 
-    The programs step over rows first_row + p for p in [0, num_rows), row p of the output at
-    send_ptr (send_routing_ptr: the same buffer seen as fp32 words, at the routing's first
-    word).
+    The programs step over num_rows rows. Without OUT_TABLE, row first + q is written to row
+    q at send_ptr. With OUT_TABLE (a fixed layout), q goes to rank w = (first + q % W) % W,
+    row j = q // W of its block: send row w * capacity + j, written to row j of the output
+    whose address table_ptr[w] holds; consecutive programs write to different ranks.
     Packed layout (capacity 0): for r below the rows sent (summed from send_meta on the
     device: the first half, at offset 0, of the layout's meta buffer); the rest stay unwritten.
     Fixed layout: rank w's rows are [w * capacity, w * capacity + send_meta[w, 0]); every other
     row is padding: ids -1 (no slot), so a receiver can read all rows, and with ZERO_PADDING
     zeros for the token (a receiver never reads a padding row's token)."""
     k = tl.arange(0, K_POW2)
-    for p in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-        out_row = tl.cast(p, tl.int64)
-        r = first_row + out_row
+    for q in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+        q = tl.cast(q, tl.int64)
+        if OUT_TABLE:
+            dest = (first + q % W) % W
+            j = q // W
+            r = dest * capacity + j
+            base = tl.load(table_ptr + dest).to(tl.pointer_type(send_ptr.dtype.element_ty))
+            out = base + j * stride_send
+        else:
+            r = first + q
+            out = send_ptr + q * stride_send
+        routing = (out + Dp).to(tl.pointer_type(tl.float32), bitcast=True)
         if capacity > 0:
             dest = r // capacity
             valid = (r - dest * capacity) < tl.load(send_meta_ptr + dest * meta_cols)
@@ -270,21 +281,20 @@ def _gather_send_kernel(
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
                 row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
-                tl.store(send_ptr + out_row * stride_send + d, row, mask=d < D)
+                tl.store(out + d, row, mask=d < D)
             weights = tl.load(weights_ptr + t * K + k, mask=k < K).to(tl.float32)
             ids = tl.load(ids_ptr + t * K + k, mask=k < K).to(tl.float32)
-            tl.store(send_routing_ptr + out_row * stride_routing + k, weights, mask=k < K)
-            tl.store(send_routing_ptr + out_row * stride_routing + K + k, ids, mask=k < K)
+            tl.store(routing + k, weights, mask=k < K)
+            tl.store(routing + K + k, ids, mask=k < K)
         elif capacity > 0:
             if ZERO_PADDING:
                 for d0 in range(0, D, BLOCK_D):
                     d = d0 + tl.arange(0, BLOCK_D)
                     zeros = tl.zeros((BLOCK_D,), dtype=send_ptr.dtype.element_ty)
-                    tl.store(send_ptr + out_row * stride_send + d, zeros, mask=d < D)
+                    tl.store(out + d, zeros, mask=d < D)
             no_slot = tl.zeros((K_POW2,), dtype=tl.float32)
-            tl.store(send_routing_ptr + out_row * stride_routing + k, no_slot, mask=k < K)
-            tl.store(send_routing_ptr + out_row * stride_routing + K + k, no_slot - 1.0,
-                     mask=k < K)
+            tl.store(routing + k, no_slot, mask=k < K)
+            tl.store(routing + K + k, no_slot - 1.0, mask=k < K)
 
 
 def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -332,57 +342,44 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     if not _use_triton(x) or x.shape[0] == 0:
         _gather_send_torch(x, topk_weights, topk_ids, layout, send)
         return send
-    _launch_gather_send(x, topk_weights, topk_ids, layout, send, 0, cap, cap, True)
+    _launch_gather_send(x, topk_weights, topk_ids, layout, send, None, 0, cap, cap,
+                        zero_padding=True)
     return send
 
 
 def push_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                   layout: SendLayout, outputs: list, programs: Optional[int] = None) -> None:
+                   layout: SendLayout, outputs: list, first: int = 0,
+                   table: Optional[torch.Tensor] = None) -> None:
     """The send rows of a fixed `layout` written straight into each rank's buffer.
 
     Rank w's C rows (`gather_send_rows`' rows [w * C, (w + 1) * C)) go to outputs[w], a (C,
     width) tensor on x's device: on CUDA a view of rank w's memory (symmetric memory over
-    NVLink), so the kernel's stores are the exchange. A padding row gets its routing (weights
-    0, ids -1) and not its token: the receiver never reads a padding row's token, and the
-    bytes are not sent.
+    NVLink), so the kernel's stores are the exchange. One launch writes every rank's rows,
+    consecutive programs to different ranks (starting with rank `first`), so every peer
+    takes stores at once. A padding row gets its routing (weights 0, ids -1) and not its
+    token: the receiver never reads a padding row's token, and the bytes are not sent.
 
     Args:
         x, topk_weights, topk_ids, layout: as in `gather_send_rows`; layout.capacity > 0.
-        outputs: W tensors (C, width) of x's dtype, last dim contiguous: a list, or a dict
-            by rank in the order to write them (each rank first writing to a different one).
-        programs: Triton programs that step over the rows (default: one per row); fewer leave
-            SMs to kernels that run beside this one.
+        outputs: W tensors (C, width) of x's dtype, rows contiguous.
+        first: the rank whose rows the first programs write (each rank starting with another).
+        table: (W,) int64 tensor on x's device holding outputs[w].data_ptr(); built here when
+            None (a host-to-device copy, which a CUDA graph cannot capture: pass it built).
     """
     _check_send_args(x, topk_weights, topk_ids, layout)
     C, (W, _) = layout.capacity, layout.meta.shape[1:]
     if C == 0:
         raise ValueError("layout must be a fixed-size layout (capacity > 0), got capacity 0")
-    width = packed_row(x.shape[1], topk_ids.shape[1], x.dtype)[0]
-    if not isinstance(outputs, (list, tuple, dict)) or len(outputs) != W:
-        got = len(outputs) if isinstance(outputs, (list, tuple, dict)) else \
-            type(outputs).__name__
-        raise ValueError(f"outputs must be a list of W = {W} tensors, got {got}")
-    if isinstance(outputs, dict) and sorted(outputs) != list(range(W)):
-        raise ValueError(f"outputs as a dict must have the keys 0..{W - 1}, got "
-                         f"{sorted(outputs)}")
-    items = list(outputs.items() if isinstance(outputs, dict) else enumerate(outputs))
-    for w, out in items:
-        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != (C, width)
-                or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1):
-            raise ValueError(f"outputs[{w}] must be ({C}, {width}) {x.dtype} on {x.device} with "
-                             f"a contiguous last dim, got {getattr(out, 'shape', type(out))} "
-                             f"{getattr(out, 'dtype', '')} on {getattr(out, 'device', '')}")
-    if programs is not None and (not isinstance(programs, int) or programs < 1):
-        raise ValueError(f"programs must be None or an int >= 1, got {programs!r}")
+    width, Dp = packed_row(x.shape[1], topk_ids.shape[1], x.dtype)
+    table = check_split_outputs(outputs, W, (C, width), x, first, table)
     if not _use_triton(x) or x.shape[0] == 0:
         send = x.new_empty(W * C, width)
         _gather_send_torch(x, topk_weights, topk_ids, layout, send)
-        for w, out in items:
+        for w, out in enumerate(outputs):
             out.copy_(send[w * C:(w + 1) * C])
         return
-    for w, out in items:
-        _launch_gather_send(x, topk_weights, topk_ids, layout, out, w * C, C,
-                            min(programs or C, C), False)
+    _launch_gather_send(x, topk_weights, topk_ids, layout, outputs[0], table, first, W * C,
+                        W * C, zero_padding=False)
 
 
 def _check_send_args(x, topk_weights, topk_ids, layout):
@@ -419,16 +416,17 @@ def _gather_send_torch(x, topk_weights, topk_ids, layout, send):
         send_routing.copy_(torch.where(valid[:, None], routing[tokens], no_slot))
 
 
-def _launch_gather_send(x, topk_weights, topk_ids, layout, out, first_row, num_rows,
+def _launch_gather_send(x, topk_weights, topk_ids, layout, out, table, first, num_rows,
                         programs, zero_padding):
     D, K = x.shape[1], topk_ids.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    _, out_routing = split_packed(out, D, K)
+    _, Dp = packed_row(D, K, x.dtype)
     W, meta_cols = layout.meta.shape[1:]
     _gather_send_kernel[(programs,)](
         x, topk_weights.contiguous(), topk_ids.contiguous(), layout.send_tokens,
-        layout.meta, out, out_routing, D, K, W, meta_cols, layout.capacity,  # meta[0]: send_meta
-        first_row, num_rows, x.stride(0), out.stride(0), out_routing.stride(0),
+        layout.meta, out, table if table is not None else out,  # meta[0]: send_meta
+        D, Dp, K, W, meta_cols, layout.capacity, first, num_rows, x.stride(0), out.stride(0),
         W_POW2=triton.next_power_of_2(W), K_POW2=triton.next_power_of_2(K),
-        BLOCK_D=min(triton.next_power_of_2(D), 2048), ZERO_PADDING=zero_padding, num_warps=4)
+        BLOCK_D=min(triton.next_power_of_2(D), 2048), ZERO_PADDING=zero_padding,
+        OUT_TABLE=table is not None, num_warps=4)

@@ -74,24 +74,43 @@ def _slot_rows(
 @triton.jit
 def _fused_mul_sum_fwd_kernel(
     # pointers
-    inputs_ptr, weights_ptr, ids_ptr, map_ptr, rows_ptr, out_ptr,
+    inputs_ptr, weights_ptr, ids_ptr, map_ptr, rows_ptr, out_ptr, table_ptr,
     # sizes
-    T, D, E, tokens_per_program,
+    T, D, E, tokens_per_program, num_outputs, first_output,
     # meta-parameters
     K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_MAP: tl.constexpr, HAS_ROWS: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, OUT_TABLE: tl.constexpr,
 ):
     """Program (i, j) writes columns [j*BLOCK_D, (j+1)*BLOCK_D) of `tokens_per_program` tokens.
 
     A token's K slot rows load as one (BLOCK_K, BLOCK_D) tile, skipped slots masked out. The
     next token's routing loads while this token's rows are in flight, so the dependent
     ids -> expert_map -> rows chain costs latency once per program, not once per token.
+
+    OUT_TABLE (one token per program): the T rows are num_outputs slices of n = T /
+    num_outputs; program i writes row i // num_outputs of slice (first_output + i) %
+    num_outputs to the output whose address table_ptr holds (consecutive programs to
+    different outputs), and a token with no counting slot is not written at all.
     """
-    t_start = tl.program_id(0).to(tl.int64) * tokens_per_program
-    t_end = tl.minimum(t_start + tokens_per_program, T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
+    if OUT_TABLE:
+        i = tl.program_id(0).to(tl.int64)
+        part = (first_output + i % num_outputs) % num_outputs
+        j = i // num_outputs
+        t = part * (T // num_outputs) + j
+        keep, row, w = _slot_rows(t, weights_ptr, ids_ptr, map_ptr, rows_ptr, E,
+                                  K, BLOCK_K, HAS_IDS, HAS_MAP, HAS_ROWS)
+        if tl.sum(keep.to(tl.int32)) > 0:
+            x = tl.load(inputs_ptr + row[:, None] * D + d[None, :],
+                        mask=keep[:, None] & d_mask[None, :], other=0.0)
+            acc = tl.sum(x.to(tl.float32) * w[:, None], axis=0)
+            base = tl.load(table_ptr + part).to(tl.pointer_type(out_ptr.dtype.element_ty))
+            tl.store(base + j * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+        return
+    t_start = tl.program_id(0).to(tl.int64) * tokens_per_program
+    t_end = tl.minimum(t_start + tokens_per_program, T)
     keep, row, w = _slot_rows(t_start, weights_ptr, ids_ptr, map_ptr, rows_ptr, E,
                               K, BLOCK_K, HAS_IDS, HAS_MAP, HAS_ROWS)
     if PREFETCH:
@@ -209,28 +228,58 @@ def _slot_args(topk_ids, expert_map, row_index, weights):
             row_index if row_index is not None else dummy)
 
 
-def _fwd_triton(inputs, weights, topk_ids, expert_map, row_index, out):
+def check_split_outputs(outputs, W, shape, like, first, table):
+    """Checks W outputs of `shape` and like's dtype and device with contiguous rows, and the
+    table of their addresses; returns the table (built when None, on a Triton device)."""
+    if not isinstance(outputs, (list, tuple)) or len(outputs) != W:
+        got = len(outputs) if isinstance(outputs, (list, tuple)) else type(outputs).__name__
+        raise ValueError(f"outputs must be a list of W = {W} tensors, got {got}")
+    for w, out in enumerate(outputs):
+        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape)
+                or out.dtype != like.dtype or out.device != like.device
+                or out.stride(-1) != 1 or out.stride(0) != shape[1]):
+            raise ValueError(f"outputs[{w}] must be {tuple(shape)} {like.dtype} on "
+                             f"{like.device} with contiguous rows, got "
+                             f"{getattr(out, 'shape', type(out))} {getattr(out, 'dtype', '')} "
+                             f"on {getattr(out, 'device', '')}")
+    if not isinstance(first, int) or not 0 <= first < W:
+        raise ValueError(f"first must be an int in [0, {W}), got {first!r}")
+    if table is None:
+        return torch.tensor([o.data_ptr() for o in outputs], dtype=torch.int64,
+                            device=like.device)
+    if table.shape != (W,) or table.dtype != torch.int64 or table.device != like.device:
+        raise ValueError(f"table must be a ({W},) int64 tensor on {like.device}, got "
+                         f"{tuple(table.shape)} {table.dtype} on {table.device}")
+    return table
+
+
+def _fwd_triton(inputs, weights, topk_ids, expert_map, row_index, out, table=None, first=0):
+    """table: (W,) int64 addresses of W outputs (`out` one of them), each (T / W, D): the
+    OUT_TABLE launch, rows with no counting slot left unwritten."""
     T, K = weights.shape
     D = out.shape[1]
     if T == 0 or D == 0:
         return
-    if K == 0:  # no slots: every token gets zeros
-        out.zero_()
+    if K == 0:  # no slots: every token gets zeros (with a table: no token is written)
+        if table is None:
+            out.zero_()
         return
     E = expert_map.shape[0] if expert_map is not None else 0
     block_k = triton.next_power_of_2(K)
     cfg = _fwd_config(K, D, expert_map is not None or row_index is not None)
     d_blocks = triton.cdiv(D, cfg.block_d)
     per_program = 1
-    if cfg.programs_per_sm:
+    if cfg.programs_per_sm and table is None:
         per_program = max(1, T * d_blocks // (_num_sms(out.device) * cfg.programs_per_sm))
     ids, emap, rows = _slot_args(topk_ids, expert_map, row_index, weights)
     grid = (triton.cdiv(T, per_program), d_blocks)
     _fused_mul_sum_fwd_kernel[grid](
-        inputs, weights, ids, emap, rows, out, T, D, E, per_program,
+        inputs, weights, ids, emap, rows, out, table if table is not None else out,
+        T, D, E, per_program, 1 if table is None else table.shape[0], first,
         K=K, BLOCK_K=block_k, BLOCK_D=cfg.block_d,
         HAS_IDS=topk_ids is not None, HAS_MAP=expert_map is not None,
-        HAS_ROWS=row_index is not None, PREFETCH=per_program > 1, num_warps=cfg.num_warps)
+        HAS_ROWS=row_index is not None, PREFETCH=per_program > 1,
+        OUT_TABLE=table is not None, num_warps=cfg.num_warps)
 
 
 def _bwd_triton(grad_out, inputs, weights, topk_ids, expert_map, row_index,
