@@ -59,6 +59,7 @@
 #              pipeline's send kernel on 32, 264 and all programs), then NCCL's in 1 and 3
 #   nvlink20c: the NVLink exchange's check and timelines (1 and 3 chunks), then Qwen3 over
 #              NVLink in one chunk against NCCL's 3 chunks, in turn, twice
+#   mixtral20: Mixtral exact (8192 tokens per GPU) twice
 #   pipeline: fixed in QWEN3_CHUNKS (1 2 3 4) and MIXTRAL_CHUNKS (1 2 4) chunks, 8192 tokens
 # The fixed variants also time CUDA-graph replays. One archive, results${TAG}.tgz, under $OUT.
 source "$(dirname "$0")/device_env.sh"  # cd, PYTHONPATH, FINAL, OUT, n
@@ -268,6 +269,9 @@ for set in ${SET:-qwen3}; do
           --graph
         harness qwen3_fixed_c3_r$r --preset qwen3 --tokens 8192 --fixed --chunks 3 --graph
       done ;;
+    mixtral20)  # Mixtral exact (the per-expert GEMMs, the default), twice at W = n
+      harness mixtral_exact_r1 --preset mixtral --tokens 8192
+      harness mixtral_exact_r2 --preset mixtral --tokens 8192 ;;
     loop18)  # loop17's W = n comparison in three runs
       harness mixtral_exact_loop_r1 --preset mixtral --tokens 8192
       PYTHONPATH="$PWD/.var/grouped:$PYTHONPATH" harness mixtral_exact_grouped_r1 \
