@@ -8,6 +8,9 @@ The only package that moves activations between ranks. Three dispatchers share o
 
 `partial` (R, D) holds, per received row, the weighted sum over the row's slots whose expert is
 local. The handle is a frozen dataclass: nothing per call is kept on the dispatcher.
+`compute(dispatched)` returns it; the exchange over NVLink (`MoEConfig.exchange = "nvlink"`,
+`peer.py`) calls `compute(dispatched, outputs=SplitOutputs(...))` instead, and the partials
+are stored straight into their home ranks' memory.
 
 Every collective here is differentiable: the backward of a dispatch all-to-all is the reverse
 all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
