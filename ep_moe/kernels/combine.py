@@ -198,16 +198,22 @@ def fused_mul_sum_rows(
     Returns:
         (T, D) tensor of inputs' dtype, deterministic, differentiable in inputs and weights.
     """
+    T, K = _check_rows_args(inputs, topk_weights, row_index, topk_ids, expert_map)
+    _check_outputs(outputs, T, inputs.shape[1], inputs)
+    args = (inputs, _contig(topk_weights), _contig(topk_ids), _contig(expert_map),
+            row_index.contiguous())
+    return _dispatch(args, outputs)
+
+
+def _check_rows_args(inputs, topk_weights, row_index, topk_ids, expert_map):
+    """The gathered layout's arguments; returns (T, K)."""
     _check_tensor("inputs", inputs, 2, FLOAT_DTYPES)
     if not inputs.is_contiguous():
         raise ValueError(f"inputs must be contiguous, got strides {inputs.stride()}")
     _check_tensor("row_index", row_index, 2, INDEX_DTYPES, inputs.device)
     T, K = row_index.shape
     _check_routing(T, K, inputs.device, topk_weights, topk_ids, expert_map)
-    _check_outputs(outputs, T, inputs.shape[1], inputs)
-    args = (inputs, _contig(topk_weights), _contig(topk_ids), _contig(expert_map),
-            row_index.contiguous())
-    return _dispatch(args, outputs)
+    return T, K
 
 
 class SplitOutputs(NamedTuple):
@@ -240,12 +246,7 @@ def fused_mul_sum_rows_split(
         table: (W,) int64 tensor of outputs[w].data_ptr() on inputs' device; built here when
             None (a host-to-device copy, which a CUDA graph cannot capture: pass it built).
     """
-    _check_tensor("inputs", inputs, 2, FLOAT_DTYPES)
-    if not inputs.is_contiguous():
-        raise ValueError(f"inputs must be contiguous, got strides {inputs.stride()}")
-    _check_tensor("row_index", row_index, 2, INDEX_DTYPES, inputs.device)
-    T, K = row_index.shape
-    _check_routing(T, K, inputs.device, topk_weights, None, None)
+    T, K = _check_rows_args(inputs, topk_weights, row_index, None, None)
     if needs_grad(inputs, topk_weights):
         raise ValueError("fused_mul_sum_rows_split has no backward: call it without autograd "
                          "(torch.no_grad()), got inputs or topk_weights that require grad")
