@@ -178,6 +178,9 @@ class AllToAllDispatcher(_Dispatcher):
     forward can be captured in a CUDA graph; the price is the padding's bytes, and buffers
     sized by the bound on local pairs.
 
+    With `exchange` "nvlink" (fixed-size, CUDA) inference stores the rows and partials straight
+    into the peers' symmetric memory instead (`_run_peer`, `peer.py`).
+
     Without autograd (inference) the exchanges skip their autograd Functions. Every rank must
     then agree on whether gradients are wanted: the backward's exchanges run on the ranks whose
     forward recorded them, and a rank that recorded none would leave the others waiting.

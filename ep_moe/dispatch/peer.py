@@ -3,10 +3,10 @@
 Every rank holds one buffer of torch symmetric memory, mapped into every other rank's address
 space: a region for the rows it receives and one for the partials that come home. The send
 kernel (`push_send_rows`) stores each row straight into its expert rank's region, and the slot
-reduction (`fused_mul_sum_rows` with `outputs` a view of the home rank's memory) stores each
-partial straight into its home rank's. So no send buffer is filled, no padding row's token
-travels, and no NCCL kernel holds SMs beside the experts. Barriers (the symmetric memory's
-signal pads) mark where every rank's stores have landed.
+reduction (`fused_mul_sum_rows_split`, through a table of the home ranks' addresses) stores
+each partial straight into its home rank's. So no send buffer is filled, no padding row's
+token or partial travels, and no NCCL kernel holds SMs beside the experts. Barriers (the
+symmetric memory's signal pads) mark where every rank's stores have landed.
 
 The regions are laid out as the collective's buffers: chunk i of a pipeline holds W * C_i rows
 at row W * (C_0 + ... + C_{i-1}), rank w's at w * C_i within it. So the expert side and the
