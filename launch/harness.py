@@ -433,7 +433,8 @@ def main():
                 # the slowest rank's row, and each ratio's median over every rank and round
                 slowest = dict(max(runs, key=lambda r: r["fwd_bwd_ms"]), **summary)
                 cols = ["dispatcher", "exchange", "max_tokens_per_rank", "chunks", "W",
-                        "T_per_rank", "fwd_ms", "fwd_bwd_ms", "graph_fwd_ms", "single_graph_fwd_ms", "tokens_per_s",
+                        "T_per_rank", "fwd_ms", "fwd_bwd_ms", "graph_fwd_ms",
+                        "single_graph_fwd_ms", "tokens_per_s",
                         "route_ms", "dispatch_ms", "experts_ms", "combine_ms",
                         "dispatch_vs_raw", "combine_vs_raw", "dispatch_exchange_vs_raw",
                         "combine_exchange_vs_raw", "per_gpu_vs_single_fwd",

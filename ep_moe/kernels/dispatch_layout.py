@@ -238,7 +238,7 @@ def _gather_send_kernel(
     # pointers
     x_ptr, weights_ptr, ids_ptr, send_tokens_ptr, send_meta_ptr, send_ptr, table_ptr,
     # sizes
-    D, Dp, K, W, meta_cols, capacity, first, num_rows,
+    D, Dp, K, W, meta_cols, capacity, first,
     # strides
     stride_x, stride_send,
     # meta-parameters
@@ -248,8 +248,8 @@ def _gather_send_kernel(
     """Send row r = [x[send_tokens[r]], then its topk_weights and topk_ids as fp32 words from
     element Dp on].
 
-    The programs step over num_rows rows. Without OUT_TABLE, row first + q is written to row
-    q at send_ptr. With OUT_TABLE (a fixed layout), q goes to rank w = (first + q % W) % W,
+    Program q writes one row. Without OUT_TABLE, row first + q is written to row q at
+    send_ptr. With OUT_TABLE (a fixed layout), q goes to rank w = (first + q % W) % W,
     row j = q // W of its block: send row w * capacity + j, written to row j of the output
     whose address table_ptr[w] holds; consecutive programs write to different ranks.
     Packed layout (capacity 0): for r below the rows sent (summed from send_meta on the
@@ -258,43 +258,42 @@ def _gather_send_kernel(
     row is padding: ids -1 (no slot), so a receiver can read all rows, and with ZERO_PADDING
     zeros for the token (a receiver never reads a padding row's token)."""
     k = tl.arange(0, K_POW2)
-    for q in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-        q = tl.cast(q, tl.int64)
-        if OUT_TABLE:
-            dest = (first + q % W) % W
-            j = q // W
-            r = dest * capacity + j
-            base = tl.load(table_ptr + dest).to(tl.pointer_type(send_ptr.dtype.element_ty))
-            out = base + j * stride_send
-        else:
-            r = first + q
-            out = send_ptr + q * stride_send
-        routing = (out + Dp).to(tl.pointer_type(tl.float32), bitcast=True)
-        if capacity > 0:
-            dest = r // capacity
-            valid = (r - dest * capacity) < tl.load(send_meta_ptr + dest * meta_cols)
-        else:
-            w = tl.arange(0, W_POW2)
-            valid = r < tl.sum(tl.load(send_meta_ptr + w * meta_cols, mask=w < W, other=0))
-        if valid:
-            t = tl.load(send_tokens_ptr + r)
+    q = tl.program_id(0).to(tl.int64)
+    if OUT_TABLE:
+        dest = (first + q % W) % W
+        j = q // W
+        r = dest * capacity + j
+        base = tl.load(table_ptr + dest).to(tl.pointer_type(send_ptr.dtype.element_ty))
+        out = base + j * stride_send
+    else:
+        r = first + q
+        out = send_ptr + q * stride_send
+    routing = (out + Dp).to(tl.pointer_type(tl.float32), bitcast=True)
+    if capacity > 0:
+        dest = r // capacity
+        valid = (r - dest * capacity) < tl.load(send_meta_ptr + dest * meta_cols)
+    else:
+        w = tl.arange(0, W_POW2)
+        valid = r < tl.sum(tl.load(send_meta_ptr + w * meta_cols, mask=w < W, other=0))
+    if valid:
+        t = tl.load(send_tokens_ptr + r)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
+            tl.store(out + d, row, mask=d < D)
+        weights = tl.load(weights_ptr + t * K + k, mask=k < K).to(tl.float32)
+        ids = tl.load(ids_ptr + t * K + k, mask=k < K).to(tl.float32)
+        tl.store(routing + k, weights, mask=k < K)
+        tl.store(routing + K + k, ids, mask=k < K)
+    elif capacity > 0:
+        if ZERO_PADDING:
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
-                row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
-                tl.store(out + d, row, mask=d < D)
-            weights = tl.load(weights_ptr + t * K + k, mask=k < K).to(tl.float32)
-            ids = tl.load(ids_ptr + t * K + k, mask=k < K).to(tl.float32)
-            tl.store(routing + k, weights, mask=k < K)
-            tl.store(routing + K + k, ids, mask=k < K)
-        elif capacity > 0:
-            if ZERO_PADDING:
-                for d0 in range(0, D, BLOCK_D):
-                    d = d0 + tl.arange(0, BLOCK_D)
-                    zeros = tl.zeros((BLOCK_D,), dtype=send_ptr.dtype.element_ty)
-                    tl.store(out + d, zeros, mask=d < D)
-            no_slot = tl.zeros((K_POW2,), dtype=tl.float32)
-            tl.store(routing + k, no_slot, mask=k < K)
-            tl.store(routing + K + k, no_slot - 1.0, mask=k < K)
+                zeros = tl.zeros((BLOCK_D,), dtype=send_ptr.dtype.element_ty)
+                tl.store(out + d, zeros, mask=d < D)
+        no_slot = tl.zeros((K_POW2,), dtype=tl.float32)
+        tl.store(routing + k, no_slot, mask=k < K)
+        tl.store(routing + K + k, no_slot - 1.0, mask=k < K)
 
 
 def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -342,7 +341,7 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     if not _use_triton(x) or x.shape[0] == 0:
         _gather_send_torch(x, topk_weights, topk_ids, layout, send)
         return send
-    _launch_gather_send(x, topk_weights, topk_ids, layout, send, None, 0, cap, cap,
+    _launch_gather_send(x, topk_weights, topk_ids, layout, send, None, 0, cap,
                         zero_padding=True)
     return send
 
@@ -379,7 +378,7 @@ def push_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
             out.copy_(send[w * C:(w + 1) * C])
         return
     _launch_gather_send(x, topk_weights, topk_ids, layout, outputs[0], table, first, W * C,
-                        W * C, zero_padding=False)
+                        zero_padding=False)
 
 
 def _check_send_args(x, topk_weights, topk_ids, layout):
@@ -417,16 +416,16 @@ def _gather_send_torch(x, topk_weights, topk_ids, layout, send):
 
 
 def _launch_gather_send(x, topk_weights, topk_ids, layout, out, table, first, num_rows,
-                        programs, zero_padding):
+                        zero_padding):
     D, K = x.shape[1], topk_ids.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
     _, Dp = packed_row(D, K, x.dtype)
     W, meta_cols = layout.meta.shape[1:]
-    _gather_send_kernel[(programs,)](
+    _gather_send_kernel[(num_rows,)](
         x, topk_weights.contiguous(), topk_ids.contiguous(), layout.send_tokens,
         layout.meta, out, table if table is not None else out,  # meta[0]: send_meta
-        D, Dp, K, W, meta_cols, layout.capacity, first, num_rows, x.stride(0), out.stride(0),
+        D, Dp, K, W, meta_cols, layout.capacity, first, x.stride(0), out.stride(0),
         W_POW2=triton.next_power_of_2(W), K_POW2=triton.next_power_of_2(K),
         BLOCK_D=min(triton.next_power_of_2(D), 2048), ZERO_PADDING=zero_padding,
         OUT_TABLE=table is not None, num_warps=4)
