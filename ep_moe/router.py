@@ -79,6 +79,8 @@ class RouterOutput:
         are 0 or the module is in eval mode.
     counts: (E,) int64 when the router counted already (training with the load-balancing
         loss), else None.
+    logits: (T, E) float32 router logits (before softmax / sigmoid and any correction bias),
+        the tensor transformers' `output_router_logits` collects; kept, not recomputed.
     num_tokens_per_expert (property): (E,) int64 (token, slot) pairs per expert, for
         monitoring and for updating the correction bias (aux-loss-free balancing). Without
         `counts` it is counted when read, so a forward launches nothing for it.
@@ -89,6 +91,7 @@ class RouterOutput:
     num_experts: int
     aux_loss: Optional[torch.Tensor] = None
     counts: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
 
     @property
     def num_tokens_per_expert(self) -> torch.Tensor:
@@ -191,12 +194,12 @@ class Router(nn.Module):
         if cfg.routed_scaling_factor != 1.0:
             topk_weights = topk_weights * cfg.routed_scaling_factor
         if not self.training:
-            return RouterOutput(topk_ids, topk_weights, cfg.num_experts)
+            return RouterOutput(topk_ids, topk_weights, cfg.num_experts, logits=logits)
         # only the load-balancing loss needs the counts; otherwise, if read, they are counted
         # then (no launch here)
         counts = count_ids(topk_ids, cfg.num_experts) if cfg.aux_loss_coef > 0 else None
         aux = self._aux_loss(logits, scores, counts, x.shape[0])
-        return RouterOutput(topk_ids, topk_weights, cfg.num_experts, aux, counts)
+        return RouterOutput(topk_ids, topk_weights, cfg.num_experts, aux, counts, logits)
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(dim=-1) if self.config.score_func == "softmax" else logits.sigmoid()

@@ -391,3 +391,15 @@ def test_deepseek_v3_preset_routes_like_deepseek_v3():
     router = Router(config)
     assert router.e_score_correction_bias is not None
     assert router.e_score_correction_bias.shape == (256,)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("training", [False, True])
+def test_router_output_keeps_the_fp32_logits(score_func, training):
+    # transformers' output_router_logits reads these: the gate's fp32 logits, before scores
+    router, x = make_inputs(tiny(score_func=score_func, aux_loss_coef=0.01))
+    router.train(training)
+    route = router(x)
+    assert route.logits.dtype == torch.float32 and route.logits.shape == (32, 8)
+    torch.testing.assert_close(route.logits.double().cpu(), logits64(router, x),
+                               rtol=RTOL, atol=ATOL)
