@@ -228,7 +228,9 @@ def _tile_product(
 # 2. Launcher (arguments validated, tiles and launch shape decided by `grouped_gemm`)
 # --------------------------------------------------------------------------------------------
 
-def _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten_wins_, tma):
+def _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma):
+    """Launch with tensor-descriptor loads and the persistent launch decided here, where the
+    tensors' addresses are known (`tma_ok` reads them; torch.compile's tracing cannot)."""
     cfg = GemmConfig(*config)
     num_experts, n_total, k_dim = w.shape
     num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
@@ -238,8 +240,19 @@ def _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten
         return out
     if k_dim == 0:
         return out.zero_()  # an empty product, and act(0) * 0 = 0
-    tma_a = tma and a_rows is None
-    flatten = flatten_wins_ and persistent
+    gathered = a_rows is not None
+    if tma is None:
+        tma = cfg.block_m >= 128 and tma_ok(a, w, gathered)
+    elif tma and not tma_ok(a, w, gathered):
+        raise ValueError("tma=True needs 16-bit a and w on a CUDA device of compute capability "
+                         ">= 9 (or the interpreter), w contiguous, rows of a multiple of 16 "
+                         "bytes and 16-byte aligned bases (a's only when its rows are not "
+                         f"gathered); got {a.dtype} on {a.device}, a strides {a.stride()}, "
+                         f"w strides {w.stride()}")
+    tma_a = tma and not gathered
+    wins = flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
+    persistent = wins if persistent is None else persistent
+    flatten = wins and persistent
     a_arg, w_arg = a, w
     if tma:
         w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
@@ -272,14 +285,13 @@ def _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten
 @torch.library.custom_op("ep_moe::grouped_gemm", mutates_args=())
 def _grouped_gemm_op(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                      a_rows: Optional[torch.Tensor], activation: Optional[str], gated: bool,
-                     config: list[int], persistent: bool, flatten_wins_: bool,
-                     tma: bool) -> torch.Tensor:
-    return _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten_wins_,
-                   tma)
+                     config: list[int], persistent: Optional[bool],
+                     tma: Optional[bool]) -> torch.Tensor:
+    return _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma)
 
 
 @_grouped_gemm_op.register_fake
-def _(a, w, counts, a_rows, activation, gated, config, persistent, flatten_wins_, tma):
+def _(a, w, counts, a_rows, activation, gated, config, persistent, tma):
     num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
     return a.new_empty(num_rows, w.shape[1] // 2 if gated else w.shape[1])
 
@@ -376,19 +388,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     check_triton("grouped_gemm", a)
     cfg = config or gemm_config(num_rows / max(num_experts, 1), gated, a.element_size(),
                                 shared_budget(a.device), max(num_experts, 1))
-    gathered = a_rows is not None
-    if tma is None:
-        tma = cfg.block_m >= 128 and tma_ok(a, w, gathered)
-    elif tma and not tma_ok(a, w, gathered):
-        raise ValueError("tma=True needs 16-bit a and w on a CUDA device of compute capability "
-                         ">= 9 (or the interpreter), w contiguous, rows of a multiple of 16 "
-                         "bytes and 16-byte aligned bases (a's only when its rows are not "
-                         f"gathered); got {a.dtype} on {a.device}, a strides {a.stride()}, "
-                         f"w strides {w.stride()}")
-    wins = flatten_wins(cfg, tma and not gathered, num_experts, shared_budget(a.device))
+    if tma is not None and not isinstance(tma, bool):
+        raise TypeError(f"tma must be True, False or None, got {tma!r}")
     args = (a, w, num_tokens_per_expert.contiguous(),
             a_rows.contiguous() if a_rows is not None else None, activation, gated, list(cfg),
-            wins if persistent is None else persistent, wins, tma)
+            persistent, tma)
     if torch.compiler.is_compiling():
         return _grouped_gemm_op(*args)
     return _launch(*args)
