@@ -378,9 +378,9 @@ def median_over_ranks(runs: list[dict]) -> dict:
 # 3. Report
 # --------------------------------------------------------------------------------------------
 
-SCREEN = {"run": "run", "W": "W", "T_per_rank": "T/rank", "tokens_per_s": "tokens/s/rank",
-          "fwd_ms": "fwd ms", "fwd_bwd_ms": "train step ms", "fwd_vs_1gpu": "fwd vs 1 GPU",
-          "step_vs_1gpu": "step vs 1 GPU", "exchange_vs_raw": "exchange vs raw a2a",
+SCREEN = {"run": "run", "W": "W", "T_per_rank": "T/rank", "tokens_per_s": "tokens/s",
+          "fwd_ms": "fwd ms", "fwd_bwd_ms": "step ms", "fwd_vs_1gpu": "fwd vs 1 GPU",
+          "step_vs_1gpu": "step vs 1 GPU", "exchange_vs_raw": "exchange vs raw",
           "peak_gib": "peak GiB"}
 
 
@@ -417,10 +417,11 @@ def print_screen(rows: list[dict], path: str) -> None:
             ratio = r.get("graph_vs_1gpu")
             print(f"{r['run']}: CUDA-graph forward {r['graph_fwd_ms']:.3g} ms" +
                   (f", {ratio:.3g} per GPU of one GPU's" if ratio is not None else ""))
-    print("times: the slowest rank; 'vs 1 GPU': per-GPU throughput against the single-GPU layer "
-          "on the same tokens (median over ranks and rounds); exchange: rows out / partials "
-          f"back against a raw all_to_all_single of the same bytes\nevery figure: {path}",
-          flush=True)
+    print("tokens/s: one rank's forward; step: a training step (forward + backward); times: the "
+          "slowest rank's.\n'vs 1 GPU': per-GPU throughput against the single-GPU layer on the "
+          "same tokens (median over ranks and rounds).\nexchange: rows out / partials back, "
+          "against a raw all_to_all_single of the same bytes.\n"
+          f"every figure: {path}", flush=True)
 
 
 PHASES = ("route", "dispatch", "experts", "combine")
