@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 Activation = Literal["silu", "gelu", "relu"]
-ExpertImpl = Literal["auto", "grouped_mm", "loop"]
+# auto: `ep_moe.plan` picks per forward; any other value forces that path of the experts
+ExpertImpl = Literal["auto", "triton", "dense", "grouped_mm", "per_expert"]
 Placement = Literal["linear", "round_robin"]
 Dispatcher = Literal["all_to_all", "allgather"]
-Exchange = Literal["collective", "nvlink"]
+Exchange = Literal["auto", "collective", "nvlink"]
 
 
-# Model presets run batches of at most this many rows per rank through every local expert:
-# on an H200 that beat the grouped GEMM at 16 and 64 tokens for both the Mixtral and Qwen3
-# shapes, and lost at 512 (launch/bench_layer.py).
-_DECODE_ROWS = 64
-
-
-def _choice(name: str, value: object, allowed: tuple) -> None:
+def _choice(name: str, value: object) -> None:
+    allowed = _CHOICES[name]
     if value not in allowed:
         raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {value!r}")
 
@@ -61,16 +58,15 @@ class MoEConfig:
     # experts
     activation: Activation = "silu"
     gated: bool = True  # act(x w1) * (x w3) when True, act(x w1) when False
-    # auto: Triton grouped GEMMs (gather and activation fused) for forwards that need no
-    # gradient, torch's grouped GEMM otherwise, or one dense GEMM per expert for large
-    # experts where the exchange brought the row counts to the host (`Experts.loop_wins`);
-    # grouped_mm: always torch's; loop: one GEMM per expert (a host sync where no exchange
-    # read the counts)
+    # the experts' path (`ep_moe.plan`): auto picks per forward; triton (inference only): Triton
+    # grouped GEMMs with the gather and activation fused; dense: every local expert on every
+    # row; grouped_mm: torch's grouped GEMM; per_expert: one GEMM per expert (a host sync where
+    # no exchange brought the row counts)
     expert_impl: ExpertImpl = "auto"
-    # when a rank computes at most this many rows and the forward needs gradients (the Triton
-    # inference path takes precedence otherwise), run every local expert on every row with
-    # batched GEMMs: each weight is read once and nothing is sorted. 0 turns it off.
-    dense_max_rows: int = 0
+    # auto picks the dense path (every local expert on every row through batched GEMMs: each
+    # weight read once, nothing sorted) for at most this many rows where the Triton path does
+    # not run (training, CPU). None: `ep_moe.plan.DENSE_MAX_ROWS`; 0 turns it off.
+    dense_max_rows: Optional[int] = None
 
     # shared experts (always-on MLP added to the routed output)
     num_shared_experts: int = 0  # DeepSeek-V3: 1, Qwen2-MoE: 1
@@ -90,15 +86,17 @@ class MoEConfig:
     # experts run and chunk i's partials travel home while chunk i + 1's do. From 3 chunks on
     # the first and last are half-size (their exchanges are the ones left exposed); each
     # chunk's exchange takes its share of max_tokens_per_rank rows per rank
-    # (`ep_moe.dispatch.chunk_bounds`). Training runs the chunks in turn.
-    dispatch_chunks: int = 1
+    # (`ep_moe.dispatch.chunk_bounds`). Training runs the chunks in turn. None: automatic
+    # (`ep_moe.plan`: 3 for prefill-sized NCCL exchanges captured in a CUDA graph, else 1).
+    dispatch_chunks: Optional[int] = None
     # how a fixed-size exchange moves its rows in inference. collective: NCCL's (or gloo's)
     # all-to-all. nvlink (CUDA): the send kernel stores each row straight into the receiving
     # rank's buffer and the slot reduction stores each partial straight into its home rank's
     # (torch symmetric memory; barriers where the rows must have landed). No send buffer, no
-    # padding row's token sent, and no SMs of NCCL's beside the experts. Training runs the
-    # collectives either way.
-    exchange: Exchange = "collective"
+    # padding row's token sent, and no SMs of NCCL's beside the experts. auto: nvlink where
+    # the ranks are CUDA peers of one host with symmetric memory, else collective. Training
+    # runs the collectives either way.
+    exchange: Exchange = "auto"
 
     # init
     init_std: float = 0.02
@@ -110,11 +108,8 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
-        _choice("score_func", self.score_func, ("softmax", "sigmoid"))
-        _choice("activation", self.activation, ("silu", "gelu", "relu"))
-        _choice("expert_impl", self.expert_impl, ("auto", "grouped_mm", "loop"))
-        _choice("placement", self.placement, ("linear", "round_robin"))
-        _choice("dispatcher", self.dispatcher, ("all_to_all", "allgather"))
+        for name in _CHOICES:
+            _choice(name, getattr(self, name))
         if self.num_experts % self.num_expert_groups:
             raise ValueError(
                 f"MoEConfig.num_expert_groups must divide num_experts ({self.num_experts}), "
@@ -128,7 +123,8 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) exceeds the experts in the kept groups "
                 f"({eligible} = topk_groups * num_experts / num_expert_groups)")
-        _count("dense_max_rows", self.dense_max_rows)
+        if self.dense_max_rows is not None:
+            _count("dense_max_rows", self.dense_max_rows)
         _count("num_shared_experts", self.num_shared_experts)
         for name in ("norm_topk_prob", "use_correction_bias", "router_fp32", "gated",
                      "shared_expert_gate"):
@@ -143,15 +139,15 @@ class MoEConfig:
             _positive_int("shared_intermediate_size", self.shared_intermediate_size)
         if self.max_tokens_per_rank is not None:
             _positive_int("max_tokens_per_rank", self.max_tokens_per_rank)
-        _positive_int("dispatch_chunks", self.dispatch_chunks)
-        if self.dispatch_chunks > 1 and (self.max_tokens_per_rank is None
+        if self.dispatch_chunks is not None:
+            _positive_int("dispatch_chunks", self.dispatch_chunks)
+        if (self.dispatch_chunks or 1) > 1 and (self.max_tokens_per_rank is None
                                          or self.dispatcher != "all_to_all"):
             raise ValueError(
                 f"MoEConfig.dispatch_chunks > 1 needs the all_to_all dispatcher with a fixed-size "
                 f"exchange (max_tokens_per_rank set; each chunk would cost a host sync "
                 f"otherwise), got dispatch_chunks={self.dispatch_chunks}, dispatcher="
                 f"{self.dispatcher!r}, max_tokens_per_rank={self.max_tokens_per_rank}")
-        _choice("exchange", self.exchange, ("collective", "nvlink"))
         if self.exchange == "nvlink" and (self.max_tokens_per_rank is None
                                           or self.dispatcher != "all_to_all"):
             raise ValueError(
@@ -190,20 +186,18 @@ class MoEConfig:
 
     @classmethod
     def mixtral_8x7b(cls, **changes) -> "MoEConfig":
-        return cls(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2,
-                   dense_max_rows=_DECODE_ROWS).replace(**changes)
+        return cls(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2).replace(**changes)
 
     @classmethod
     def qwen3_30b_a3b(cls, **changes) -> "MoEConfig":
-        return cls(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8,
-                   dense_max_rows=_DECODE_ROWS).replace(**changes)
+        return cls(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8).replace(**changes)
 
     @classmethod
     def deepseek_v3(cls, **changes) -> "MoEConfig":
         return cls(hidden_size=7168, intermediate_size=2048, num_experts=256, top_k=8,
                    score_func="sigmoid", num_expert_groups=8, topk_groups=4,
                    use_correction_bias=True, routed_scaling_factor=2.5,
-                   num_shared_experts=1, dense_max_rows=_DECODE_ROWS).replace(**changes)
+                   num_shared_experts=1).replace(**changes)
 
     @classmethod
     def preset(cls, name: str, **changes) -> "MoEConfig":
@@ -213,3 +207,8 @@ class MoEConfig:
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
         return presets[name](**changes)
+
+
+# every Literal field's choices, spelled once in the annotation
+_CHOICES = {name: typing.get_args(hint) for name, hint in typing.get_type_hints(MoEConfig).items()
+            if typing.get_origin(hint) is Literal}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -13,14 +14,17 @@ from .dispatch import Dispatched, check_capacity, make_dispatcher
 from .distributed import all_gather_rows, check_same_config, group_rank_and_size
 from .experts import Experts, SharedExperts
 from .kernels import fused_mul_sum_rows
-from .kernels.combine import SplitOutputs, fused_mul_sum_rows_split
-from .kernels.fused_mul_sum import FLOAT_DTYPES
+from .kernels.common import FLOAT_DTYPES, use_triton
 from .kernels.expert_sort import sort_by_expert
+from .kernels.fused_mul_sum import SplitOutputs, fused_mul_sum_rows_split
 from .permute import expand_rows
 from .placement import ExpertPlacement
+from .plan import ForwardPlan, plan_forward
 from .router import Router, RouterOutput
 
 _EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
+# plans are pure functions of hashable inputs: computed once per shape of forward
+_cached_plan = functools.lru_cache(maxsize=1024)(plan_forward)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -103,11 +107,30 @@ class MoE(nn.Module):
             self.experts.gate_up_proj[local].normal_(0.0, std, generator=gen)
             self.experts.down_proj[local].normal_(0.0, std, generator=gen)
 
+    def plan(self, x: torch.Tensor) -> ForwardPlan:
+        """What a forward of `x` (..., D) runs here and now (`ep_moe.plan`): the router's top-k,
+        the dispatcher and exchange, pipeline chunks and the experts' path. It depends on the
+        token count, on whether gradients are recorded (`torch.no_grad()`, `requires_grad`)
+        and, for automatic pipeline chunks, on a CUDA-graph capture in progress."""
+        compiling = torch.compiler.is_compiling()
+        w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
+        grad = torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad or
+                                            w2.requires_grad or self.router.weight.requires_grad)
+        capturing = x.is_cuda and not compiling and torch.cuda.is_current_stream_capturing()
+        plan = plan_forward if compiling else _cached_plan
+        return plan(self.config, world_size=self.world_size,
+                    num_local_experts=len(self.local_expert_ids),
+                    num_tokens=x.numel() // self.config.hidden_size, device_type=x.device.type,
+                    dtype=x.dtype, triton=use_triton(x), grad=grad,
+                    peer_exchange=self.dispatcher.peer_exchange, capturing=capturing,
+                    compiling=compiling)
+
     def forward(self, x: torch.Tensor, return_router_output: bool = False):
         """x: (..., D) float32 / float16 / bfloat16 -> (..., D) of the same dtype.
 
         With `return_router_output=True` returns `(y, RouterOutput)` (ids, weights, per-expert
-        token counts, aux loss). In training, the aux loss's gradient is attached to `y`.
+        token counts, logits, aux loss). In training, the aux loss's gradient is attached to
+        `y`.
         """
         D = self.config.hidden_size
         if not isinstance(x, torch.Tensor):
@@ -124,8 +147,13 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, D)
         if self.config.max_tokens_per_rank is not None:  # on one rank too, as on many
             check_capacity(x_TD.shape[0], self.config.max_tokens_per_rank)
-        route = self.router(x_TD)
-        y_TD = self._routed(x_TD, route)
+        plan = self.plan(x_TD)
+        route = self.router(x_TD, topk=plan.router_topk)
+
+        def compute(sent: Dispatched, outputs: Optional[SplitOutputs] = None):
+            return self.compute_experts(sent, plan, outputs)
+
+        y_TD = self.dispatcher.run(x_TD, route.topk_ids, route.topk_weights, compute, plan)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if route.aux_loss is not None and torch.is_grad_enabled():
@@ -133,14 +161,11 @@ class MoE(nn.Module):
         y = y_TD.view(x.shape)
         return (y, route) if return_router_output else y
 
-    def _routed(self, x_TD: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-        return self.dispatcher.run(x_TD, route.topk_ids, route.topk_weights,
-                                   self.compute_experts)
-
-    def compute_experts(self, sent: Dispatched,
+    def compute_experts(self, sent: Dispatched, plan: ForwardPlan,
                         outputs: Optional[SplitOutputs] = None) -> Optional[torch.Tensor]:
         """Received rows -> (R, D) partial outputs: each row's weighted sum over its slots
-        whose expert is local (the harness times this phase on its own).
+        whose expert is local, through the plan's experts path (the harness times this phase
+        on its own).
 
         outputs: None, or a `SplitOutputs` of W tensors (R / W, D) (views of the home ranks'
         memory, for the exchange over NVLink): rows [w R / W, (w + 1) R / W) are written
@@ -148,12 +173,9 @@ class MoE(nn.Module):
         ids = sent.topk_ids  # (R, K) global ids, -1 on padding rows
         # one rank: the router's own ids, all valid, and local ids = global ones
         expert_map = self.expert_map if self.world_size > 1 else None
+        e = len(self.local_expert_ids)
         R, num_pairs = sent.x.shape[0], sent.handle.num_local_pairs  # a bound if not exact
-        # a bound: judge the paths by the pairs a balanced routing of full ranks brings,
-        # R * K / W (the bound, R * K, is W times that)
-        expected = num_pairs if sent.pairs_exact else R * self.config.top_k // self.world_size
-        fused = self.experts.fused_forward_supported(sent.x, expected, sent.pairs_exact)
-        if not fused and 0 < R <= self.config.dense_max_rows:
+        if plan.experts == "dense":
             local_ids = ids if expert_map is None else \
                 torch.where(ids >= 0, expert_map[ids.clamp(min=0)], -1)
             out_rows = self.experts.dense(sent.x)  # (e, R, D): row (i, r) is expert i on row r
@@ -161,20 +183,20 @@ class MoE(nn.Module):
             row_index = torch.where(local_ids >= 0, rows_of_slot, -1).to(torch.int32)
             return _reduce_slots(out_rows.view(-1, sent.x.shape[1]), sent.topk_weights,
                                  row_index, outputs)
-        order = sort_by_expert(ids, len(self.local_expert_ids), num_pairs, expert_map)
-        if fused:  # inference: gather and activation inside the Triton GEMMs
-            rows = expected / max(self.experts.num_local_experts, 1)  # tiles for these
-            # chunks: the other chunks' exchanges run beside these GEMMs
-            overlapped = self.world_size > 1 and self.config.dispatch_chunks > 1
+        order = sort_by_expert(ids, e, num_pairs, expert_map)
+        if plan.experts == "triton":  # inference: gather and activation inside the GEMMs
+            # tiles for the real pairs where the exchange counted them, else for the plan's
+            pairs = num_pairs if sent.pairs_exact else plan.pairs
             out_rows = self.experts.fused_forward(sent.x, order.source_rows,
-                                                  order.num_tokens_per_expert, rows,
-                                                  overlapped=overlapped)  # (P, D)
+                                                  order.num_tokens_per_expert,
+                                                  pairs / max(e, 1),
+                                                  overlapped=plan.overlapped)  # (P, D)
         else:
             # P a bound: gather only the sort's real pairs (its total, on the device)
             count = None if sent.pairs_exact else order.offsets[-1:]
             rows = expand_rows(sent.x, order.source_rows, order.row_index, count)  # (P, D)
             out_rows = self.experts(rows, order.num_tokens_per_expert, order.offsets,
-                                    sent.pairs_per_expert)  # (P, D)
+                                    sent.pairs_per_expert, path=plan.experts)  # (P, D)
         # the combine doubles as the un-permute: reads each row once, writes (R, D)
         return _reduce_slots(out_rows, sent.topk_weights, order.row_index, outputs)
 

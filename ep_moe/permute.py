@@ -14,7 +14,7 @@ import torch
 
 from .kernels import fused_mul_sum_rows
 from .kernels.gather import gather_rows
-from .kernels.fused_mul_sum import needs_grad
+from .kernels.common import needs_grad
 
 
 def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .kernels.fused_mul_sum import _use_triton, needs_grad
+from .kernels.common import needs_grad, use_triton
 from .kernels.topk import softmax_topk
 from .permute import count_ids
+from .plan import router_topk
 
 
 # torch.mm(..., out_dtype=): CUDA only, torch >= 2.8
@@ -24,7 +25,7 @@ class _LogitsFp32(torch.autograd.Function):
     fp32 output. The products of two 16-bit floats are exact in fp32, so this equals the GEMM
     of the upcast operands up to the order of the fp32 sums, without writing the fp32 copies
     or running the GEMM at fp32 speed (H100: 0.04 against 0.18 ms for Qwen3's router at 8192
-    tokens, launch/probe_forward.py). The backward is the fp32 GEMMs autograd would run
+    tokens). The backward is the fp32 GEMMs autograd would run
     through the upcast, each gradient cast to its operand's dtype."""
 
     @staticmethod
@@ -162,18 +163,28 @@ class Router(nn.Module):
         if self.e_score_correction_bias is not None:
             self.e_score_correction_bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x: (T, D) -> RouterOutput."""
+    def forward(self, x: torch.Tensor, topk: Optional[str] = None) -> RouterOutput:
+        """x: (T, D) -> RouterOutput.
+
+        topk: "triton" (one kernel for softmax and top-k; plain softmax routing only) or
+        "torch"; None: as `ep_moe.plan.router_topk` picks (the layer passes its plan's)."""
         cfg = self.config
         logits = router_logits(x, self.weight)  # (T, E) fp32
         scores = None  # (T, E), computed where needed
+        if topk is None:
+            topk = router_topk(cfg, use_triton(logits))
         # softmax over all E, no groups, no correction bias (Mixtral, Qwen)
         plain_softmax = self.e_score_correction_bias is None and cfg.num_expert_groups == 1 \
             and cfg.score_func == "softmax"
-        if plain_softmax and _use_triton(logits) and not torch.compiler.is_compiling():
+        if topk not in ("triton", "torch"):
+            raise ValueError(f"topk must be 'triton', 'torch' or None, got {topk!r}")
+        if topk == "triton" and not plain_softmax:
+            raise ValueError("topk='triton' takes a plain softmax over all experts (no groups, "
+                             "no correction bias)")
+        if topk == "triton":
             # one kernel for what torch runs as three (radix select, sort of the K picked,
             # softmax), with or without gradients, so a recompute (activation checkpointing)
-            # picks what the first pass picked; under torch.compile, torch's ops
+            # picks what the first pass picked
             topk_ids, topk_weights = softmax_topk(logits, cfg.top_k, cfg.norm_topk_prob)
         elif plain_softmax and cfg.norm_topk_prob:
             # softmax is monotone and renormalising the K picked probabilities is a softmax

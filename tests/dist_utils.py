@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 import ep_moe
 from ep_moe.dispatch import chunk_bounds
-from ep_moe.kernels.fused_mul_sum import _use_triton
+from ep_moe.kernels.common import use_triton
 
 # Per-dtype tolerances, relative to the largest magnitude of the expected tensor.
 # fp32: both layers run the same fp32 GEMMs on the same rows; only the order of a token's K
@@ -145,7 +145,9 @@ class Case:
 
     def moe_config(self) -> ep_moe.MoEConfig:
         # init_std 0.2: O(1) router logits (no near-ties) and O(0.1) outputs
-        return ep_moe.MoEConfig.tiny(init_std=0.2, **self.config)
+        # the automatic dense path off unless a case asks for it: a few tokens would always
+        # take it, and the sorted paths are what most cases exercise
+        return ep_moe.MoEConfig.tiny(init_std=0.2, **{"dense_max_rows": 0, **self.config})
 
 
 def expected_local_experts(E: int, W: int, placement: str) -> list[list[int]]:
@@ -286,8 +288,10 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
         calls.append(1)
         return all_to_all(*args, **kwargs)
 
-    # the per-expert loop reads its row counts back by design; every other path reads nothing
-    patched = saved if layer.config.expert_impl != "loop" else {}
+    # per-expert GEMMs read their row counts back by design; every other path reads nothing
+    with torch.no_grad():
+        plan = layer.plan(x)
+    patched = saved if plan.experts != "per_expert" else {}
     try:
         for name in patched:
             setattr(torch.Tensor, name, host_read)
@@ -307,14 +311,17 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
         fails.append("fixed exchange: the forward without host reads differs")
     # rows out and partials back per chunk, no split sizes (all-gather: none)
     cfg = layer.config
-    chunks = len(chunk_bounds(cfg.max_tokens_per_rank, cfg.dispatch_chunks))
+    chunks = len(chunk_bounds(cfg.max_tokens_per_rank, plan.chunks))
     expected = 2 * chunks if cfg.dispatcher == "all_to_all" else 0
     if len(calls) != expected:
         fails.append(f"fixed exchange: {len(calls)} all-to-alls, expected {expected}")
-    # grouped_mm / loop, or no Triton (CPU without the interpreter): never fused_forward
-    fused = cfg.expert_impl == "auto" and _use_triton(x)
-    if (fused and not overlapped) or set(overlapped) - {cfg.dispatch_chunks > 1}:
-        fails.append(f"fixed exchange in {cfg.dispatch_chunks} chunks: fused_forward got "
+    # the Triton path where the plan says so (never for grouped_mm / per_expert, nor on a CPU
+    # without the interpreter), beside the exchanges exactly when they are pipelined
+    fused = plan.experts == "triton"
+    if fused != (cfg.expert_impl in ("auto", "triton") and use_triton(x)):
+        fails.append(f"fixed exchange: plan {plan} on {x.device}")
+    if (fused and not overlapped) or set(overlapped) - {plan.chunks > 1}:
+        fails.append(f"fixed exchange in {plan.chunks} chunks: fused_forward got "
                      f"overlapped={overlapped}")
     return fails
 
@@ -322,19 +329,19 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
 def _check_host_counts(layer, x) -> list[str]:
     """Exact exchanges: the experts get each local expert's pair count on the host from the
     exchange (the split sizes' read), equal to the sort's device counts, and read nothing
-    back themselves (with expert_impl="loop", which needs the counts, too)."""
+    back themselves (with expert_impl="per_expert", which needs the counts, too)."""
     forward, seen, fails = layer.experts.forward, [], []
     saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "cpu")}
 
     def host_read(*args, **kwargs):
         raise _HostRead("a tensor was read back to the host")
 
-    def recording(x, num_tokens_per_expert, offsets=None, counts=None):
+    def recording(x, num_tokens_per_expert, offsets=None, counts=None, path="grouped_mm"):
         seen.append((saved["tolist"](num_tokens_per_expert), counts))
         for name in saved:
             setattr(torch.Tensor, name, host_read)
         try:
-            return forward(x, num_tokens_per_expert, offsets, counts)
+            return forward(x, num_tokens_per_expert, offsets, counts, path)
         finally:
             for name, fn in saved.items():
                 setattr(torch.Tensor, name, fn)
@@ -346,7 +353,7 @@ def _check_host_counts(layer, x) -> list[str]:
         fails.append(f"the experts read a tensor back to the host:\n{traceback.format_exc()}")
     finally:
         del layer.experts.forward  # the method again
-    if not seen and layer.config.dense_max_rows == 0:  # the dense path skips the experts
+    if not seen and layer.plan(x).experts != "dense":  # the dense path skips these
         fails.append("the experts' forward never ran")
     for device_counts, counts in seen:
         if counts is None or list(counts) != device_counts:

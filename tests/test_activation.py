@@ -7,17 +7,16 @@ import torch.nn.functional as F
 import ep_moe.kernels.activation as activation_module
 from ep_moe.kernels.activation import fused_activation_available, gated_activation
 
+from conftest import DEVICE, needs_triton
+
 ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 # fp32: a few ulps of transcendental error; bf16/fp16: one rounding of the output (2^-8 / 2^-11
 # relative) on values of magnitude up to ~4, so an absolute bound of 4 ulps of that
 TOL = {torch.float32: 1e-5, torch.float16: 4 * 4 * 2.0**-11, torch.bfloat16: 4 * 4 * 2.0**-8}
 
-pytestmark = pytest.mark.skipif(
-    not fused_activation_available(torch.empty(1)) and not torch.cuda.is_available(),
-    reason="needs TRITON_INTERPRET=1 on CPU, or a GPU")
+pytestmark = needs_triton
 
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_inputs(P, I, dtype, device=DEVICE, seed=0):
@@ -110,7 +109,7 @@ def test_bad_num_rows(bad):
 
 def test_needs_triton(monkeypatch):
     # without CUDA or the interpreter: a message, not a Triton launch on a CPU tensor
-    monkeypatch.setattr(activation_module, "_use_triton", lambda t: False)
+    monkeypatch.setattr(activation_module, "use_triton", lambda t: False)
     with pytest.raises(ValueError, match="CUDA"):
         gated_activation(torch.randn(2, 8), "silu")
 
@@ -146,3 +145,14 @@ def test_strided_inputs(layout):
     y.backward(g)
     torch.testing.assert_close(y.double(), y_ref, atol=TOL[torch.float32], rtol=1e-5)
     torch.testing.assert_close(leaf.grad[:, :2 * I].double(), gh_ref, atol=4e-5, rtol=1e-5)
+
+
+def test_bf16_output_rounds_to_nearest_even():
+    """relu(gate) * up is one exact fp32 product of bf16 values: the stored bf16 must equal
+    torch's round-to-nearest-even cast of it bit for bit (a truncating cast would not)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(32, 2 * 48, generator=g).to(DEVICE, torch.bfloat16)
+    gate, up = h.float().chunk(2, dim=-1)
+    want = (torch.relu(gate) * up).to(torch.bfloat16)
+    got = gated_activation(h, "relu")
+    assert torch.equal(got, want), (got != want).sum().item()

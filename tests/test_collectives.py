@@ -2,7 +2,7 @@
 host-side arithmetic of its pipelined exchange.
 
 The differentiable collectives (`ep_moe.dispatch.collectives`): the reduce-scatter (the forward
-of `_ReduceScatter`, the backward of `_AllGather`) sums the ranks' bf16 partials in fp32.
+of `ReduceScatter`, the backward of `AllGather`) sums the ranks' bf16 partials in fp32.
 The values are chosen so that a bf16 reduction cannot pass: 1 + 2^-8 lies halfway between 1
 and the next bf16 (1 + 2^-7) and rounds to even, back to 1. Each column holds 1.0 on one rank
 and 2^-8 on the other two, so whatever order the backend adds the three ranks in, some column
@@ -25,7 +25,8 @@ import torch.distributed as dist
 from dist_utils import spawn_group
 from ep_moe import ExpertPlacement
 from ep_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, chunk_bounds
-from ep_moe.dispatch.collectives import _AllGather, _ReduceScatter, _reduce_scatter
+from ep_moe.dispatch.collectives import AllGather, ReduceScatter, reduce_scatter
+from ep_moe.plan import ForwardPlan
 
 W, N = 3, 2
 SMALL = 2.0 ** -8  # half a bf16 ulp of 1.0
@@ -52,16 +53,16 @@ def check_reduce_scatter() -> list[str]:
     want = expected_chunk(rank)
     fails = []
     results = {
-        "_reduce_scatter": _reduce_scatter(x, group),
-        "_ReduceScatter.apply": _ReduceScatter.apply(x, group),
+        "reduce_scatter": reduce_scatter(x, group),
+        "ReduceScatter.apply": ReduceScatter.apply(x, group),
     }
     # the all-gather's backward reduce-scatters the gradient, then casts it to x's dtype
     # (1 + 2^-7 is a bf16: exact after the cast, 1.0 had the sum run in bf16)
     x_local = torch.zeros(N, W, dtype=torch.bfloat16, requires_grad=True)
-    _AllGather.apply(x_local, group).backward(x)
-    results["_AllGather backward"] = x_local.grad
+    AllGather.apply(x_local, group).backward(x)
+    results["AllGather backward"] = x_local.grad
     for what, out in results.items():
-        dtype = torch.bfloat16 if what == "_AllGather backward" else torch.float32
+        dtype = torch.bfloat16 if what == "AllGather backward" else torch.float32
         if out.dtype != dtype or tuple(out.shape) != (N, W):
             fails.append(f"{what}: {out.dtype} {tuple(out.shape)}, expected {dtype} {(N, W)}")
         elif not torch.equal(out.double(), want):
@@ -116,6 +117,12 @@ def sent_to(ids: torch.Tensor, rank: int) -> torch.Tensor:
                         dtype=torch.bool)
 
 
+def _plan(exchange: str, chunks: int = 1, grad: bool = False) -> ForwardPlan:
+    """What the planner would hand an all-to-all dispatcher (only the exchange fields count)."""
+    return ForwardPlan(router_topk="torch", dispatcher="all_to_all", exchange=exchange,
+                       chunks=chunks, experts="grouped_mm", rows=0, pairs=0, grad=grad)
+
+
 def _expect(what, ok, fails):
     if not ok:
         fails.append(what)
@@ -159,7 +166,7 @@ def check_dispatchers() -> list[str]:
     _expect("a2a combine", torch.equal(d.combine(compute(sent), h), y_a2a), fails)
     # backward: the reverse exchanges (uneven splits: swapped sizes would show)
     x_grad = x.clone().requires_grad_()
-    y = d.run(x_grad, ids, weights, compute)
+    y = d.run(x_grad, ids, weights, compute, _plan("exact", grad=True))
     y.backward(torch.ones_like(y))
     _expect("a2a run (grad)", torch.equal(y.detach(), y_a2a), fails)
     _expect("a2a run: x.grad", torch.equal(x_grad.grad, visits[:, None].expand(-1, 3)), fails)
@@ -188,7 +195,7 @@ def check_dispatchers() -> list[str]:
             part.x.shape[0] == W * 2 and part.handle.input_splits == (2,) * W, fails)
     # the pipeline in 3 chunks (2, 3 and 1 tokens of C = 6), inference and training; each
     # chunk's exchanges carry that chunk's rows per rank, out (all chunks) then back
-    d = AllToAllDispatcher(placement, group, capacity=C, chunks=3)
+    d = AllToAllDispatcher(placement, group, capacity=C)
     all_to_all, splits = dist.all_to_all_single, []
 
     def recording(out, x, output_split_sizes=None, *args, **kwargs):
@@ -199,9 +206,9 @@ def check_dispatchers() -> list[str]:
     x_grad = x.clone().requires_grad_()
     dist.all_to_all_single = recording
     try:
-        y_inf = d.run(x, ids, weights, compute)
+        y_inf = d.run(x, ids, weights, compute, _plan("fixed", chunks=3, grad=False))
         splits_inf, splits[:] = list(splits), []
-        y = d.run(x_grad, ids, weights, compute)
+        y = d.run(x_grad, ids, weights, compute, _plan("fixed", chunks=3, grad=True))
         splits_grad = list(splits)
     finally:
         dist.all_to_all_single = all_to_all

@@ -15,9 +15,10 @@ from dist_utils import expected_local_experts
 from ep_moe import ExpertPlacement
 from ep_moe.kernels.dispatch_layout import (_layout_torch, dispatch_layout, gather_send_rows,
                                            packed_row, push_send_rows, split_packed)
-from ep_moe.kernels.fused_mul_sum import _use_triton
+from ep_moe.kernels.common import use_triton
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from conftest import DEVICE
+
 
 
 def brute_force(topk_ids, owner, W):
@@ -54,7 +55,7 @@ def layout(impl, ids, owner, W):
     table = make_table(owner, W)
     if impl == "torch":
         return _layout_torch(ids, owner, table)
-    if not _use_triton(ids.to(DEVICE)):
+    if not use_triton(ids.to(DEVICE)):
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     return dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE))
 
@@ -204,7 +205,7 @@ def test_gather_send_rows_torch_path_masks_unused_rows(monkeypatch):
     assert S < 60  # some rows unused, so the masking matters
     send_tokens = lay.send_tokens.clone()
     send_tokens[S:] = 10**9  # garbage, as the kernel layout leaves there
-    monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
+    monkeypatch.setattr(layout_module, "use_triton", lambda t: False)
     x, weights = torch.randn(30, 8), torch.rand(30, 2)
     send = gather_send_rows(x, weights, ids, lay._replace(send_tokens=send_tokens))
     send_x, send_routing = split_packed(send, 8, 2)
@@ -252,7 +253,7 @@ def test_fixed_capacity_layout(T, K, E, W, kind, impl):
     if impl == "torch":
         got = _layout_torch(ids, owner, table, C)
     else:
-        if not _use_triton(ids.to(DEVICE)):
+        if not use_triton(ids.to(DEVICE)):
             pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
         got = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE), capacity=C)
     expected = fixed_rows(copy_index, C)
@@ -311,7 +312,7 @@ def test_gather_send_rows_fixed_capacity(T, impl, dtype, monkeypatch):
     ids, owner = routed_ids(T, K, E, seed=5), make_owner(E, W, "round_robin")
     table = make_table(owner, W)
     lay = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE), capacity=C) \
-        if _use_triton(ids.to(DEVICE)) else _layout_torch(ids, owner, table, C)
+        if use_triton(ids.to(DEVICE)) else _layout_torch(ids, owner, table, C)
     copy_index = fixed_rows(brute_force(ids, owner, W)[1], C)
     # padding rows name no token: poison their send_tokens entries, so reading one fails
     real = torch.zeros(W * C, dtype=torch.bool)
@@ -329,7 +330,7 @@ def test_gather_send_rows_fixed_capacity(T, impl, dtype, monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
     if impl == "torch":
-        monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
+        monkeypatch.setattr(layout_module, "use_triton", lambda t: False)
     send = gather_send_rows(x, weights, ids.to(DEVICE), lay)
     monkeypatch.undo()
     assert send.shape[0] == W * C
@@ -363,7 +364,7 @@ def test_push_send_rows_writes_each_ranks_rows_into_its_output(T, impl, first, m
     ids, owner = routed_ids(T, K, E, seed=5), make_owner(E, W, "round_robin")
     table = make_table(owner, W)
     lay = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), table.to(DEVICE), capacity=C) \
-        if _use_triton(ids.to(DEVICE)) else _layout_torch(ids, owner, table, C)
+        if use_triton(ids.to(DEVICE)) else _layout_torch(ids, owner, table, C)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(T, D, generator=g).to(DEVICE, torch.bfloat16)
     weights = torch.rand(T, K, generator=g).to(DEVICE)
@@ -372,7 +373,7 @@ def test_push_send_rows_writes_each_ranks_rows_into_its_output(T, impl, first, m
     outputs = [torch.full((C, width), float("nan"), dtype=x.dtype, device=DEVICE)
                for _ in range(W)]
     if impl == "torch":
-        monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
+        monkeypatch.setattr(layout_module, "use_triton", lambda t: False)
     push_send_rows(x, weights, ids.to(DEVICE), lay, outputs, first)
     monkeypatch.undo()
     copies = lay.send_meta[:, 0].cpu()
@@ -382,7 +383,7 @@ def test_push_send_rows_writes_each_ranks_rows_into_its_output(T, impl, first, m
         n = int(copies[w])
         assert torch.equal(got_routing, want_routing)  # every row: padding has ids -1
         assert torch.equal(got_x[:n], want_x[:n])
-        if impl == "kernel" and _use_triton(x):  # the padding rows' tokens are not sent
+        if impl == "kernel" and use_triton(x):  # the padding rows' tokens are not sent
             assert got_x[n:].isnan().all()
 
 
@@ -433,8 +434,8 @@ def test_fixed_capacity_of_exactly_T(impl, monkeypatch):
     owner = make_owner(E, W, "linear")  # experts 0, 1 on rank 0; 2, 3 on rank 1
     meta, copy_index, _ = brute_force(ids, owner, W)
     if impl == "torch":
-        monkeypatch.setattr(layout_module, "_use_triton", lambda t: False)
-    elif not _use_triton(ids.to(DEVICE)):
+        monkeypatch.setattr(layout_module, "use_triton", lambda t: False)
+    elif not use_triton(ids.to(DEVICE)):
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     got = dispatch_layout(ids.to(DEVICE), owner.to(DEVICE), make_table(owner, W).to(DEVICE),
                           capacity=T)

@@ -97,12 +97,12 @@ CASES = {
         # torch's grouped GEMM over buffers sized by the bound: rows past the count unread
         Case("fixed_grouped_mm_a2a", tokens=(5, 7),
              config=dict(top_k=2, max_tokens_per_rank=8, expert_impl="grouped_mm")),
-        Case("fixed_loop_a2a", tokens=(5, 7),  # the per-expert loop over a bound-sized buffer
-             config=dict(top_k=2, max_tokens_per_rank=8, expert_impl="loop")),
-        # the per-expert loop on the exact exchanges: the counts come with the split sizes
-        Case("loop_a2a", tokens=(5, 7), config=dict(top_k=2, expert_impl="loop")),
-        Case("loop_allgather_rank0_empty", tokens=(0, 6),
-             config=dict(top_k=3, dispatcher=AG, expert_impl="loop")),
+        Case("fixed_per_expert_a2a", tokens=(5, 7),  # per-expert GEMMs over a bound-sized buffer
+             config=dict(top_k=2, max_tokens_per_rank=8, expert_impl="per_expert")),
+        # per-expert GEMMs on the exact exchanges: the counts come with the split sizes
+        Case("per_expert_a2a", tokens=(5, 7), config=dict(top_k=2, expert_impl="per_expert")),
+        Case("per_expert_allgather_rank0_empty", tokens=(0, 6),
+             config=dict(top_k=3, dispatcher=AG, expert_impl="per_expert")),
         Case("fixed_one_rank_over_capacity", kind="one_over_capacity",
              config=dict(max_tokens_per_rank=3)),
     ],
@@ -122,11 +122,11 @@ CASES = {
         Case("W_gt_E", kind="too_few_experts", config=dict(num_experts=2, top_k=1)),
         Case("config_mismatch", kind="config_mismatch"),
         # 2, 2 and 1 experts: rank 2's count message has a padding column
-        Case("E5_K3_loop_a2a", tokens=(4, 7, 2),
-             config=dict(num_experts=5, top_k=3, expert_impl="loop")),
-        Case("E5_K2_rr_loop_allgather", tokens=(3, 0, 6),
+        Case("E5_K3_per_expert_a2a", tokens=(4, 7, 2),
+             config=dict(num_experts=5, top_k=3, expert_impl="per_expert")),
+        Case("E5_K2_rr_per_expert_allgather", tokens=(3, 0, 6),
              config=dict(num_experts=5, top_k=2, placement=RR, dispatcher=AG,
-                         expert_impl="loop")),
+                         expert_impl="per_expert")),
         Case("fixed_K8_rr_a2a_rank1_empty", tokens=(9, 0, 5),
              config=dict(top_k=8, placement=RR, max_tokens_per_rank=9)),
         Case("fixed_E7_K3_allgather", tokens=(4, 2, 0),
@@ -173,7 +173,7 @@ CASES = {
 }
 
 # a guard against hangs, not a speed test: the W = 3 group took 132-155 s under the CPU
-# interpreter on a 2-core machine (stop 15)
+# interpreter on a 2-core machine
 _TIMEOUT_S = {2: 300, 3: 300, 4: 360, 8: 480}
 _RESULTS: dict = {}
 

@@ -11,9 +11,10 @@ import torch
 
 import ep_moe.kernels.expert_sort as sort_module
 from ep_moe.kernels.expert_sort import sort_by_expert
-from ep_moe.kernels.fused_mul_sum import _use_triton
+from ep_moe.kernels.common import use_triton
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from conftest import DEVICE
+
 
 
 def brute_force(ids, e, expert_map=None):
@@ -35,8 +36,8 @@ def run(impl, ids, e, num_pairs, expert_map=None, monkeypatch=None):
     ids = ids.to(DEVICE)
     emap = expert_map.to(DEVICE) if expert_map is not None else None
     if impl == "torch":
-        monkeypatch.setattr(sort_module, "_use_triton", lambda t: False)
-    elif not _use_triton(ids):
+        monkeypatch.setattr(sort_module, "use_triton", lambda t: False)
+    elif not use_triton(ids):
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     return sort_by_expert(ids, e, num_pairs, emap)
 
@@ -191,7 +192,7 @@ def test_num_pairs_above_all_slots(impl, monkeypatch):
 def test_deterministic():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 16, (200, 4), generator=g).to(DEVICE)
-    if not _use_triton(ids):
+    if not use_triton(ids):
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     a, b = sort_by_expert(ids, 16, 800), sort_by_expert(ids, 16, 800)
     assert all(torch.equal(x, y) for x, y in zip(a, b))

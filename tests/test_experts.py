@@ -1,6 +1,7 @@
-"""`Experts` with the row counts on the host: one dense product per expert (`_PerExpertLinear`),
-against a float64 loop over the rows, forward and backward; the rule that picks it
-(`Experts.loop_wins`) and the checks on `counts`.
+"""`Experts` on its differentiable paths: one dense product per expert with the row counts on
+the host (`_PerExpertLinear`, path "per_expert") against a float64 loop over the rows, forward
+and backward; torch's grouped GEMM (path "grouped_mm") against it; the checks on `counts`.
+Which path runs when is `ep_moe.plan`'s (tests/test_plan.py).
 
 Shapes: P sorted rows, D hidden, I per-expert intermediate size, e local experts.
 """
@@ -14,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from ep_moe import MoEConfig
-from ep_moe import experts as experts_module
-from ep_moe.experts import Experts, _PerExpertLinear, grouped_mm_supported
+from ep_moe.experts import Experts, _PerExpertLinear
 from ep_moe.kernels.activation import fused_activation_available
 
+from conftest import DEVICE
+
 D, I = 12, 20
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # float64 products throughout; where Triton runs (CUDA, or the CPU under TRITON_INTERPRET) the
 # gated activation is its kernel, which computes in fp32 (an H100: 9e-11 absolute, 3e-6
 # relative at a value near zero; the interpreter 4e-11 and 1.2e-5), so there the bound is
@@ -66,13 +67,13 @@ COUNTS = [(3, 0, 5, 2), (0, 4, 4, 0), (2, 1, 0, 3), (0, 0, 9, 0), (1, 1, 1, 1)]
 @pytest.mark.parametrize("counts", COUNTS)
 @pytest.mark.parametrize("extra_rows", [0, 3])
 def test_products_match_reference(counts, extra_rows):
-    experts = make_experts(expert_impl="loop")
+    experts = make_experts()
     P = sum(counts) + extra_rows
     g = torch.Generator().manual_seed(1)
     x = torch.randn(P, D, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
     grad_y = torch.randn(P, D, generator=g, dtype=torch.float64).to(DEVICE)
     device_counts = torch.tensor(counts, device=DEVICE)
-    y = experts(x, device_counts, counts=counts)
+    y = experts(x, device_counts, counts=counts, path="per_expert")
     y.backward(grad_y)
 
     x_ref = x.detach().clone().requires_grad_()
@@ -106,27 +107,22 @@ def _no_host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, host_read)
 
 
-@pytest.mark.parametrize("impl", ["auto", "loop"])
-def test_host_counts_decide_without_a_sync(monkeypatch, impl):
-    """With counts given and the loop chosen (auto where `loop_wins`, or "loop"), nothing is
-    read back and the device counts are not used: here they are wrong on purpose, and the
-    output follows the host counts."""
-    monkeypatch.setattr(experts_module, "LOOP_MIN_I", 0)
-    monkeypatch.setattr(experts_module, "LOOP_MIN_ROWS_PER_EXPERT", 0)
-    experts = make_experts(expert_impl=impl)
+def test_host_counts_take_no_sync(monkeypatch):
+    """With counts given, the per-expert path reads nothing back and does not use the device
+    counts: here they are wrong on purpose, and the output follows the host counts."""
+    experts = make_experts()
     counts = (2, 3, 0, 4)
     x = torch.randn(9, D, dtype=torch.float64, device=DEVICE)
     wrong = torch.tensor([9, 0, 0, 0], device=DEVICE)
-    assert experts.loop_wins(sum(counts))
     with monkeypatch.context() as m:
         _no_host_reads(m)
-        y = experts(x, wrong, counts=counts)
+        y = experts(x, wrong, counts=counts, path="per_expert")
     assert_close(y, reference(*weights(experts), x, counts))
 
 
-def test_grouped_and_loop_agree_on_the_layer_dtype():
-    """auto with counts but a small I: torch's grouped GEMM (fp32 on CPU, bf16 on CUDA); the
-    loop on the same rows gives the same result."""
+def test_grouped_mm_and_per_expert_agree_on_the_layer_dtype():
+    """torch's grouped GEMM (fp32 on CPU, bf16 on CUDA) reads the device counts; the
+    per-expert products on the same rows give the same result."""
     dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
     D16, I16 = 16, 32  # grouped_mm wants 16-byte aligned rows
     cfg = MoEConfig.tiny(hidden_size=D16, intermediate_size=I16, num_experts=8)
@@ -135,31 +131,16 @@ def test_grouped_and_loop_agree_on_the_layer_dtype():
     experts.reset_parameters()
     counts = (5, 0, 3, 6)
     x = torch.randn(16, D16, device=DEVICE).to(dtype)
-    assert not experts.loop_wins(sum(counts))
-    assert grouped_mm_supported(x, experts.gate_up_proj, experts.down_proj)
-    # host counts that disagree with the device's: the grouped paths read the device's
+    # host counts that disagree with the device's: the grouped path reads the device's
     wrong = (14, 0, 0, 0)
-    grouped = experts(x, torch.tensor(counts, device=DEVICE), counts=wrong)
-    experts.config = dataclasses.replace(cfg, expert_impl="grouped_mm")
-    grouped_mm = experts(x, torch.tensor(counts, device=DEVICE), counts=wrong)
-    experts.config = dataclasses.replace(cfg, expert_impl="loop")
-    loop = experts(x, torch.tensor(counts, device=DEVICE), counts=counts)
+    grouped = experts(x, torch.tensor(counts, device=DEVICE), counts=wrong, path="grouped_mm")
+    per_expert = experts(x, torch.tensor(counts, device=DEVICE), counts=counts,
+                         path="per_expert")
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(loop[:14], grouped[:14], rtol=tol, atol=tol)
-    torch.testing.assert_close(loop[:14], grouped_mm[:14], rtol=tol, atol=tol)
-    assert not loop[14:].any()
-
-
-@pytest.mark.parametrize("preset, local, rows, expected", [
-    ("mixtral_8x7b", 2, 8192, True),  # a rank's two experts at W = 4, 8192 tokens per rank
-    ("mixtral_8x7b", 8, 1024, True),  # 8 local experts, 1024 rows each
-    ("mixtral_8x7b", 8, 512, False),  # below LOOP_MIN_ROWS_PER_EXPERT
-    ("qwen3_30b_a3b", 32, 2048, False),  # small experts: 2-4x slower as a loop
-])
-def test_loop_wins(preset, local, rows, expected):
-    with torch.device("meta"):  # no real weights: only the sizes matter
-        experts = Experts(getattr(MoEConfig, preset)(), local)
-    assert experts.loop_wins(local * rows) is expected
+    torch.testing.assert_close(per_expert[:14], grouped[:14], rtol=tol, atol=tol)
+    assert not per_expert[14:].any()
+    with pytest.raises(ValueError, match="path must be"):
+        experts(x, torch.tensor(counts, device=DEVICE), path="loop")
 
 
 @pytest.mark.parametrize("counts", [(1, 2, 3), (1, 2, 3, 4, 0), (3, -1, 2, 0), (5, 5, 5, 5),
@@ -175,9 +156,10 @@ def test_bad_counts(counts, rows):
 def test_create_graph_first_order():
     """A gradient taken with create_graph=True (as gradient penalties do) still works; a
     second order through the per-expert products raises."""
-    experts = make_experts(expert_impl="loop")
+    experts = make_experts()
     x = torch.randn(6, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y = experts(x, torch.tensor([2, 0, 3, 1], device=DEVICE), counts=(2, 0, 3, 1))
+    y = experts(x, torch.tensor([2, 0, 3, 1], device=DEVICE), counts=(2, 0, 3, 1),
+                path="per_expert")
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     x_ref = x.detach().clone().requires_grad_()
     y_ref = reference(*weights(experts), x_ref, (2, 0, 3, 1))
@@ -186,20 +168,3 @@ def test_create_graph_first_order():
     # the products' backward is once-differentiable (and so is the Triton activation's)
     with pytest.raises(RuntimeError, match="differentiate|does not require grad"):
         gx.sum().backward()
-
-
-def test_compile_keeps_the_grouped_path(monkeypatch):
-    """Under torch.compile auto does not loop (it would guard on every count): with host
-    counts that disagree with the device's, the compiled forward follows the device's."""
-    monkeypatch.setattr(experts_module, "LOOP_MIN_I", 0)
-    monkeypatch.setattr(experts_module, "LOOP_MIN_ROWS_PER_EXPERT", 0)
-    cfg = MoEConfig.tiny(hidden_size=16, intermediate_size=32, num_experts=8)
-    torch.manual_seed(0)
-    experts = Experts(cfg, 4).to(torch.bfloat16)  # CPU: torch's grouped GEMM traces bf16
-    experts.reset_parameters()
-    x = torch.randn(14, 16).to(torch.bfloat16)
-    counts = torch.tensor([5, 0, 3, 6])
-    eager = experts(x, counts)  # no host counts: grouped
-    compiled = torch.compile(lambda a: experts(a, counts, counts=(14, 0, 0, 0)),
-                             backend="aot_eager", fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)

@@ -17,21 +17,16 @@ import torch
 from ep_moe.kernels import fused_mul_sum as fms
 from ep_moe.kernels import fused_mul_sum_rows, moe_fused_mul_sum
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_RUNS = fms._use_triton(torch.empty(0, device=DEVICE))
-needs_triton = pytest.mark.skipif(
-    not TRITON_RUNS, reason="the Triton path needs CUDA or TRITON_INTERPRET=1")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from conftest import DEVICE, FP16_SUBNORMAL, ROUNDING, TRITON_RUNS, needs_cuda, needs_triton
+
 IMPLS = [pytest.param("triton", marks=needs_triton), "torch"]
 
 # Allowed error = rtol * |ref| + atol + ACCUM_RTOL * sum(|terms|), the terms being the products
 # summed (w * x over K for the output, x * grad_out over D for the weights' gradient).
 TOL = {  # dtype of the stored result: (rtol, atol)
     torch.float32: (1e-5, 0.0),  # fp32 result stored as is: ~1e-5 leaves room for fp32 products
-    torch.float16: (2.0**-11, 2.0**-24),  # half an ulp of 10 mantissa bits; subnormal step 2^-24
-    # 7 stored mantissa bits: half an ulp on GPU (round to nearest even), a full ulp under
-    # TRITON_INTERPRET, whose fp32->bf16 cast truncates
-    torch.bfloat16: (2.0**-7 if fms._INTERPRET else 2.0**-8, 0.0),
+    torch.float16: (ROUNDING[torch.float16], FP16_SUBNORMAL),  # one rounding to 10 mantissa bits
+    torch.bfloat16: (ROUNDING[torch.bfloat16], 0.0),  # one rounding to 7 stored mantissa bits
 }
 ACCUM_RTOL = 1e-5  # fp32 accumulation in another order than float64: ~sqrt(n) * 2^-24, n <= 2500
 
@@ -150,7 +145,7 @@ def check(case: Case, grad_out, out, grad_inputs, grad_weights):
 # --------------------------------------------------------------------------------------------
 
 def run_public(case: Case, grad_out):
-    """Public function + autograd: the Triton kernels wherever `_use_triton` says so."""
+    """Public function + autograd: the Triton kernels wherever `use_triton` says so."""
     x = case.inputs.clone().requires_grad_()
     w = case.topk_weights.clone().requires_grad_()
     if case.row_index is None:
@@ -210,8 +205,7 @@ def test_matches_reference(impl, T, K, D, dtype):
     check(case, g, *RUN[impl](case, g))
 
 
-@pytest.mark.skipif(not fms._use_triton(torch.empty(0, device=DEVICE)),
-                    reason="Triton path needs TRITON_INTERPRET=1 on CPU, or a GPU")
+@needs_triton
 @pytest.mark.parametrize("config", [
     fms.FwdConfig(64, 1, 0),  # one token per program: no prefetch, D split in 64-wide blocks
     fms.FwdConfig(64, 1, 1),  # several tokens per program with routing prefetch; the last
@@ -582,3 +576,16 @@ def test_cuda_graph_replay():
             torch.cuda.synchronize()
             ref, _, _, out_abs, _ = combine_reference(src, grad_out_for(src, T, D))
             assert_close_to("output", out, ref, out_abs, torch.bfloat16)
+
+
+@needs_triton
+def test_bf16_output_rounds_to_nearest_even():
+    """K = 1: out = bf16(w * x) with one fp32 product, the same in the kernel and in torch, so
+    the stored bf16 must equal torch's round-to-nearest-even cast bit for bit. A truncating
+    cast (the CPU interpreter's own) differs on about half the elements."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 1, 96, generator=g).to(DEVICE, torch.bfloat16)
+    w = torch.rand(64, 1, generator=g).to(DEVICE) + 0.5
+    got = moe_fused_mul_sum(x, w)
+    want = (w[:, :, None] * x.float()).sum(1).to(torch.bfloat16)
+    assert torch.equal(got, want), (got != want).sum().item()

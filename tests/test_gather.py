@@ -6,12 +6,9 @@ import pytest
 import torch
 
 import ep_moe.kernels.gather as gather_module
-from ep_moe.kernels.fused_mul_sum import _use_triton
 from ep_moe.kernels.gather import gather_rows
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(not _use_triton(torch.empty(1, device=DEVICE)),
-                                  reason="needs TRITON_INTERPRET=1 on CPU, or a GPU")
+from conftest import DEVICE, TRITON_RUNS, needs_triton
 
 
 def poison_new_empty(monkeypatch, value):
@@ -70,7 +67,7 @@ def test_gather_rows_strided_inputs(layout):
 
 
 def test_torch_fallback(monkeypatch):
-    monkeypatch.setattr(gather_module, "_use_triton", lambda t: False)
+    monkeypatch.setattr(gather_module, "use_triton", lambda t: False)
     x, index = torch.randn(6, 5), torch.tensor([5, 0, 2])
     assert torch.equal(gather_rows(x, index, torch.tensor([2])), x[index])
 
@@ -78,7 +75,7 @@ def test_torch_fallback(monkeypatch):
 def test_torch_fallback_bad_index_gives_zeros(monkeypatch):
     # gather_rows' contract holds on every path: an index outside [0, N) gives a row of zeros
     # (as the kernel does, test_bad_index_reads_nothing), not some other token's row
-    monkeypatch.setattr(gather_module, "_use_triton", lambda t: False)
+    monkeypatch.setattr(gather_module, "use_triton", lambda t: False)
     x = torch.randn(4, 16)
     index = torch.tensor([1, -1, 4, 3])
     out = gather_rows(x, index, torch.tensor([4]))
@@ -90,8 +87,8 @@ def test_torch_fallback_bad_index_gives_zeros(monkeypatch):
 def test_no_source_rows_gives_zeros(impl, monkeypatch):
     # N = 0 (a rank that received nothing): every index is out of range, every real row 0
     if impl == "torch":
-        monkeypatch.setattr(gather_module, "_use_triton", lambda t: False)
-    elif not _use_triton(torch.empty(1, device=DEVICE)):
+        monkeypatch.setattr(gather_module, "use_triton", lambda t: False)
+    elif not TRITON_RUNS:
         pytest.skip("needs TRITON_INTERPRET=1 on CPU, or a GPU")
     x = torch.randn(0, 8, device=DEVICE)
     out = gather_rows(x, torch.tensor([0, 2, -1], device=DEVICE), torch.tensor([3], device=DEVICE))

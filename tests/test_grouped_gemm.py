@@ -19,14 +19,12 @@ from ep_moe import MoE, MoEConfig
 from ep_moe import experts as experts_module
 from ep_moe.kernels import gemm_configs as gg_configs
 from ep_moe.kernels import grouped_gemm as gg
-from ep_moe.kernels.gemm_configs import _shared_bytes
+from ep_moe.kernels.gemm_configs import shared_bytes
 from ep_moe.kernels.grouped_gemm import GemmConfig, gemm_config, grouped_gemm
 from ep_moe.reference import reference_moe
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_RUNS = gg._use_triton(torch.empty(0, device=DEVICE))
-needs_triton = pytest.mark.skipif(
-    not TRITON_RUNS, reason="the Triton path needs CUDA or TRITON_INTERPRET=1")
+from conftest import DEVICE, FP16_SUBNORMAL, ROUNDING, TRITON_RUNS, needs_triton
+
 # tensor descriptors: Hopper or newer, or the interpreter
 _PROBE = torch.empty(8, 8, dtype=torch.bfloat16, device=DEVICE)
 needs_tma = pytest.mark.skipif(
@@ -41,10 +39,8 @@ needs_tma = pytest.mark.skipif(
 TOL = {  # dtype of a, w and the output: (rtol, atol)
     # fp32 output stored as is: 1e-5 leaves room for the fp32 sigmoid / erf / exp (a few ulps)
     torch.float32: (1e-5, 0.0),
-    torch.float16: (2.0**-11, 2.0**-24),  # half an ulp of 10 mantissa bits; subnormal step 2^-24
-    # 7 stored mantissa bits: half an ulp on GPU (round to nearest even), a full ulp under
-    # TRITON_INTERPRET, whose fp32->bf16 cast truncates
-    torch.bfloat16: (2.0**-7 if gg._INTERPRET else 2.0**-8, 0.0),
+    torch.float16: (ROUNDING[torch.float16], FP16_SUBNORMAL),  # one rounding to 10 mantissa bits
+    torch.bfloat16: (ROUNDING[torch.bfloat16], 0.0),  # one rounding to 7 stored mantissa bits
 }
 # fp32 accumulation in another order than float64: worst case K * 2^-24 of the |terms| sum,
 # 1e-5 covers K <= 168 outright (K <= 64 on CPU); random-sign roundings grow as sqrt(K) * 2^-24,
@@ -585,7 +581,9 @@ def test_validation(change, error, match):
 
 
 def test_needs_triton(monkeypatch):
-    monkeypatch.setattr(gg, "_use_triton", lambda t: False)  # a CPU without the interpreter
+    from ep_moe.kernels import common
+
+    monkeypatch.setattr(common, "use_triton", lambda t: False)  # a CPU without the interpreter
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         grouped_gemm(**_bad_inputs(lambda x: {}))
 
@@ -614,8 +612,8 @@ def test_gpu_real_shape(dtype):
 # gate_up GEMM + activation, down GEMM, combine rounds the output a few times
 LAYER_TOL = {
     torch.float32: 5e-6,  # ~30 fp32 ulps of O(1) values through a few roundings and sums
-    # a bf16 rounding (a full 2^-7 ulp where TRITON_INTERPRET truncates) after each of the
-    # fused GEMM + activation, down GEMM and combine, with slack: 8 * 2^-8
+    # a bf16 rounding after each of the fused GEMM + activation, down GEMM and combine, with
+    # slack: 8 * 2^-8
     torch.bfloat16: 2.0**-5,
 }
 LAYER_CONFIGS = {
@@ -685,27 +683,7 @@ def test_layer_takes_fused_path(gemm_calls, grad_enabled, params_grad, x_grad, e
 
 
 @needs_triton
-@pytest.mark.parametrize("intermediate_size,max_rows", [
-    (24, experts_module.FUSED_MAX_ROWS_PER_EXPERT_SMALL_I),  # small I: up to 1024 rows
-    (experts_module.SMALL_I, experts_module.FUSED_MAX_ROWS_PER_EXPERT_SMALL_I),  # the edge
-    (experts_module.SMALL_I + 8, experts_module.FUSED_MAX_ROWS_PER_EXPERT),  # larger: 256
-])
-def test_fused_path_row_limit(intermediate_size, max_rows):
-    # the switch to torch's grouped GEMM sits at the mean rows per expert the sweeps measured
-    moe, x = make_layer(layer_config(intermediate_size=intermediate_size))
-    e = moe.experts.num_local_experts
-    with torch.no_grad():
-        assert moe.experts.fused_forward_supported(x, max_rows * e)
-        assert not moe.experts.fused_forward_supported(x, max_rows * e + 1)
-        # an estimate over buffers sized by a bound (fixed-size exchange): small I keeps the
-        # Triton path whatever the rows; larger I switches at the same rows
-        small_i = intermediate_size <= experts_module.SMALL_I
-        assert moe.experts.fused_forward_supported(x, 10 * max_rows * e, exact=False) == small_i
-        assert moe.experts.fused_forward_supported(x, max_rows * e, exact=False)
-
-
-@needs_triton
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "per_expert", "dense"])
 def test_layer_other_impls_skip_fused_path(gemm_calls, impl):
     moe, x = make_layer(layer_config(expert_impl=impl))
     with torch.no_grad():
@@ -848,14 +826,14 @@ def test_persistent_only_over_a_loose_bound(monkeypatch, loose, overlapped, expe
 def test_default_config_fits_shared_memory(rows_per_expert, gated, element_size, num_experts):
     # fp32 tiles at the bf16 stage counts needed 240-272 KiB: Triton refused them on an H200
     cfg = gemm_config(rows_per_expert, gated, element_size, num_experts=num_experts)
-    assert _shared_bytes(cfg, gated, element_size) <= 227 * 1024
+    assert shared_bytes(cfg, gated, element_size) <= 227 * 1024
     if element_size == 2:  # the bf16 configs are the swept ones, untouched by the fitting
         assert cfg.num_stages >= 3
     # a GPU with ~99 KiB a block (the 4-stage gated tile alone needs 144 KiB): fewer stages,
     # then shorter K tiles, never below what Triton can pipeline
     small = gemm_config(rows_per_expert, gated, element_size, shared_budget=92 * 1024,
                         num_experts=num_experts)
-    assert _shared_bytes(small, gated, element_size) <= 92 * 1024
+    assert shared_bytes(small, gated, element_size) <= 92 * 1024
     assert small.num_stages >= 2 and small.block_k >= 16
     assert small._replace(num_stages=cfg.num_stages, block_k=cfg.block_k) == cfg
 
@@ -978,3 +956,18 @@ def test_layer_fused_path_with_transposed_input():
     with torch.no_grad():
         y = moe(x)
     torch.testing.assert_close(y, moe(x.contiguous()).detach(), rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_bf16_output_rounds_to_nearest_even():
+    """Operands of multiples of 1/4 in [-4, 4]: every product and every partial sum over K = 64
+    is exact in fp32, whatever the order, so the stored bf16 must equal torch's
+    round-to-nearest-even cast of the exact result bit for bit (a truncating cast would not:
+    the sums need up to 14 significant bits, bf16 keeps 8)."""
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randint(-16, 17, (40, 64), generator=g) / 4).to(DEVICE, torch.bfloat16)
+    w = (torch.randint(-16, 17, (2, 32, 64), generator=g) / 4).to(DEVICE, torch.bfloat16)
+    counts = torch.tensor([17, 23], device=DEVICE)
+    got = grouped_gemm(a, w, counts, config=GemmConfig(16, 32, 32, 1, 4, 2))
+    want = torch.cat([a[:17].double() @ w[0].double().T, a[17:].double() @ w[1].double().T])
+    assert torch.equal(got, want.to(torch.bfloat16))

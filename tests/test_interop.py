@@ -9,6 +9,8 @@ from torch import nn
 
 from ep_moe import MoE
 
+from conftest import DEVICE
+
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     DeepseekV3Config,
@@ -25,7 +27,6 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (  # noqa: E402
     Qwen3MoeSparseMoeBlock,
 )
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 D, I, E = 32, 48, 8  # noqa: E741 (I: intermediate size, in the package notation)
 SHARED_I = 40  # the shared MLP's size, unlike I so a mix-up shows in the shapes
 # fp32 both sides, same routing: the two differ only in summation order (the HF block adds

@@ -13,10 +13,11 @@ import torch
 
 from ep_moe import MoE, MoEConfig
 from ep_moe.dispatch import chunk_bounds
-from ep_moe.experts import grouped_mm_supported
+from ep_moe.plan import plan_forward
 from ep_moe.reference import reference_moe
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from conftest import DEVICE, TRITON_RUNS
+
 
 # Allowed error = TOL[dtype] * max(max|reference|, SCALE_FLOOR) over the tensor compared
 # (outputs and every gradient). Measured worst case over seeds, tiny configs: fp32 4e-7 relative,
@@ -25,7 +26,7 @@ TOL = {
     # fp32 storage (2^-24 roundoff) through ~6 roundings and D/I-term sums: 5e-6 is ~80 ulps;
     # CUDA GEMMs split and re-add K differently (an expert gradient was 5.7e-6 off on an H200)
     torch.float32: 2e-5 if DEVICE.type == "cuda" else 5e-6,
-    # a bf16 rounding (2^-8 relative, a full 2^-7 ulp where TRITON_INTERPRET truncates) after
+    # a bf16 rounding (2^-8 relative) after
     # each of gate_up GEMM, activation, gate*up, down GEMM, combine, shared add: 8 * 2^-8
     torch.bfloat16: 2.0**-5,
     # the same chain with fp16's 10 mantissa bits: 8 * 2^-11
@@ -40,8 +41,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def tiny(**changes) -> MoEConfig:
     # D=16, I=24, E=8, K=2; init_std 1/sqrt(D) puts pre-activations at O(1), so the activation's
-    # non-linearity and the router's choice (not a near-uniform softmax) are exercised
-    return MoEConfig.tiny(init_std=0.25, **changes)
+    # non-linearity and the router's choice (not a near-uniform softmax) are exercised. The
+    # automatic dense path is off (a few tokens would always take it): "dense" tests it
+    return MoEConfig.tiny(init_std=0.25, **{"dense_max_rows": 0, **changes})
 
 
 def make_inputs(config: MoEConfig, shape=(13,), dtype=torch.float32, seed=0):
@@ -106,7 +108,8 @@ CONFIGS = {
     "silu_gated": tiny(),  # the default: SwiGLU experts through the grouped GEMM
     "gelu_gated": tiny(activation="gelu"),  # GEGLU: the other gated activation
     "relu_plain": tiny(activation="relu", gated=False),  # gate_up_proj holds only I rows
-    "loop": tiny(expert_impl="loop"),  # one GEMM per expert
+    "per_expert": tiny(expert_impl="per_expert"),  # one GEMM per expert
+    "dense": tiny(expert_impl="dense"),  # every local expert on every token
     "no_renorm": tiny(norm_topk_prob=False),  # raw softmax weights reach the combine
     # DeepSeek-style shared MLP of 2 experts (shared I defaults to 2 * I)
     "shared_deepseek": tiny(num_shared_experts=2),
@@ -192,14 +195,13 @@ def test_empty_input(name, shape):
         assert grad is not None and torch.equal(grad, torch.zeros_like(grad)), param
 
 
-def test_loop_equals_grouped_mm():
+def test_per_expert_equals_grouped_mm():
     # grouped GEMM runs only for dtypes its backend takes: fp32 on CPU, bf16 on CUDA
     dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
     outs = []
-    for impl in ("grouped_mm", "loop"):
+    for impl in ("grouped_mm", "per_expert"):
         moe, x, grad_y = make_inputs(tiny(expert_impl=impl), dtype=dtype)
-        if impl == "grouped_mm":  # else this would compare the loop with itself
-            assert grouped_mm_supported(x, moe.experts.gate_up_proj, moe.experts.down_proj)
+        assert moe.plan(x).experts == impl  # else this would compare a path with itself
         outs.append(run_layer(moe, x, grad_y))
     (y_a, route_a, gx_a, grads_a), (y_b, route_b, gx_b, grads_b) = outs
     assert torch.equal(route_a.topk_ids, route_b.topk_ids)
@@ -309,7 +311,7 @@ def test_reproducible_init():
 @pytest.mark.parametrize("changes, match", [
     (dict(score_func="relu"), "score_func"),
     (dict(activation="tanh"), "activation"),
-    (dict(expert_impl="triton"), "expert_impl"),
+    (dict(expert_impl="loop"), "expert_impl"),
     (dict(placement="random"), "placement"),
     (dict(dispatcher="nccl"), "dispatcher"),
     (dict(hidden_size=0), "hidden_size"),
@@ -374,20 +376,19 @@ def test_shared_size(changes, size):
 
 
 @pytest.mark.parametrize("name, fields", [
-    ("tiny", dict(hidden_size=16, num_experts=8, top_k=2, dense_max_rows=0)),
-    ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2,
-                     dense_max_rows=64)),
-    ("qwen3", dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8,
-                   dense_max_rows=64)),
+    ("tiny", dict(hidden_size=16, num_experts=8, top_k=2)),
+    ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2)),
+    ("qwen3", dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8)),
     ("deepseek_v3", dict(num_experts=256, top_k=8, score_func="sigmoid", num_expert_groups=8,
-                         topk_groups=4, routed_scaling_factor=2.5, num_shared_experts=1,
-                         dense_max_rows=64)),
+                         topk_groups=4, routed_scaling_factor=2.5, num_shared_experts=1)),
 ])
 def test_presets(name, fields):
     config = MoEConfig.preset(name, aux_loss_coef=0.01)  # configs only: the layers are big
     for field, value in fields.items():
         assert getattr(config, field) == value, field
     assert config.aux_loss_coef == 0.01
+    # automatic settings are derived by the planner, not pinned per preset
+    assert (config.dense_max_rows, config.dispatch_chunks, config.exchange) == (None, None, "auto")
     with pytest.raises(ValueError, match="unknown preset"):
         MoEConfig.preset(name + "_nope")
 
@@ -458,30 +459,26 @@ def test_dispatcher_checks_capacity_before_any_collective(dispatcher, chunks):
     from ep_moe.dispatch import make_dispatcher
     from ep_moe.placement import ExpertPlacement
 
-    cfg = MoEConfig.tiny(max_tokens_per_rank=4, dispatcher=dispatcher, dispatch_chunks=chunks)
+    cfg = MoEConfig.tiny(max_tokens_per_rank=4, dispatcher=dispatcher, dispatch_chunks=chunks,
+                         exchange="collective")
     placement = ExpertPlacement(cfg.num_experts, 2, cfg.placement)
     d = make_dispatcher(cfg, placement, group=None, rank=0)
     T, K = 5, cfg.top_k
     x = torch.randn(T, cfg.hidden_size)
     ids = torch.arange(T * K).reshape(T, K) % cfg.num_experts
+    plan = plan_forward(cfg, world_size=2, num_local_experts=4, num_tokens=T, device_type="cpu",
+                        dtype=x.dtype, triton=False, grad=False)
     with pytest.raises(ValueError, match="5 tokens on this rank.*max_tokens_per_rank=4"):
-        d.run(x, ids, torch.full((T, K), 1.0 / K), lambda sent: sent.x)
+        d.run(x, ids, torch.full((T, K), 1.0 / K), lambda sent: sent.x, plan)
 
 
 def test_nvlink_exchange_needs_cuda_tensors():
-    """exchange='nvlink' stores into other GPUs' memory: on CPU tensors it raises a clear error
-    (on every rank alike) before any collective or allocation."""
-    from ep_moe.dispatch import make_dispatcher
-    from ep_moe.placement import ExpertPlacement
-
+    """exchange='nvlink' stores into other GPUs' memory: on CPU tensors the planner raises a
+    clear error (on every rank alike) before any collective or allocation."""
     cfg = MoEConfig.tiny(max_tokens_per_rank=4, exchange="nvlink")
-    d = make_dispatcher(cfg, ExpertPlacement(cfg.num_experts, 2, cfg.placement), group=None,
-                        rank=0)
-    T, K = 4, cfg.top_k
-    ids = torch.arange(T * K).reshape(T, K) % cfg.num_experts
-    with torch.no_grad(), pytest.raises(ValueError, match="needs CUDA tensors.*got x on cpu"):
-        d.run(torch.randn(T, cfg.hidden_size), ids, torch.full((T, K), 1.0 / K),
-              lambda sent, outputs=None: None)
+    with pytest.raises(ValueError, match="needs CUDA tensors.*got x on cpu"):
+        plan_forward(cfg, world_size=2, num_local_experts=4, num_tokens=4, device_type="cpu",
+                     dtype=torch.float32, triton=True, grad=False)
 
 
 @pytest.mark.parametrize("parts,first", [(1, 0), (2, 1), (4, 3)])
@@ -490,7 +487,7 @@ def test_compute_experts_into_split_outputs(parts, first):
     NVLink exchange) holds, row for row, what the one-piece reduction returns; a row with
     no local slot (a padding row there) is left as it was."""
     from ep_moe.dispatch import LocalDispatcher
-    from ep_moe.kernels.combine import SplitOutputs
+    from ep_moe.kernels.fused_mul_sum import SplitOutputs
 
     torch.manual_seed(0)
     layer = MoE(MoEConfig.tiny(), device=DEVICE)
@@ -501,10 +498,11 @@ def test_compute_experts_into_split_outputs(parts, first):
         padding = torch.arange(24, device=DEVICE) % 5 == 3  # rows with no slot at all
         sent = dataclasses.replace(sent, topk_ids=torch.where(padding[:, None], -1,
                                                               sent.topk_ids))
-        want = layer.compute_experts(sent)
+        plan = layer.plan(x)
+        want = layer.compute_experts(sent, plan)
         outputs = [torch.full((24 // parts, x.shape[1]), float("nan"), device=DEVICE)
                    for _ in range(parts)]
-        assert layer.compute_experts(sent, SplitOutputs(outputs, first)) is None
+        assert layer.compute_experts(sent, plan, SplitOutputs(outputs, first)) is None
     got = torch.cat(outputs)
     assert torch.equal(got[~padding], want[~padding])
     assert (want[padding] == 0).all()
@@ -513,12 +511,11 @@ def test_compute_experts_into_split_outputs(parts, first):
 
 
 def _triton_runs() -> bool:
-    from ep_moe.kernels.fused_mul_sum import _use_triton
-    return _use_triton(torch.empty(0, device=DEVICE))
+    return TRITON_RUNS
 
 
 def test_fused_mul_sum_rows_split_validation():
-    from ep_moe.kernels.combine import fused_mul_sum_rows_split
+    from ep_moe.kernels.fused_mul_sum import fused_mul_sum_rows_split
 
     inputs, w = torch.randn(6, 4), torch.rand(6, 2)
     rows = torch.arange(12, dtype=torch.int32).reshape(6, 2) % 6

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from ep_moe import MoE, MoEConfig, Router
 from ep_moe.reference import reference_router
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from conftest import DEVICE
+
 # fp32 router math against float64: logits sum D=16 fp32 products, then one softmax / sigmoid
 # and a division, each ~2^-24 relative; 1e-6 leaves an order of magnitude.
 RTOL, ATOL = 1e-6, 1e-7

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from ep_moe import MoE, MoEConfig
-from ep_moe.kernels.fused_mul_sum import _use_triton
 from ep_moe.kernels.topk import softmax_topk, topk_config
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(not _use_triton(torch.empty(0, device=DEVICE)),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
+from conftest import DEVICE, needs_triton
+
+pytestmark = needs_triton
 ATOL = 1e-6  # fp32 exp and division against float64: a few ulps of weights <= 1
 
 

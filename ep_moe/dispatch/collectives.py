@@ -13,7 +13,7 @@ from ..kernels.dispatch_layout import split_packed
 from ..permute import sum_rows
 
 
-def _start_all_to_all(x, output_splits, input_splits, group):
+def start_all_to_all(x, output_splits, input_splits, group):
     """Uneven all-to-all of rows, issued and not waited for: x (sum(input_splits), ...) ->
     (out (sum(output_splits), ...), work). On NCCL the exchange runs on the group's stream;
     `work.wait()` makes the current stream wait for it (no host block), so work issued in
@@ -24,29 +24,29 @@ def _start_all_to_all(x, output_splits, input_splits, group):
     return out, work
 
 
-def _all_to_all(x, output_splits, input_splits, group):
+def all_to_all(x, output_splits, input_splits, group):
     """Uneven all-to-all of rows: x (sum(input_splits), ...) -> (sum(output_splits), ...)."""
-    out, work = _start_all_to_all(x, output_splits, input_splits, group)
+    out, work = start_all_to_all(x, output_splits, input_splits, group)
     work.wait()
     return out
 
 
-def _start_exchange_rows(send, splits, D, K, group):
+def start_exchange_rows(send, splits, D, K, group):
     """The packed rows' all-to-all, not waited for: views of the received tokens (R, D) and
     routing (R, 2K), and the work to wait for before reading them."""
     output_splits, input_splits = splits
-    out, work = _start_all_to_all(send, output_splits, input_splits, group)
+    out, work = start_all_to_all(send, output_splits, input_splits, group)
     return (*split_packed(out, D, K), work)
 
 
-def _exchange_rows(send, splits, D, K, group):
+def exchange_rows(send, splits, D, K, group):
     """The packed rows' all-to-all: views of the received tokens (R, D) and routing (R, 2K)."""
-    recv_x, recv_routing, work = _start_exchange_rows(send, splits, D, K, group)
+    recv_x, recv_routing, work = start_exchange_rows(send, splits, D, K, group)
     work.wait()
     return recv_x, recv_routing
 
 
-class _SendRows(torch.autograd.Function):
+class SendRows(torch.autograd.Function):
     """The packed send rows (each a token and its routing, filled before the host sync) travel
     to the expert ranks in one all-to-all; the outputs are views of the received rows: the
     tokens (R, D) and the routing (R, 2K) fp32.
@@ -59,7 +59,7 @@ class _SendRows(torch.autograd.Function):
     def forward(ctx, x, topk_weights, send, copy_index, splits, group):
         ctx.save_for_backward(copy_index)
         ctx.splits, ctx.group, ctx.dtypes = splits, group, (x.dtype, topk_weights.dtype)
-        return _exchange_rows(send, splits, x.shape[1], topk_weights.shape[1], group)
+        return exchange_rows(send, splits, x.shape[1], topk_weights.shape[1], group)
 
     @staticmethod
     def backward(ctx, grad_x, grad_routing):
@@ -69,29 +69,29 @@ class _SendRows(torch.autograd.Function):
         grads = []
         for i, grad in enumerate((grad_x, grad_routing[:, :K])):
             if ctx.needs_input_grad[i]:
-                back = _all_to_all(grad, input_splits, output_splits, ctx.group)
+                back = all_to_all(grad, input_splits, output_splits, ctx.group)
                 grads.append(sum_rows(back, copy_index).to(ctx.dtypes[i]))
             else:
                 grads.append(None)
         return (*grads, None, None, None, None)
 
 
-class _ReturnRows(torch.autograd.Function):
+class ReturnRows(torch.autograd.Function):
     """Partial rows travel back to their tokens' home ranks; backward: the reverse all-to-all
     of their gradients."""
 
     @staticmethod
     def forward(ctx, partial, output_splits, input_splits, group):
         ctx.splits, ctx.group = (output_splits, input_splits), group
-        return _all_to_all(partial, output_splits, input_splits, group)
+        return all_to_all(partial, output_splits, input_splits, group)
 
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        return _all_to_all(grad, input_splits, output_splits, ctx.group), None, None, None
+        return all_to_all(grad, input_splits, output_splits, ctx.group), None, None, None
 
 
-class _AllGather(torch.autograd.Function):
+class AllGather(torch.autograd.Function):
     """(N, ...) per rank -> (W*N, ...); backward: fp32 reduce-scatter (sum) of the gradient."""
 
     @staticmethod
@@ -103,10 +103,10 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group).to(ctx.dtype), None
+        return reduce_scatter(grad, ctx.group).to(ctx.dtype), None
 
 
-def _reduce_scatter(x, group):
+def reduce_scatter(x, group):
     # fp32 reduction: the partial sums of W ranks lose bits when added in bf16
     x = x.float().contiguous()
     out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
@@ -114,13 +114,13 @@ def _reduce_scatter(x, group):
     return out
 
 
-class _ReduceScatter(torch.autograd.Function):
+class ReduceScatter(torch.autograd.Function):
     """(W*N, ...) -> (N, ...) fp32 sum over ranks; backward: all-gather of the gradient."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group, ctx.dtype = group, x.dtype
-        return _reduce_scatter(x, group)
+        return reduce_scatter(x, group)
 
     @staticmethod
     def backward(ctx, grad):

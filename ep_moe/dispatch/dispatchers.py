@@ -15,14 +15,15 @@ from torch.distributed import ProcessGroup
 
 from ..kernels.dispatch_layout import (META_COPIES, META_PAIRS, dispatch_layout,
                                        gather_send_rows, packed_row, push_send_rows, split_packed)
-from ..kernels.combine import SplitOutputs
-from ..kernels.fused_mul_sum import needs_grad
+from ..kernels.common import needs_grad
+from ..kernels.fused_mul_sum import SplitOutputs
 from ..permute import count_ids, sum_rows
 from ..placement import ExpertPlacement
-from .collectives import (_AllGather, _ReduceScatter, _ReturnRows, _SendRows,
-                          _start_all_to_all, _start_exchange_rows)
+from ..plan import ForwardPlan
+from .collectives import (AllGather, ReduceScatter, ReturnRows, SendRows,
+                          start_all_to_all, start_exchange_rows)
 from .peer import (START_CHANNEL, PeerBuffers, check_peer_device, partials_channel,
-                   rows_channel)
+                   peer_exchange_supported, rows_channel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,9 +148,14 @@ def _unpack_routing(routing, K):
 # --------------------------------------------------------------------------------------------
 
 class _Dispatcher:
-    """`run`, what the layer calls: dispatch, compute, combine."""
+    """`run`, what the layer calls: dispatch, compute, combine, as the forward's plan says.
 
-    def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
+    peer_exchange: whether the group's ranks can store into each other's memory (the exchange
+    over NVLink), asked once when the dispatcher is built; the planner reads it."""
+
+    peer_exchange = False
+
+    def run(self, x, topk_ids, topk_weights, compute, plan: ForwardPlan) -> torch.Tensor:
         sent = self.dispatch(x, topk_ids, topk_weights)
         return self.combine(compute(sent), sent.handle)
 
@@ -178,8 +184,8 @@ class AllToAllDispatcher(_Dispatcher):
     forward can be captured in a CUDA graph; the price is the padding's bytes, and buffers
     sized by the bound on local pairs.
 
-    With `exchange` "nvlink" (fixed-size, CUDA) inference stores the rows and partials straight
-    into the peers' symmetric memory instead (`_run_peer`, `peer.py`).
+    Where the plan's exchange is "nvlink" (fixed-size, CUDA, inference) the rows and partials
+    are stored straight into the peers' symmetric memory instead (`_run_peer`, `peer.py`).
 
     Without autograd (inference) the exchanges skip their autograd Functions. Every rank must
     then agree on whether gradients are wanted: the backward's exchanges run on the ranks whose
@@ -187,32 +193,33 @@ class AllToAllDispatcher(_Dispatcher):
     """
 
     def __init__(self, placement: ExpertPlacement, group: ProcessGroup,
-                 capacity: Optional[int] = None, chunks: int = 1, exchange: str = "collective"):
+                 capacity: Optional[int] = None, peer_exchange: bool = False):
         self.placement, self.group, self.capacity = placement, group, capacity
         self.world_size = placement.world_size
-        self.chunks, self.exchange = chunks, exchange
+        self.peer_exchange = peer_exchange
         self._num_local_experts: Optional[int] = None  # this rank's, on the first exact dispatch
         self._tables: dict = {}
         self._peer: Optional[PeerBuffers] = None  # exchange "nvlink": on the first forward
         self._streams: dict = {}
 
-    def run(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
-        """Dispatch, compute, combine; with `chunks` > 1 (fixed-size exchange only) a pipeline.
+    def run(self, x, topk_ids, topk_weights, compute, plan: ForwardPlan) -> torch.Tensor:
+        """Dispatch, compute, combine; with `plan.chunks` > 1 (fixed-size exchange only) a
+        pipeline.
 
         Inference: every chunk's rows are issued at once, and no exchange is waited for before
         its result is read, so chunk i + 1's rows travel while chunk i's experts run and chunk
         i's partials travel home while chunk i + 1's experts run (on NCCL the exchanges run
         on the group's stream). Training: the chunks in turn. All ranks issue the same
         collectives in the same order."""
-        if self.exchange == "nvlink" and not needs_grad(x, topk_weights):
-            return self._run_peer(x, topk_ids, topk_weights, compute)
-        if self.chunks == 1:
-            return super().run(x, topk_ids, topk_weights, compute)
+        if plan.exchange == "nvlink":
+            return self._run_peer(x, topk_ids, topk_weights, compute, plan.chunks)
+        if plan.chunks == 1:
+            return super().run(x, topk_ids, topk_weights, compute, plan)
         T = x.shape[0]
         check_capacity(T, self.capacity)  # the chunks cover `capacity` tokens
         bounds = [(min(a, T), min(b, T), b - a) for a, b in chunk_bounds(self.capacity,
-                                                                        self.chunks)]
-        if needs_grad(x, topk_weights):
+                                                                        plan.chunks)]
+        if plan.grad:
             sent = [self.dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], C)
                     for a, b, C in bounds]
             return torch.cat([self.combine(compute(s), s.handle) for s in sent])
@@ -228,7 +235,7 @@ class AllToAllDispatcher(_Dispatcher):
             sum_rows(back, handle.copy_index, out=y[a:b])
         return y
 
-    def _run_peer(self, x, topk_ids, topk_weights, compute) -> torch.Tensor:
+    def _run_peer(self, x, topk_ids, topk_weights, compute, num_chunks: int) -> torch.Tensor:
         """`run` over NVLink (`ep_moe.dispatch.peer`): the chunks' rows are stored into the
         expert ranks' buffers on a send stream, each chunk's experts wait for its barrier, the
         slot reductions store the partials into the home ranks' buffers, and the home sums wait
@@ -244,7 +251,7 @@ class AllToAllDispatcher(_Dispatcher):
         first = (rank + 1) % W  # each rank starts with another, so the stores spread
         peer.barrier(START_CHANNEL)  # every rank is done reading the last forward's regions
         chunks, offset = [], 0
-        for a, b in chunk_bounds(C, self.chunks):
+        for a, b in chunk_bounds(C, num_chunks):
             # the layout on the main stream: the home sums need it too
             layout = dispatch_layout(topk_ids[min(a, T):min(b, T)], owner, experts,
                                      capacity=b - a)
@@ -330,10 +337,10 @@ class AllToAllDispatcher(_Dispatcher):
         splits = (output_splits, input_splits)
         work = None
         if needs_grad(x, topk_weights):
-            recv_x, recv_routing = _SendRows.apply(x, topk_weights, send, layout.copy_index,
+            recv_x, recv_routing = SendRows.apply(x, topk_weights, send, layout.copy_index,
                                                    splits, self.group)
         else:  # inference: no autograd node, the rows' exchange issued sooner after the sync
-            recv_x, recv_routing, work = _start_exchange_rows(send, splits, x.shape[1], K,
+            recv_x, recv_routing, work = start_exchange_rows(send, splits, x.shape[1], K,
                                                               self.group)
         handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
                                 output_splits)
@@ -342,9 +349,9 @@ class AllToAllDispatcher(_Dispatcher):
     def _start_return(self, partial, handle: AllToAllHandle):
         """The partials' exchange home: (rows, work to wait for); work None: done."""
         if needs_grad(partial):
-            return _ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
+            return ReturnRows.apply(partial, handle.input_splits, handle.output_splits,
                                      self.group), None
-        return _start_all_to_all(partial, handle.input_splits, handle.output_splits, self.group)
+        return start_all_to_all(partial, handle.input_splits, handle.output_splits, self.group)
 
     def combine(self, partial, handle: AllToAllHandle) -> torch.Tensor:
         back, work = self._start_return(partial, handle)
@@ -356,7 +363,7 @@ class AllGatherDispatcher(_Dispatcher):
     """Every rank sees every token: all-gather tokens and routing, compute the local experts'
     slots for all of them, reduce-scatter (fp32) the partial sums home. One fixed-size exchange
     each way and no per-token bookkeeping; measured slower than all-to-all at 64 and at 8192
-    tokens per GPU on 4 GPUs (launch/NOTES.md), kept as the simpler baseline.
+    tokens per GPU on 4 GPUs (docs/performance.md), kept as the simpler baseline.
 
     With `capacity` C (`MoEConfig.max_tokens_per_rank`) every rank pads to C tokens and no
     count is gathered: nothing is read back to the host."""
@@ -392,22 +399,25 @@ class AllGatherDispatcher(_Dispatcher):
         routing = _pack_routing(topk_ids, topk_weights)
         routing = torch.cat([routing, routing.new_full((pad, 2 * K), -1.0)])  # id -1: no slot
         x = F.pad(x, (0, 0, 0, pad))
-        recv_x = _AllGather.apply(x, self.group)
-        recv_ids, recv_weights = _unpack_routing(_AllGather.apply(routing, self.group), K)
+        recv_x = AllGather.apply(x, self.group)
+        recv_ids, recv_weights = _unpack_routing(AllGather.apply(routing, self.group), K)
         handle = AllGatherHandle(T, num_local_pairs, tokens_per_rank)
         return Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=C is None,
                           pairs_per_expert=pairs_per_expert)
 
     def combine(self, partial, handle: AllGatherHandle) -> torch.Tensor:
-        return _ReduceScatter.apply(partial, self.group)[:handle.num_tokens].to(partial.dtype)
+        return ReduceScatter.apply(partial, self.group)[:handle.num_tokens].to(partial.dtype)
 
 
 def make_dispatcher(config, placement: ExpertPlacement, group: Optional[ProcessGroup],
                     rank: int):
-    """The dispatcher `config.dispatcher` names (`MoEConfig`), or the local one for W = 1."""
+    """The dispatcher `config.dispatcher` names (`MoEConfig`), or the local one for W = 1.
+    With `exchange="auto"` and a fixed-size all-to-all, asks the group (a collective, on every
+    rank alike) whether its ranks can take the exchange over NVLink."""
     if placement.world_size == 1:
         return LocalDispatcher()
     if config.dispatcher == "all_to_all":
-        return AllToAllDispatcher(placement, group, config.max_tokens_per_rank,
-                                  config.dispatch_chunks, config.exchange)
+        peer = (config.exchange == "auto" and config.max_tokens_per_rank is not None
+                and peer_exchange_supported(group))
+        return AllToAllDispatcher(placement, group, config.max_tokens_per_rank, peer)
     return AllGatherDispatcher(placement, group, rank, config.max_tokens_per_rank)

@@ -19,6 +19,8 @@ forward has read its regions.
 
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -106,3 +108,18 @@ def check_peer_device(x: torch.Tensor, group: ProcessGroup) -> None:
     if "nccl" not in backend:
         raise ValueError(f"MoEConfig.exchange='nvlink' needs a group of CUDA ranks (nccl), got "
                          f"backend {backend!r}")
+
+
+def peer_exchange_supported(group: ProcessGroup) -> bool:
+    """Whether every rank of `group` can map the others' memory for the exchange over NVLink:
+    NCCL ranks on CUDA devices of one host, with torch symmetric memory. A collective
+    (`all_gather_object`): call it on every rank; every rank gets the same answer."""
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401  (CUDA builds of torch)
+        symmetric = True
+    except ImportError:
+        symmetric = False
+    able = symmetric and torch.cuda.is_available() and "nccl" in str(dist.get_backend(group))
+    facts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(facts, (socket.gethostname(), able), group=group)
+    return all(ok for _, ok in facts) and len({host for host, _ in facts}) == 1

@@ -18,13 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mul_sum import _use_triton, needs_grad
+from .common import needs_grad, to_output, use_triton
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
 
 
+# --------------------------------------------------------------------------------------------
+# 1. Triton kernels (`act_and_grad` is shared with the grouped GEMM's epilogue)
+# --------------------------------------------------------------------------------------------
+
 @triton.jit
-def _act_and_grad(gate, ACT: tl.constexpr):
+def act_and_grad(gate, ACT: tl.constexpr):
     """fp32 act(gate) and d act / d gate."""
     if ACT == 0:  # silu
         s = tl.sigmoid(gate)
@@ -63,8 +67,8 @@ def _gated_act_fwd_kernel(
     ACT: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, col, mask, gate, up = _load_gate_up(h_ptr, rows_ptr, I, HAS_ROWS, BLOCK)
-    act, _ = _act_and_grad(gate, ACT)
-    tl.store(out_ptr + row * I + col, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    act, _ = act_and_grad(gate, ACT)
+    tl.store(out_ptr + row * I + col, to_output(act * up, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -78,11 +82,15 @@ def _gated_act_bwd_kernel(
 ):
     row, col, mask, gate, up = _load_gate_up(h_ptr, rows_ptr, I, HAS_ROWS, BLOCK)
     g = tl.load(grad_out_ptr + row * I + col, mask=mask, other=0.0).to(tl.float32)
-    act, dact = _act_and_grad(gate, ACT)
+    act, dact = act_and_grad(gate, ACT)
     dtype = grad_h_ptr.dtype.element_ty
-    tl.store(grad_h_ptr + row * 2 * I + col, (g * up * dact).to(dtype), mask=mask)
-    tl.store(grad_h_ptr + row * 2 * I + I + col, (g * act).to(dtype), mask=mask)
+    tl.store(grad_h_ptr + row * 2 * I + col, to_output(g * up * dact, dtype), mask=mask)
+    tl.store(grad_h_ptr + row * 2 * I + I + col, to_output(g * act, dtype), mask=mask)
 
+
+# --------------------------------------------------------------------------------------------
+# 2. Launchers
+# --------------------------------------------------------------------------------------------
 
 def _launch_config(I: int) -> tuple[int, int]:
     block = min(triton.next_power_of_2(max(I, 1)), 2048)
@@ -100,6 +108,60 @@ def _gated_act_fwd(h: torch.Tensor, activation: str, num_rows) -> torch.Tensor:
     return out
 
 
+def _gated_act_bwd(h: torch.Tensor, grad_out: torch.Tensor, activation: str,
+                   num_rows) -> torch.Tensor:
+    P, I = h.shape[0], h.shape[1] // 2
+    grad_h = torch.empty_like(h)
+    if P and I:
+        block, warps = _launch_config(I)
+        _gated_act_bwd_kernel[(P, triton.cdiv(I, block))](
+            h, grad_out.contiguous(), grad_h, h if num_rows is None else num_rows, I,
+            ACT=ACTIVATIONS[activation], HAS_ROWS=num_rows is not None, BLOCK=block,
+            num_warps=warps)
+    return grad_h
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Autograd: custom ops for torch.compile (it calls the kernels, never traces them), and the
+#    same wiring as an autograd.Function for eager calls (no custom-op dispatch cost)
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ep_moe::gated_activation", mutates_args=())
+def _gated_activation_op(h: torch.Tensor, activation: str,
+                         num_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    return _gated_act_fwd(h, activation, num_rows)
+
+
+@_gated_activation_op.register_fake
+def _(h, activation, num_rows):
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@torch.library.custom_op("ep_moe::gated_activation_backward", mutates_args=())
+def _gated_activation_backward_op(h: torch.Tensor, grad_out: torch.Tensor, activation: str,
+                                  num_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    return _gated_act_bwd(h, grad_out, activation, num_rows)
+
+
+@_gated_activation_backward_op.register_fake
+def _(h, grad_out, activation, num_rows):
+    return torch.empty_like(h)
+
+
+def _setup_context(ctx, inputs, output):
+    h, activation, num_rows = inputs
+    ctx.save_for_backward(h, num_rows)
+    ctx.activation = activation
+
+
+def _backward(ctx, grad_out):
+    h, num_rows = ctx.saved_tensors
+    return _gated_activation_backward_op(h, grad_out, ctx.activation, num_rows), None, None
+
+
+_gated_activation_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, activation, num_rows):
@@ -110,15 +172,12 @@ class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         h, num_rows = ctx.saved_tensors
-        P, I = h.shape[0], h.shape[1] // 2
-        grad_h = torch.empty_like(h)
-        if P and I:
-            block, warps = _launch_config(I)
-            _gated_act_bwd_kernel[(P, triton.cdiv(I, block))](
-                h, grad_out.contiguous(), grad_h, h if num_rows is None else num_rows, I,
-                ACT=ACTIVATIONS[ctx.activation], HAS_ROWS=num_rows is not None, BLOCK=block,
-                num_warps=warps)
-        return grad_h, None, None
+        return _gated_act_bwd(h, grad_out, ctx.activation, num_rows), None, None
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Public function
+# --------------------------------------------------------------------------------------------
 
 
 def gated_activation(h: torch.Tensor, activation: str,
@@ -129,14 +188,14 @@ def gated_activation(h: torch.Tensor, activation: str,
     are neither read nor written, in the output and in the backward's gradient (left
     uninitialised: the caller must not read them). Read on the device, so no host sync.
 
-    Triton on CUDA (and on CPU under TRITON_INTERPRET=1); the caller falls back to torch
-    elsewhere and inside torch.compile, which fuses the eager ops itself.
+    Triton on CUDA (and on CPU under TRITON_INTERPRET=1; `fused_activation_available`);
+    the caller falls back to torch ops elsewhere. Under torch.compile, a custom op.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if h.ndim != 2 or h.shape[1] % 2:
         raise ValueError(f"h must be (P, 2I), got shape {tuple(h.shape)}")
-    if not _use_triton(h):
+    if not use_triton(h):
         raise ValueError(f"h must be on a CUDA device (or on the CPU under TRITON_INTERPRET=1), "
                          f"got {h.device}")
     if num_rows is not None and (not isinstance(num_rows, torch.Tensor) or num_rows.numel() != 1
@@ -144,10 +203,13 @@ def gated_activation(h: torch.Tensor, activation: str,
                                  or num_rows.device != h.device):
         raise ValueError(f"num_rows must be a one-element int32/int64 tensor on {h.device}, got "
                          f"{num_rows!r}")
+    if torch.compiler.is_compiling():
+        return _gated_activation_op(h.contiguous(), activation, num_rows)
     if needs_grad(h):
         return _GatedActivation.apply(h.contiguous(), activation, num_rows)
     return _gated_act_fwd(h.contiguous(), activation, num_rows)  # no autograd node
 
 
 def fused_activation_available(h: torch.Tensor) -> bool:
-    return _use_triton(h) and not torch.compiler.is_compiling()
+    """Whether `gated_activation` runs for h: wherever Triton does."""
+    return use_triton(h)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mul_sum import FLOAT_DTYPES, _use_triton, check_split_outputs
+from .common import FLOAT_DTYPES, check_split_outputs, use_triton
 
 
 META_COPIES, META_PAIRS = 0, 1  # send_meta columns: copies for a rank, then its experts' pairs
@@ -200,7 +200,7 @@ def dispatch_layout(topk_ids: torch.Tensor, owner: torch.Tensor, table: torch.Te
     T, K = topk_ids.shape
     if not isinstance(capacity, int) or capacity < 0 or (capacity and capacity < T):
         raise ValueError(f"capacity must be 0 or an int >= T ({T}), got {capacity!r}")
-    if not _use_triton(topk_ids) or T == 0:
+    if not use_triton(topk_ids) or T == 0:
         return _layout_torch(topk_ids, owner, table, capacity)
     dev, E, (W, e_max) = topk_ids.device, owner.shape[0], table.shape
     k_pow2, w_pow2 = triton.next_power_of_2(max(K, 1)), triton.next_power_of_2(W)
@@ -300,7 +300,7 @@ def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
     """(width, Dp) of a send row in elements of `dtype`: the token's D values, padded to Dp (a
     whole number of 4-byte words), then its 2K routing values as fp32 words, bit for bit, then
     padding to a whole number of 16 bytes: NCCL moved chunks off a 16-byte boundary at half
-    speed (launch/NOTES.md)."""
+    speed (docs/performance.md)."""
     size = dtype.itemsize
     per_word, per_16 = 4 // size, 16 // size
     Dp = -(-D // per_word) * per_word
@@ -338,7 +338,7 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     send = x.new_empty(cap, packed_row(D, K, x.dtype)[0])
     if cap == 0:
         return send
-    if not _use_triton(x) or x.shape[0] == 0:
+    if not use_triton(x) or x.shape[0] == 0:
         _gather_send_torch(x, topk_weights, topk_ids, layout, send)
         return send
     _launch_gather_send(x, topk_weights, topk_ids, layout, send, None, 0, cap,
@@ -371,7 +371,7 @@ def push_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
         raise ValueError("layout must be a fixed-size layout (capacity > 0), got capacity 0")
     width, Dp = packed_row(x.shape[1], topk_ids.shape[1], x.dtype)
     table = check_split_outputs(outputs, W, (C, width), x, first, table)
-    if not _use_triton(x) or x.shape[0] == 0:
+    if not use_triton(x) or x.shape[0] == 0:
         send = x.new_empty(W * C, width)
         _gather_send_torch(x, topk_weights, topk_ids, layout, send)
         for w, out in enumerate(outputs):

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mul_sum import _use_triton
+from .common import use_triton
 
 
 class ExpertSort(NamedTuple):
@@ -34,6 +34,10 @@ class ExpertSort(NamedTuple):
     num_tokens_per_expert: torch.Tensor
     offsets: torch.Tensor
 
+
+# --------------------------------------------------------------------------------------------
+# 1. Triton kernels
+# --------------------------------------------------------------------------------------------
 
 @triton.jit
 def _local_experts(ids_ptr, map_ptr, s, num_slots, E, e, HAS_MAP: tl.constexpr):
@@ -112,6 +116,10 @@ def _place_kernel(
         base += tl.sum(hit, axis=0)
 
 
+# --------------------------------------------------------------------------------------------
+# 2. Launcher, and the torch path (a CPU without the interpreter, more than 1024 local experts)
+# --------------------------------------------------------------------------------------------
+
 def _sort_torch(topk_ids, num_local_experts, num_pairs, expert_map) -> ExpertSort:
     R, K = topk_ids.shape
     e, flat = num_local_experts, topk_ids.reshape(-1).long()
@@ -139,6 +147,59 @@ def _sort_torch(topk_ids, num_local_experts, num_pairs, expert_map) -> ExpertSor
                       torch.cumsum(counts, 0, dtype=torch.int32))
 
 
+def _sort(topk_ids: torch.Tensor, num_local_experts: int, num_pairs: int,
+          expert_map: Optional[torch.Tensor]) -> ExpertSort:
+    R, K = topk_ids.shape
+    e, num_slots = num_local_experts, R * K
+    e_pow2 = triton.next_power_of_2(max(e, 1))
+    tile = max(16, 8192 // e_pow2)  # the (TILE, E_POW2) one-hot stays at 8K-16K lanes
+    max_blocks = max(1, min(128, 16384 // e_pow2))  # so does each program's block-count tile
+    tiles = triton.cdiv(triton.cdiv(max(num_slots, 1), tile), max_blocks)
+    num_blocks = triton.cdiv(num_slots, tile * tiles)
+    if not use_triton(topk_ids) or num_slots == 0 or e_pow2 > 1024:
+        return _sort_torch(topk_ids, e, num_pairs, expert_map)
+    dev = topk_ids.device
+    block_counts = torch.empty(num_blocks, e_pow2, dtype=torch.int32, device=dev)
+    row_index = torch.empty(R, K, dtype=torch.int32, device=dev)
+    source_rows = torch.empty(num_pairs, dtype=torch.int64, device=dev)
+    counts = torch.empty(e, dtype=torch.int64, device=dev)
+    offsets = torch.empty(e, dtype=torch.int32, device=dev)
+    ids = topk_ids.contiguous()
+    has_map = expert_map is not None
+    emap = expert_map.contiguous() if has_map else ids  # a dummy pointer, never read
+    E = expert_map.shape[0] if has_map else e
+    meta = dict(HAS_MAP=has_map, E_POW2=e_pow2, TILE=tile, num_warps=4)
+    _count_kernel[(num_blocks,)](ids, emap, block_counts, num_slots, E, e, tiles, **meta)
+    # NB_POW2 fixed per e: one compiled variant whatever the batch size
+    _place_kernel[(num_blocks,)](ids, emap, block_counts, row_index, source_rows, counts,
+                                 offsets, num_slots, E, e, K, num_blocks, tiles, num_pairs,
+                                 NB_POW2=triton.next_power_of_2(max_blocks), **meta)
+    return ExpertSort(source_rows, row_index, counts, offsets)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Custom op: torch.compile calls the kernels, never traces them (no gradient: indices)
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ep_moe::sort_by_expert", mutates_args=())
+def _sort_op(topk_ids: torch.Tensor, num_local_experts: int, num_pairs: int,
+             expert_map: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor]:
+    return tuple(_sort(topk_ids, num_local_experts, num_pairs, expert_map))
+
+
+@_sort_op.register_fake
+def _(topk_ids, num_local_experts, num_pairs, expert_map):
+    e = num_local_experts
+    return (topk_ids.new_empty(num_pairs, dtype=torch.int64),
+            topk_ids.new_empty(topk_ids.shape, dtype=torch.int32),
+            topk_ids.new_empty(e, dtype=torch.int64), topk_ids.new_empty(e, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Public function
+# --------------------------------------------------------------------------------------------
+
 def sort_by_expert(topk_ids: torch.Tensor, num_local_experts: int, num_pairs: int,
                    expert_map: Optional[torch.Tensor] = None) -> ExpertSort:
     """Group the slots of `topk_ids` by local expert, stably.
@@ -164,30 +225,6 @@ def sort_by_expert(topk_ids: torch.Tensor, num_local_experts: int, num_pairs: in
         raise ValueError(f"expert_map must be a 1-D int32/int64 tensor on {topk_ids.device}, "
                          f"got {tuple(expert_map.shape)} {expert_map.dtype} on "
                          f"{expert_map.device}")
-    R, K = topk_ids.shape
-    e, num_slots = num_local_experts, R * K
-    e_pow2 = triton.next_power_of_2(max(e, 1))
-    tile = max(16, 8192 // e_pow2)  # the (TILE, E_POW2) one-hot stays at 8K-16K lanes
-    max_blocks = max(1, min(128, 16384 // e_pow2))  # so does each program's block-count tile
-    tiles = triton.cdiv(triton.cdiv(max(num_slots, 1), tile), max_blocks)
-    num_blocks = triton.cdiv(num_slots, tile * tiles)
-    if not _use_triton(topk_ids) or num_slots == 0 or e_pow2 > 1024 or \
-            torch.compiler.is_compiling():  # torch.compile traces the torch ops instead
-        return _sort_torch(topk_ids, e, num_pairs, expert_map)
-    dev = topk_ids.device
-    block_counts = torch.empty(num_blocks, e_pow2, dtype=torch.int32, device=dev)
-    row_index = torch.empty(R, K, dtype=torch.int32, device=dev)
-    source_rows = torch.empty(num_pairs, dtype=torch.int64, device=dev)
-    counts = torch.empty(e, dtype=torch.int64, device=dev)
-    offsets = torch.empty(e, dtype=torch.int32, device=dev)
-    ids = topk_ids.contiguous()
-    has_map = expert_map is not None
-    emap = expert_map.contiguous() if has_map else ids  # a dummy pointer, never read
-    E = expert_map.shape[0] if has_map else e
-    meta = dict(HAS_MAP=has_map, E_POW2=e_pow2, TILE=tile, num_warps=4)
-    _count_kernel[(num_blocks,)](ids, emap, block_counts, num_slots, E, e, tiles, **meta)
-    # NB_POW2 fixed per e: one compiled variant whatever the batch size
-    _place_kernel[(num_blocks,)](ids, emap, block_counts, row_index, source_rows, counts,
-                                 offsets, num_slots, E, e, K, num_blocks, tiles, num_pairs,
-                                 NB_POW2=triton.next_power_of_2(max_blocks), **meta)
-    return ExpertSort(source_rows, row_index, counts, offsets)
+    if torch.compiler.is_compiling():
+        return ExpertSort(*_sort_op(topk_ids, num_local_experts, num_pairs, expert_map))
+    return _sort(topk_ids, num_local_experts, num_pairs, expert_map)

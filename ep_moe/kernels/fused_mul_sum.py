@@ -1,36 +1,34 @@
-"""Fused weighted top-k combine: `out[t] = sum_k topk_weights[t, k] * inputs[t, k]`.
-
-Here the Triton kernels and their launchers (with the torch path used on a CPU without the
-interpreter); `combine.py` holds the custom ops, the autograd wiring, the validation and the
-public `moe_fused_mul_sum`.
+"""The fused weighted top-k combine, `moe_fused_mul_sum`:
+`out[t] = sum_k topk_weights[t, k] * inputs[t, k]`, over the slots whose expert is local.
 
 Slots that do not count (expert not local to this rank, id out of range, row index -1) are
 masked out of every load, so nothing there is ever read: NaN or garbage in a skipped slot cannot
 reach the output, and no out-of-range id indexes `expert_map`.
 
 The kernels serve two layouts of the expert outputs:
-- dense: `inputs` (T, K, D), slot (t, k) is row t*K + k (the public API);
+- dense: `inputs` (T, K, D), slot (t, k) is row t*K + k (`moe_fused_mul_sum`, the public API);
 - gathered: `inputs` (P, D) holds only the rows that exist (expert outputs sorted by expert) and
-  `row_index` (T, K) says which row slot (t, k) is, -1 for none. The layer uses this layout so it
-  never allocates a (T, K, D) buffer that is mostly skipped slots, and the combine doubles as the
-  un-permute. Each row must be referenced by at most one slot.
+  `row_index` (T, K) says which row slot (t, k) is, -1 for none (`fused_mul_sum_rows`). The
+  layer uses this layout so it never allocates a (T, K, D) buffer that is mostly skipped
+  slots, and the combine doubles as the un-permute. Each row is referenced by at most one slot.
+`fused_mul_sum_rows_split` writes the gathered layout's result in W slices, one per home rank
+(the exchange over NVLink).
+
+The file reads in four layers: 1. Triton kernels; 2. launchers and the torch path (a CPU
+without the interpreter); 3. custom ops (what torch.compile sees) and the eager autograd
+Function; 4. the public functions, which validate their arguments.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-# Triton decides between compiling and interpreting when a kernel is decorated, so read it once.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INDEX_DTYPES = (torch.int32, torch.int64)
+from .common import (FLOAT_DTYPES, INDEX_DTYPES, check_split_outputs, check_tensor, needs_grad,
+                     num_sms, to_output, use_triton)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +105,7 @@ def _fused_mul_sum_fwd_kernel(
                         mask=keep[:, None] & d_mask[None, :], other=0.0)
             acc = tl.sum(x.to(tl.float32) * w[:, None], axis=0)
             base = tl.load(table_ptr + part).to(tl.pointer_type(out_ptr.dtype.element_ty))
-            tl.store(base + j * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+            tl.store(base + j * D + d, to_output(acc, out_ptr.dtype.element_ty), mask=d_mask)
         return
     t_start = tl.program_id(0).to(tl.int64) * tokens_per_program
     t_end = tl.minimum(t_start + tokens_per_program, T)
@@ -122,13 +120,13 @@ def _fused_mul_sum_fwd_kernel(
                                                      rows_ptr, E, K, BLOCK_K, HAS_IDS,
                                                      HAS_MAP, HAS_ROWS)
             acc = tl.sum(x.to(tl.float32) * w[:, None], axis=0)
-            tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+            tl.store(out_ptr + t * D + d, to_output(acc, out_ptr.dtype.element_ty), mask=d_mask)
             keep, row, w = keep_next, row_next, w_next
     else:  # one token per program: nothing to prefetch
         x = tl.load(inputs_ptr + row[:, None] * D + d[None, :],
                     mask=keep[:, None] & d_mask[None, :], other=0.0)
         acc = tl.sum(x.to(tl.float32) * w[:, None], axis=0)
-        tl.store(out_ptr + t_start * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+        tl.store(out_ptr + t_start * D + d, to_output(acc, out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -160,7 +158,7 @@ def _fused_mul_sum_bwd_kernel(
             else:  # dense layout: skipped slots get explicit zeros
                 gi_mask = k_mask[:, None] & d_mask[None, :]
             tl.store(grad_inputs_ptr + row[:, None] * D + d[None, :],
-                     gi.to(grad_inputs_ptr.dtype.element_ty), mask=gi_mask)
+                     to_output(gi, grad_inputs_ptr.dtype.element_ty), mask=gi_mask)
         if NEED_GRAD_WEIGHTS:
             x = tl.load(inputs_ptr + row[:, None] * D + d[None, :],
                         mask=keep[:, None] & d_mask[None, :], other=0.0)
@@ -168,22 +166,12 @@ def _fused_mul_sum_bwd_kernel(
     if NEED_GRAD_WEIGHTS:
         gw = tl.sum(dot, axis=1)
         tl.store(grad_weights_ptr + t * K + tl.arange(0, BLOCK_K),
-                 gw.to(grad_weights_ptr.dtype.element_ty), mask=k_mask)
+                 to_output(gw, grad_weights_ptr.dtype.element_ty), mask=k_mask)
 
 
 # --------------------------------------------------------------------------------------------
 # 2. Launchers (inputs already validated and contiguous)
 # --------------------------------------------------------------------------------------------
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
-
-
-def needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records an op on these tensors. Where it does not (inference), the
-    callers skip their autograd Functions: each costs tens of microseconds of host time."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
 
 class FwdConfig(NamedTuple):
     block_d: int
@@ -193,8 +181,8 @@ class FwdConfig(NamedTuple):
 
 
 def _fwd_config(K: int, D: int, has_map: bool) -> FwdConfig:
-    """Picked by launch/sweep_combine.py on an H200 (PERF.md's shapes at W of 1, 2 and 4;
-    launch/results/h200/sweep_combine.json)."""
+    """Picked by a sweep on an H200 over PERF.md's shapes at W of 1, 2 and 4
+    (docs/performance.md)."""
     if has_map and D <= 4096:  # most slots skipped: wide rows per thread and several tokens
         # per program keep enough bytes in flight behind the ids -> map -> rows chain
         block_d = min(triton.next_power_of_2(max(D, 1)), 2048)
@@ -203,13 +191,6 @@ def _fwd_config(K: int, D: int, has_map: bool) -> FwdConfig:
         return FwdConfig(512, 2, 0)
     _, block_d, num_warps = _block_sizes(K, D)
     return FwdConfig(block_d, num_warps, 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _block_sizes(K: int, D: int) -> tuple[int, int, int]:
@@ -226,31 +207,6 @@ def _slot_args(topk_ids, expert_map, row_index, weights):
     return (topk_ids if topk_ids is not None else dummy,
             expert_map if expert_map is not None else dummy,
             row_index if row_index is not None else dummy)
-
-
-def check_split_outputs(outputs, W, shape, like, first, table):
-    """Checks W outputs of `shape` and like's dtype and device with contiguous rows, and the
-    table of their addresses; returns the table (built when None, on a Triton device)."""
-    if not isinstance(outputs, (list, tuple)) or len(outputs) != W:
-        got = len(outputs) if isinstance(outputs, (list, tuple)) else type(outputs).__name__
-        raise ValueError(f"outputs must be a list of W = {W} tensors, got {got}")
-    for w, out in enumerate(outputs):
-        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape)
-                or out.dtype != like.dtype or out.device != like.device
-                or out.stride(-1) != 1 or out.stride(0) != shape[1]):
-            raise ValueError(f"outputs[{w}] must be {tuple(shape)} {like.dtype} on "
-                             f"{like.device} with contiguous rows, got "
-                             f"{getattr(out, 'shape', type(out))} {getattr(out, 'dtype', '')} "
-                             f"on {getattr(out, 'device', '')}")
-    if not isinstance(first, int) or not 0 <= first < W:
-        raise ValueError(f"first must be an int in [0, {W}), got {first!r}")
-    if table is None:
-        return torch.tensor([o.data_ptr() for o in outputs], dtype=torch.int64,
-                            device=like.device)
-    if table.shape != (W,) or table.dtype != torch.int64 or table.device != like.device:
-        raise ValueError(f"table must be a ({W},) int64 tensor on {like.device}, got "
-                         f"{tuple(table.shape)} {table.dtype} on {table.device}")
-    return table
 
 
 def _fwd_triton(inputs, weights, topk_ids, expert_map, row_index, out, table=None, first=0):
@@ -270,7 +226,7 @@ def _fwd_triton(inputs, weights, topk_ids, expert_map, row_index, out, table=Non
     d_blocks = triton.cdiv(D, cfg.block_d)
     per_program = 1
     if cfg.programs_per_sm and table is None:
-        per_program = max(1, T * d_blocks // (_num_sms(out.device) * cfg.programs_per_sm))
+        per_program = max(1, T * d_blocks // (num_sms(out.device) * cfg.programs_per_sm))
     ids, emap, rows = _slot_args(topk_ids, expert_map, row_index, weights)
     grid = (triton.cdiv(T, per_program), d_blocks)
     _fused_mul_sum_fwd_kernel[grid](
@@ -360,10 +316,6 @@ def _bwd_torch(grad_out, inputs, weights, topk_ids, expert_map, row_index,
         grad_weights.copy_((x * g[:, None, :]).sum(-1))
 
 
-# --------------------------------------------------------------------------------------------
-# Entry points for the ops in combine.py (layers 3 and 4)
-# --------------------------------------------------------------------------------------------
-
 def _num_cols(inputs: torch.Tensor) -> int:
     return inputs.shape[-1]
 
@@ -371,7 +323,7 @@ def _num_cols(inputs: torch.Tensor) -> int:
 def _forward(inputs, topk_weights, topk_ids, expert_map, row_index, out=None):
     if out is None:
         out = inputs.new_empty(topk_weights.shape[0], _num_cols(inputs))
-    (_fwd_triton if _use_triton(inputs) else _fwd_torch)(
+    (_fwd_triton if use_triton(inputs) else _fwd_torch)(
         inputs, topk_weights, topk_ids, expert_map, row_index, out)
     return out
 
@@ -383,7 +335,259 @@ def _backward_impl(grad_out, inputs, topk_weights, topk_ids, expert_map, row_ind
     grad_inputs = alloc(inputs) if need_inputs_grad else inputs.new_empty(0)
     grad_weights = torch.empty_like(topk_weights) if need_weights_grad else \
         topk_weights.new_empty(0)
-    (_bwd_triton if _use_triton(inputs) else _bwd_torch)(
+    (_bwd_triton if use_triton(inputs) else _bwd_torch)(
         grad_out.contiguous(), inputs, topk_weights, topk_ids, expert_map, row_index,
         grad_inputs if need_inputs_grad else None, grad_weights if need_weights_grad else None)
     return grad_inputs, grad_weights
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Custom ops: torch.compile sees them as single nodes; autograd runs the Triton backward
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ep_moe::fused_mul_sum", mutates_args=())
+def _fused_mul_sum_op(inputs: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: Optional[torch.Tensor], expert_map: Optional[torch.Tensor],
+                      row_index: Optional[torch.Tensor]) -> torch.Tensor:
+    return _forward(inputs, topk_weights, topk_ids, expert_map, row_index)
+
+
+@_fused_mul_sum_op.register_fake
+def _(inputs, topk_weights, topk_ids, expert_map, row_index):
+    return inputs.new_empty(topk_weights.shape[0], _num_cols(inputs))
+
+
+@torch.library.custom_op("ep_moe::fused_mul_sum_out", mutates_args=("out",))
+def _fused_mul_sum_out_op(inputs: torch.Tensor, topk_weights: torch.Tensor,
+                          topk_ids: Optional[torch.Tensor], expert_map: Optional[torch.Tensor],
+                          row_index: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    _forward(inputs, topk_weights, topk_ids, expert_map, row_index, out)
+
+
+@_fused_mul_sum_out_op.register_fake
+def _(inputs, topk_weights, topk_ids, expert_map, row_index, out):
+    return None
+
+
+@torch.library.custom_op("ep_moe::fused_mul_sum_backward", mutates_args=())
+def _fused_mul_sum_backward_op(
+        grad_out: torch.Tensor, inputs: torch.Tensor, topk_weights: torch.Tensor,
+        topk_ids: Optional[torch.Tensor], expert_map: Optional[torch.Tensor],
+        row_index: Optional[torch.Tensor], need_inputs_grad: bool, need_weights_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_out, inputs, topk_weights, topk_ids, expert_map, row_index,
+                          need_inputs_grad, need_weights_grad)
+
+
+@_fused_mul_sum_backward_op.register_fake
+def _(grad_out, inputs, topk_weights, topk_ids, expert_map, row_index,
+      need_inputs_grad, need_weights_grad):
+    return (torch.empty_like(inputs) if need_inputs_grad else inputs.new_empty(0),
+            torch.empty_like(topk_weights) if need_weights_grad else topk_weights.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, ids, emap, rows = inputs
+    ctx.save_for_backward(x, w, ids, emap, rows)
+
+
+def _backward(ctx, grad_out):
+    x, w, ids, emap, rows = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gw = _fused_mul_sum_backward_op(grad_out, x, w, ids, emap, rows, need_x, need_w)
+    return (gx if need_x else None), (gw if need_w else None), None, None, None
+
+
+_fused_mul_sum_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFusedMulSum(torch.autograd.Function):
+    """The same kernels without the custom-op dispatch, which costs tens of microseconds of
+    host time per call; used outside torch.compile, where nothing needs to trace the op."""
+
+    @staticmethod
+    def forward(ctx, inputs, topk_weights, topk_ids, expert_map, row_index):
+        ctx.save_for_backward(inputs, topk_weights, topk_ids, expert_map, row_index)
+        return _forward(inputs, topk_weights, topk_ids, expert_map, row_index)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, ids, emap, rows = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gw = _backward_impl(grad_out, x, w, ids, emap, rows, need_x, need_w)
+        return (gx if need_x else None), (gw if need_w else None), None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Public functions
+# --------------------------------------------------------------------------------------------
+
+def _check_routing(T, K, device, topk_weights, topk_ids, expert_map):
+    check_tensor("topk_weights", topk_weights, 2, FLOAT_DTYPES, device)
+    if tuple(topk_weights.shape) != (T, K):
+        raise ValueError(f"topk_weights must have shape (T, K) = {(T, K)}, "
+                         f"got {tuple(topk_weights.shape)}")
+    if topk_ids is not None:
+        check_tensor("topk_ids", topk_ids, 2, INDEX_DTYPES, device)
+        if tuple(topk_ids.shape) != (T, K):
+            raise ValueError(f"topk_ids must have shape (T, K) = {(T, K)}, "
+                             f"got {tuple(topk_ids.shape)}")
+    if expert_map is not None:
+        if topk_ids is None:
+            raise ValueError("expert_map needs topk_ids: got expert_map with topk_ids=None")
+        check_tensor("expert_map", expert_map, 1, INDEX_DTYPES, device)
+
+
+def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+def moe_fused_mul_sum(
+    inputs: torch.Tensor,
+    topk_weights: torch.Tensor,
+    outputs: Optional[torch.Tensor] = None,
+    topk_ids: Optional[torch.Tensor] = None,
+    expert_map: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Weighted sum over the top-k slots: `out[t] = sum_k topk_weights[t, k] * inputs[t, k]`.
+
+    Args:
+        inputs: (T, K, D) float32 / float16 / bfloat16, contiguous. Expert outputs per slot.
+        topk_weights: (T, K) float32 / float16 / bfloat16. Accumulation is always fp32.
+        outputs: optional (T, D) tensor of inputs' dtype and device, contiguous: written in
+            place and returned. With autograd active the result is computed then copied into it.
+        topk_ids: optional (T, K) int32 / int64 expert ids. Without `expert_map` a slot counts
+            where `topk_ids[t, k] >= 0` (ids already local; -1 marks an empty slot).
+        expert_map: optional (E,) int32 / int64, local id of each global expert or -1 where
+            another rank owns it. A slot counts where `0 <= topk_ids[t, k] < E` and
+            `expert_map[topk_ids[t, k]] >= 0`.
+
+    Returns:
+        (T, D) tensor of inputs' dtype. Slots that do not count are never read (NaN there
+        cannot leak); a token with no counting slot gets zeros. Deterministic. Differentiable
+        in `inputs` (zero gradient for skipped slots) and `topk_weights`.
+    """
+    check_tensor("inputs", inputs, 3, FLOAT_DTYPES)
+    if not inputs.is_contiguous():
+        raise ValueError(f"inputs must be contiguous, got strides {inputs.stride()} "
+                         f"for shape {tuple(inputs.shape)}")
+    T, K, D = inputs.shape
+    _check_routing(T, K, inputs.device, topk_weights, topk_ids, expert_map)
+    _check_outputs(outputs, T, D, inputs)
+    args = (inputs, _contig(topk_weights), _contig(topk_ids), _contig(expert_map), None)
+    return _dispatch(args, outputs)
+
+
+def _check_outputs(outputs, T, D, inputs):
+    if outputs is None:
+        return
+    check_tensor("outputs", outputs, 2, FLOAT_DTYPES, inputs.device)
+    if tuple(outputs.shape) != (T, D) or outputs.dtype != inputs.dtype:
+        raise ValueError(f"outputs must be ({T}, {D}) {inputs.dtype}, got "
+                         f"{tuple(outputs.shape)} {outputs.dtype}")
+    if not outputs.is_contiguous():
+        raise ValueError(f"outputs must be contiguous, got strides {outputs.stride()}")
+
+
+def fused_mul_sum_rows(
+    inputs: torch.Tensor,
+    topk_weights: torch.Tensor,
+    row_index: torch.Tensor,
+    topk_ids: Optional[torch.Tensor] = None,
+    expert_map: Optional[torch.Tensor] = None,
+    outputs: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Gathered-layout combine: `out[t] = sum_k w[t, k] * inputs[row_index[t, k]]`.
+
+    Args:
+        inputs: (P, D) rows, contiguous; each row referenced by at most one slot.
+        topk_weights: (T, K) float weights.
+        row_index: (T, K) int32 / int64 row of each slot in `inputs`, -1 for none (never read).
+        topk_ids, expert_map: as in `moe_fused_mul_sum`, further masks.
+        outputs: optional (T, D) contiguous tensor of inputs' dtype: written and returned.
+
+    Returns:
+        (T, D) tensor of inputs' dtype, deterministic, differentiable in inputs and weights.
+    """
+    T, K = _check_rows_args(inputs, topk_weights, row_index, topk_ids, expert_map)
+    _check_outputs(outputs, T, inputs.shape[1], inputs)
+    args = (inputs, _contig(topk_weights), _contig(topk_ids), _contig(expert_map),
+            row_index.contiguous())
+    return _dispatch(args, outputs)
+
+
+def _check_rows_args(inputs, topk_weights, row_index, topk_ids, expert_map):
+    """The gathered layout's arguments; returns (T, K)."""
+    check_tensor("inputs", inputs, 2, FLOAT_DTYPES)
+    if not inputs.is_contiguous():
+        raise ValueError(f"inputs must be contiguous, got strides {inputs.stride()}")
+    check_tensor("row_index", row_index, 2, INDEX_DTYPES, inputs.device)
+    T, K = row_index.shape
+    _check_routing(T, K, inputs.device, topk_weights, topk_ids, expert_map)
+    return T, K
+
+
+class SplitOutputs(NamedTuple):
+    """Where `fused_mul_sum_rows_split` writes: W views, the slice to start with, and the
+    (W,) int64 table of the views' addresses (None: built per call)."""
+
+    views: list
+    first: int = 0
+    table: Optional[torch.Tensor] = None
+
+
+def fused_mul_sum_rows_split(
+    inputs: torch.Tensor,
+    topk_weights: torch.Tensor,
+    row_index: torch.Tensor,
+    outputs: list,
+    first: int = 0,
+    table: Optional[torch.Tensor] = None,
+) -> None:
+    """`fused_mul_sum_rows` written in W slices: rows [w n, (w + 1) n) of the (T, D) result,
+    n = T / W, into outputs[w] (on CUDA, views of other ranks' memory: the stores are the
+    exchange). One launch, consecutive programs writing to different outputs (from slice
+    `first` on). A row with no counting slot is not written (under the NVLink exchange those
+    are the padding rows, which their home rank never reads). Inference only: no autograd.
+
+    Args:
+        inputs, topk_weights, row_index: as in `fused_mul_sum_rows`; T divisible by W.
+        outputs: W tensors (n, D) of inputs' dtype and device, rows contiguous.
+        first: the slice the first programs write.
+        table: (W,) int64 tensor of outputs[w].data_ptr() on inputs' device; built here when
+            None (a host-to-device copy, which a CUDA graph cannot capture: pass it built).
+    """
+    T, K = _check_rows_args(inputs, topk_weights, row_index, None, None)
+    if needs_grad(inputs, topk_weights):
+        raise ValueError("fused_mul_sum_rows_split has no backward: call it without autograd "
+                         "(torch.no_grad()), got inputs or topk_weights that require grad")
+    W = len(outputs) if isinstance(outputs, (list, tuple)) else 0
+    if W == 0 or T % W:
+        raise ValueError(f"outputs must be a list of W tensors with W dividing T = {T}, got "
+                         f"{W if W else type(outputs).__name__}")
+    table = check_split_outputs(outputs, W, (T // W, inputs.shape[1]), inputs, first, table)
+    weights, rows = topk_weights.contiguous(), row_index.contiguous()
+    if not use_triton(inputs):
+        full = _forward(inputs, weights, None, None, rows)
+        for w, out in enumerate(outputs):
+            out.copy_(full[w * (T // W):(w + 1) * (T // W)])
+        return
+    _fwd_triton(inputs, weights, None, None, rows, outputs[0], table, first)
+
+
+def _dispatch(args, outputs):
+    inputs, topk_weights = args[0], args[1]
+    grad = needs_grad(inputs, topk_weights)
+    compiling = torch.compiler.is_compiling()
+    if outputs is None:
+        if compiling:
+            return _fused_mul_sum_op(*args)
+        return _EagerFusedMulSum.apply(*args) if grad else _forward(*args)
+    if not compiling:
+        if grad:
+            return outputs.copy_(_EagerFusedMulSum.apply(*args))
+        return _forward(*args, out=outputs)
+    if grad:  # a mutating op cannot carry autograd: compute, then copy (differentiable)
+        return outputs.copy_(_fused_mul_sum_op(*args))
+    _fused_mul_sum_out_op(*args, outputs)
+    return outputs

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mul_sum import FLOAT_DTYPES, _use_triton
+from .common import FLOAT_DTYPES, use_triton
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor) -> to
     if len({x.device, index.device, count.device}) != 1:
         raise ValueError(f"x, index and count must share a device, got {x.device}, "
                          f"{index.device}, {count.device}")
-    if not _use_triton(x):
+    if not use_triton(x):
         if not x.shape[0]:
             return x.new_zeros(index.shape[0], x.shape[1])
         ok = (index >= 0) & (index < x.shape[0])  # a bad index gives zeros, as in the kernel

@@ -1,13 +1,15 @@
 """Tile configs of the grouped expert GEMM (`grouped_gemm.py`): the named tuple, the choice by
-rows per expert and expert count (from the H200 and H100 sweeps in launch/), and the fitting
-of the pipelined tiles into a GPU's shared memory."""
+rows per expert and expert count (from sweeps of the layer's shapes on H200 and H100; figures
+in docs/performance.md), the launch shape, and the fitting of the pipelined tiles into a GPU's
+shared memory."""
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
+
+from .common import per_device
 
 
 class GemmConfig(NamedTuple):
@@ -29,18 +31,17 @@ FEW_EXPERTS = 8
 def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
                 shared_budget: Optional[int] = None,
                 num_experts: Optional[int] = None) -> GemmConfig:
-    """Tile sizes by the mean rows per expert (launch/sweep_gemm.py, bf16, Mixtral and Qwen3
-    shapes: H200 for the brackets; H100 for the 4-stage pipelines of the 128-row tiles, faster
-    than 3 stages in 9 of the 11 shapes from 128 rows per expert by 3-11%, a small gain next
-    to the sweep's run-to-run noise of up to 9%).
+    """Tile sizes by the mean rows per expert (bf16 sweeps of the Mixtral and Qwen3 shapes: H200
+    for the brackets; H100 for the 4-stage pipelines of the 128-row tiles, faster than 3 stages
+    in 9 of the 11 shapes from 128 rows per expert by 3-11%).
 
     Few rows per expert: the weights' bytes bound the time, so short row tiles keep every weight
     tile read about once; many rows: the FLOPs do, so 128-row tiles for the tensor cores.
     Few experts (`num_experts` <= FEW_EXPERTS) with 33-128 rows each (Mixtral, 256-512
     tokens): 128-row tiles in groups of 16 row blocks, which cover every expert's rows, so each
-    column tile of all the experts' weights is read at once (launch/probe_tma.py, H100, TMA
-    loads: Mixtral at 64 rows per expert 836 -> 680 us and 386 -> 330 us, at 128 rows 806 ->
-    725 and 415 -> 382; Qwen3's 128 experts were slower in such groups).
+    column tile of all the experts' weights is read at once (H100, TMA loads: Mixtral at 64
+    rows per expert 836 -> 680 us and 386 -> 330 us, at 128 rows 806 -> 725 and 415 -> 382;
+    Qwen3's 128 experts were slower in such groups).
     Where the buffers exceed `shared_budget` bytes (default: a Hopper block's; see
     `shared_budget`), the config gets fewer pipeline stages, then shorter K tiles, until they
     fit: 4-byte dtypes, and GPUs with less shared memory.
@@ -51,26 +52,25 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
         cfg = GemmConfig(16, 128, 128, 1, 4, 3)
     elif few_experts and 32 < rows_per_expert <= 128:
         # the down projection's second row block (half the experts at 128 rows an expert) as
-        # a 64-row tile where it fits (launch/probe_waves.py, H100, stop 17: Mixtral at 512
-        # tokens 382 -> 374 us, and 396 -> 375 in probe_tail.py)
+        # a 64-row tile where it fits (H100, Mixtral at 512 tokens: 382 -> 374 us)
         cfg = GemmConfig(128, 128, 64, 16, 8, 4) if gated else \
             GemmConfig(128, 128, 128, 16, 8, 3, 64)
     elif rows_per_expert <= 64:
         cfg = GemmConfig(64, 128, 64, 4, 4, 4)
     elif gated or rows_per_expert <= 128:
         # gated, 129-384 rows an expert: the last of an expert's 2-3 row blocks is often mostly
-        # empty, so it runs as a 64-row tile where its rows fit (launch/probe_tail.py, H100,
-        # stop 16: at 256 rows per expert Qwen3 449 -> 427 us, Mixtral 980 -> 941-966; not at
-        # 128 rows, DeepSeek-V3 6.56 -> 6.94 ms, nor 512-1024, where the branch costs the full
-        # tiles' loop more than the tail saves)
+        # empty, so it runs as a 64-row tile where its rows fit (H100, at 256 rows per expert:
+        # Qwen3 449 -> 427 us, Mixtral 980 -> 941-966; not at 128 rows, DeepSeek-V3 6.56 ->
+        # 6.94 ms, nor 512-1024, where the branch costs the full tiles' loop more than the tail
+        # saves)
         tail = 64 if gated and 128 < rows_per_expert <= 384 else 0
-        # few experts' gated tiles in groups of 16 row blocks, as at <= 128 rows (probe_waves,
-        # H100, stop 17: Mixtral at 1024 / 1032 tokens 932 -> 911 / 1036 -> 999 us)
+        # few experts' gated tiles in groups of 16 row blocks, as at <= 128 rows (H100, Mixtral
+        # at 1024 / 1032 tokens: 932 -> 911 / 1036 -> 999 us)
         group = 16 if few_experts and tail else 8
         cfg = GemmConfig(128, 128, 64, group, 8, 4, tail)
     else:
         cfg = GemmConfig(128, 256, 64, 8, 8, 4)
-    while _shared_bytes(cfg, gated, element_size) > budget and \
+    while shared_bytes(cfg, gated, element_size) > budget and \
             (cfg.num_stages > 2 or cfg.block_k > 16):
         if cfg.num_stages > 2:
             cfg = cfg._replace(num_stages=cfg.num_stages - 1)
@@ -82,7 +82,7 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
 def flatten_wins(cfg: GemmConfig, rows_by_descriptor: bool, num_experts: int,
                  shared_budget: Optional[int] = None) -> bool:
     """Whether a persistent launch whose tile and K loops are flattened into one pipelined
-    loop beats the grid (launch/probe_flat.py, H100, stop 16): for rows read through a tensor
+    loop beats the grid (H100): for rows read through a tensor
     descriptor (the down projection) in 128 x 256 tiles over more than FEW_EXPERTS experts.
     There a program's next tile loads while this tile's last products run, where the grid's
     programs each fill and drain their pipeline alone (Qwen3, K = 768: 12 steps of the K
@@ -95,13 +95,31 @@ def flatten_wins(cfg: GemmConfig, rows_by_descriptor: bool, num_experts: int,
             and num_experts > FEW_EXPERTS and budget >= _SHARED_BUDGET)
 
 
+def persistent_launch(cfg: GemmConfig, num_rows: int, expected_rows: float,
+                      overlapped: bool) -> Optional[bool]:
+    """`grouped_gemm`'s `persistent` for `num_rows` output rows of which about `expected_rows`
+    are real. False beside other work (`overlapped`: a pipeline's exchanges), where a
+    persistent program would hold its SM for the whole GEMM and an exchange that starts finds
+    none free (4x H200, Qwen3 in 3 chunks, CUDA graph: persistent 2.12-2.14 ms, grid
+    1.87-1.90). True for 128-row tiles over buffers sized by a loose bound (more than twice
+    the expected rows: a fixed-size exchange), where a grid sized by the bound is mostly
+    programs with nothing to do, each holding an SM's shared memory while it starts and exits
+    (H100, Qwen3 at W = 4, 8192 tokens: both GEMMs 1324 -> 1234 us). Else None: the launcher
+    decides (`flatten_wins`)."""
+    if overlapped:
+        return False
+    if num_rows > 2 * expected_rows and cfg.block_m >= 128:
+        return True
+    return None
+
+
 # shared memory the pipelined A and W tiles may take: a block's opt-in maximum (Hopper: 227
 # KiB) less a little room for what Triton adds
 _SHARED_MARGIN = 7 * 1024
 _SHARED_BUDGET = 227 * 1024 - _SHARED_MARGIN
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def shared_budget(device: torch.device) -> int:
     """Bytes of shared memory `gemm_config` may give the pipelined tiles on `device`: its
     per-block opt-in maximum (Hopper 227 KiB, A100 163, many others ~99) less Triton's own;
@@ -112,7 +130,7 @@ def shared_budget(device: torch.device) -> int:
     return optin - _SHARED_MARGIN if optin else _SHARED_BUDGET
 
 
-def _shared_bytes(cfg: GemmConfig, gated: bool, element_size: int) -> int:
+def shared_bytes(cfg: GemmConfig, gated: bool, element_size: int) -> int:
     w_tiles = 2 if gated else 1
     # a tail tile's loop reuses the same buffers (triton 3.6 for sm_90 gives the kernel the
     # same shared memory with or without one)
@@ -120,7 +138,7 @@ def _shared_bytes(cfg: GemmConfig, gated: bool, element_size: int) -> int:
     return (cfg.num_stages - 1) * per_stage  # Triton buffers num_stages - 1 tiles ahead
 
 
-def _check_config(cfg) -> None:
+def check_config(cfg) -> None:
     if not isinstance(cfg, GemmConfig):
         raise TypeError(f"config must be a GemmConfig, got {type(cfg).__name__}")
     for name in ("block_m", "block_n", "block_k"):

@@ -23,7 +23,6 @@ torch provides.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -35,9 +34,9 @@ try:  # host-side tensor descriptors (Hopper's TMA): triton >= 3.4
 except ImportError:  # pragma: no cover - older triton: pointer loads only
     TensorDescriptor = None
 
-from .activation import ACTIVATIONS, _act_and_grad
-from .fused_mul_sum import _INTERPRET, _use_triton
-from .gemm_configs import GemmConfig, _check_config, flatten_wins, gemm_config, shared_budget
+from .activation import ACTIVATIONS, act_and_grad
+from .common import INTERPRET, capability_major, check_triton, num_sms, to_output
+from .gemm_configs import GemmConfig, check_config, flatten_wins, gemm_config, shared_budget
 
 GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -218,15 +217,75 @@ def _tile_product(
             w_ptrs += BLOCK_K
 
     if HAS_ACT:
-        acc, _ = _act_and_grad(acc, ACT)
+        acc, _ = act_and_grad(acc, ACT)
         if GATED:
             acc = acc * acc_up
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptrs, to_output(acc, out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Launcher (tile configs: gemm_configs.py)
+# 2. Launcher (arguments validated, tiles and launch shape decided by `grouped_gemm`)
+# --------------------------------------------------------------------------------------------
+
+def _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten_wins_, tma):
+    cfg = GemmConfig(*config)
+    num_experts, n_total, k_dim = w.shape
+    num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    n_out = n_total // 2 if gated else n_total
+    out = a.new_empty(num_rows, n_out)
+    if num_rows == 0 or n_out == 0:
+        return out
+    if k_dim == 0:
+        return out.zero_()  # an empty product, and act(0) * 0 = 0
+    tma_a = tma and a_rows is None
+    flatten = flatten_wins_ and persistent
+    a_arg, w_arg = a, w
+    if tma:
+        w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
+                                             [cfg.block_n, cfg.block_k])
+    if tma_a:
+        a_arg = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+    num_pid_m = triton.cdiv(num_rows, cfg.block_m) + num_experts  # upper bound on row blocks
+    num_tiles = num_pid_m * triton.cdiv(n_out, cfg.block_n)
+    grid = (min(num_tiles, num_sms(a.device)) if persistent else num_tiles,)
+    _grouped_gemm_kernel[grid](
+        a_arg, a, a_rows if a_rows is not None else a, w_arg, out, counts,
+        n_out, k_dim, num_experts, num_pid_m, n_out * w.stride(1), num_rows, a.shape[0],
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        GATHER=a_rows is not None, HAS_ACT=activation is not None, GATED=gated,
+        ACT=ACTIVATIONS[activation or "silu"], EVEN_K=k_dim % cfg.block_k == 0,
+        IEEE=a.dtype == torch.float32, UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+        E_POW2=triton.next_power_of_2(num_experts),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        # a flattened loop takes no branch: no tail tiles there
+        TAIL_M=cfg.tail_m if cfg.tail_m and not flatten else cfg.block_m,
+        PERSISTENT=persistent, FLATTEN=flatten, TMA_A=tma_a, TMA_W=tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Custom op: torch.compile calls the kernel, never traces it (inference: no autograd)
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ep_moe::grouped_gemm", mutates_args=())
+def _grouped_gemm_op(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+                     a_rows: Optional[torch.Tensor], activation: Optional[str], gated: bool,
+                     config: list[int], persistent: bool, flatten_wins_: bool,
+                     tma: bool) -> torch.Tensor:
+    return _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten_wins_,
+                   tma)
+
+
+@_grouped_gemm_op.register_fake
+def _(a, w, counts, a_rows, activation, gated, config, persistent, flatten_wins_, tma):
+    num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    return a.new_empty(num_rows, w.shape[1] // 2 if gated else w.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Public function: validation, tile config (gemm_configs.py), launch shape
 # --------------------------------------------------------------------------------------------
 
 def _check(name: str, t: torch.Tensor, ndim: int, dtypes) -> None:
@@ -268,10 +327,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
             persistent where `flatten_wins` says so, else the grid.
         tma: load the weight tiles (and a's, when rows are not gathered) through tensor
             descriptors (Hopper's TMA) instead of per-thread pointers. None: for 128-row
-            tiles wherever `tma_ok` allows it (launch/probe_tma.py, H100: 3-16% faster GEMMs
-            there; the same time with shorter tiles, where each launch's ~35 us more of host
-            time, launch/probe_host.py, would be a loss when eager); True where `tma_ok`
-            refuses is an error.
+            tiles wherever `tma_ok` allows it (H100: 3-16% faster GEMMs there; the same time
+            with shorter tiles, where each launch's ~35 us more of host time would be a loss
+            when eager); True where `tma_ok` refuses is an error.
 
     Returns:
         (P, N) — (P, N/2) with a gated `activation` — in a's dtype, fp32 accumulation (fp32
@@ -308,24 +366,16 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
                          f"{a.stride()} and {w.stride()}")
     num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
     gated = gated and activation is not None
-    n_out = n_total // 2 if gated else n_total
-    out = a.new_empty(num_rows, n_out)
-    if num_rows == 0 or n_out == 0:
-        return out
-    if k_dim == 0:
-        return out.zero_()  # an empty product, and act(0) * 0 = 0
-    if num_experts == 0:
+    if num_experts == 0 and num_rows and k_dim and n_total:
         raise ValueError(f"w must hold at least one expert for {num_rows} rows, got shape "
                          f"{tuple(w.shape)}")
     if config is not None:
-        _check_config(config)
+        check_config(config)
     if persistent is not None and not isinstance(persistent, bool):
         raise TypeError(f"persistent must be True, False or None, got {persistent!r}")
-    if not _use_triton(a):
-        raise RuntimeError("grouped_gemm runs through Triton: needs a CUDA tensor, or a CPU "
-                           "tensor with TRITON_INTERPRET=1")
-    cfg = config or gemm_config(num_rows / num_experts, gated, a.element_size(),
-                                shared_budget(a.device), num_experts)
+    check_triton("grouped_gemm", a)
+    cfg = config or gemm_config(num_rows / max(num_experts, 1), gated, a.element_size(),
+                                shared_budget(a.device), max(num_experts, 1))
     gathered = a_rows is not None
     if tma is None:
         tma = cfg.block_m >= 128 and tma_ok(a, w, gathered)
@@ -335,34 +385,13 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
                          "bytes and 16-byte aligned bases (a's only when its rows are not "
                          f"gathered); got {a.dtype} on {a.device}, a strides {a.stride()}, "
                          f"w strides {w.stride()}")
-    tma_a = tma and not gathered
-    wins = flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
-    persistent = wins if persistent is None else persistent
-    flatten = wins and persistent
-    a_arg, w_arg = a, w
-    if tma:
-        w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
-                                             [cfg.block_n, cfg.block_k])
-    if tma_a:
-        a_arg = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
-    num_pid_m = triton.cdiv(num_rows, cfg.block_m) + num_experts  # upper bound on row blocks
-    num_tiles = num_pid_m * triton.cdiv(n_out, cfg.block_n)
-    grid = (min(num_tiles, _num_sms(a.device)) if persistent else num_tiles,)
-    _grouped_gemm_kernel[grid](
-        a_arg, a, a_rows.contiguous() if a_rows is not None else a, w_arg, out,
-        num_tokens_per_expert.contiguous(),
-        n_out, k_dim, num_experts, num_pid_m, n_out * w.stride(1), num_rows, a.shape[0],
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        GATHER=a_rows is not None, HAS_ACT=activation is not None, GATED=gated,
-        ACT=ACTIVATIONS[activation or "silu"], EVEN_K=k_dim % cfg.block_k == 0,
-        IEEE=a.dtype == torch.float32, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
-        E_POW2=triton.next_power_of_2(num_experts),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        # a flattened loop takes no branch: no tail tiles there
-        TAIL_M=cfg.tail_m if cfg.tail_m and not flatten else cfg.block_m,
-        PERSISTENT=persistent, FLATTEN=flatten, TMA_A=tma_a, TMA_W=tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    wins = flatten_wins(cfg, tma and not gathered, num_experts, shared_budget(a.device))
+    args = (a, w, num_tokens_per_expert.contiguous(),
+            a_rows.contiguous() if a_rows is not None else None, activation, gated, list(cfg),
+            wins if persistent is None else persistent, wins, tma)
+    if torch.compiler.is_compiling():
+        return _grouped_gemm_op(*args)
+    return _launch(*args)
 
 
 def tma_ok(a: torch.Tensor, w: torch.Tensor, gathered: bool = False) -> bool:
@@ -378,17 +407,5 @@ def tma_ok(a: torch.Tensor, w: torch.Tensor, gathered: bool = False) -> bool:
     if not gathered and ((a.stride(0) * 2) % 16 or a.data_ptr() % 16):
         return False
     if a.device.type == "cuda":
-        return _capability_major(a.device) >= 9
-    return _INTERPRET
-
-
-@functools.lru_cache(maxsize=None)
-def _capability_major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few programs, so the loop runs several tiles each
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        return capability_major(a.device) >= 9
+    return INTERPRET

@@ -3,7 +3,7 @@
 torch runs this as a top-k (a radix select, then a sort of the K picked) and a softmax, three
 kernels whose cost grows with T: at 4096 tokens of Qwen3's 128 experts they took ~37 µs of a
 0.8 ms forward for 2 MB of logits. Here a program reads a few tokens' logits once and picks
-the K largest in turn: 5.3 µs (1x H100, launch/probe_router.py).
+the K largest in turn: 5.3 µs (1x H100).
 
 Selection is on the logits (softmax is monotone), largest first; among equal logits the lower
 expert id comes first (torch's top-k promises no order there). A NaN logit ranks above every
@@ -19,8 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mul_sum import _use_triton, needs_grad
+from .common import check_triton, needs_grad
 
+
+# --------------------------------------------------------------------------------------------
+# 1. Triton kernel
+# --------------------------------------------------------------------------------------------
 
 @triton.jit
 def _softmax_topk_kernel(
@@ -76,6 +80,21 @@ def _softmax_topk_kernel(
     tl.store(weights_ptr + out, num / denom[:, None], mask=mask)
 
 
+# --------------------------------------------------------------------------------------------
+# 2. Launcher, and the backward's math (torch)
+# --------------------------------------------------------------------------------------------
+
+def topk_config(E: int) -> tuple[int, int]:
+    """(tokens a program, warps): about 128 logits a warp, so the K passes of reductions stay
+    short (1x H100: for E = 128 one token to a one-warp program took 2.7 / 5.3 / 15.1 µs at
+    16 / 4096 / 16384 tokens, ~4K logits over 4 warps 11.5 / 12.1 / 24.5; for E = 8, 16
+    tokens over 4 warps were within 0.2 µs of the best at every T)."""
+    e_pow2 = triton.next_power_of_2(E)
+    if e_pow2 <= 16:
+        return 128 // e_pow2, 4
+    return max(1, 128 // e_pow2), max(1, min(4, e_pow2 // 128))
+
+
 def _launch(logits: torch.Tensor, k: int, renormalize: bool,
             config: Optional[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     T, E = logits.shape
@@ -93,10 +112,56 @@ def _launch(logits: torch.Tensor, k: int, renormalize: bool,
     return ids, weights
 
 
-class _SoftmaxTopK(torch.autograd.Function):
-    """The kernel forward; backward through the softmax: with renormalisation only the K
-    picked logits get a gradient, without it every logit does (through the softmax's sum)."""
+def _logits_grad(grad_weights, logits, ids, weights, renormalize: bool, num_experts: int):
+    """d loss / d logits through the softmax: with renormalisation only the K picked logits
+    get a gradient, without it every logit does (through the softmax's sum)."""
+    g = grad_weights.float()
+    g_dot_w = (g * weights).sum(-1, keepdim=True)  # (T, 1)
+    scattered = weights.new_zeros(ids.shape[0], num_experts)
+    if renormalize:  # w = softmax over the picked logits
+        return scattered.scatter_(1, ids, weights * (g - g_dot_w))
+    # w_k = p[ids_k], p = softmax over all E: dp_i / dl_j = p_i (delta_ij - p_j)
+    p = logits.softmax(-1)
+    return p * (scattered.scatter_(1, ids, g) - g_dot_w)
 
+
+# --------------------------------------------------------------------------------------------
+# 3. Autograd: a custom op for torch.compile (it calls the kernel, never traces it), and the
+#    same wiring as an autograd.Function for eager calls (no custom-op dispatch cost)
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ep_moe::softmax_topk", mutates_args=())
+def _softmax_topk_op(logits: torch.Tensor, k: int,
+                     renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(logits, k, renormalize, None)
+
+
+@_softmax_topk_op.register_fake
+def _(logits, k, renormalize):
+    T = logits.shape[0]
+    return (logits.new_empty(T, k, dtype=torch.int64), logits.new_empty(T, k))
+
+
+def _setup_context(ctx, inputs, output):
+    logits, k, renormalize = inputs
+    ids, weights = output
+    ctx.save_for_backward(logits, ids, weights)
+    ctx.renormalize, ctx.num_experts = renormalize, logits.shape[1]
+    ctx.mark_non_differentiable(ids)
+
+
+def _backward(ctx, grad_ids, grad_weights):
+    logits, ids, weights = ctx.saved_tensors
+    if grad_weights is None:
+        return None, None, None
+    return _logits_grad(grad_weights, logits, ids, weights, ctx.renormalize,
+                        ctx.num_experts), None, None
+
+
+_softmax_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SoftmaxTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, k, renormalize):
         ids, weights = _launch(logits, k, renormalize, None)
@@ -110,14 +175,13 @@ class _SoftmaxTopK(torch.autograd.Function):
         logits, ids, weights = ctx.saved_tensors
         if grad_weights is None:
             return None, None, None
-        g = grad_weights.float()
-        g_dot_w = (g * weights).sum(-1, keepdim=True)  # (T, 1)
-        scattered = weights.new_zeros(ids.shape[0], ctx.num_experts)
-        if ctx.renormalize:  # w = softmax over the picked logits
-            return scattered.scatter_(1, ids, weights * (g - g_dot_w)), None, None
-        # w_k = p[ids_k], p = softmax over all E: dp_i / dl_j = p_i (delta_ij - p_j)
-        p = logits.softmax(-1)
-        return p * (scattered.scatter_(1, ids, g) - g_dot_w), None, None
+        return _logits_grad(grad_weights, logits, ids, weights, ctx.renormalize,
+                            ctx.num_experts), None, None
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Public function
+# --------------------------------------------------------------------------------------------
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool,
@@ -126,8 +190,8 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool,
     first. `renormalize`: the weights are a softmax over the K picked logits (they sum to 1);
     else each picked expert's softmax probability over all E. Differentiable in `logits`
     (an autograd node only where a gradient is needed). Triton (CUDA, or CPU under
-    TRITON_INTERPRET=1). `config`: (tokens a program, a power of two; warps), for
-    launch/probe_router.py; default `topk_config`."""
+    TRITON_INTERPRET=1). `config`: (tokens a program, a power of two; warps); default
+    `topk_config`."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or \
             logits.dtype != torch.float32:
         raise ValueError(f"logits must be a (T, E) float32 tensor, got "
@@ -140,20 +204,9 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool,
                                or config[1] < 1):
         raise ValueError(f"config must be (tokens a program, a power of two; warps >= 1), "
                          f"got {config!r}")
-    if not _use_triton(logits):
-        raise RuntimeError("softmax_topk runs through Triton: needs a CUDA tensor, or a CPU "
-                           "tensor with TRITON_INTERPRET=1")
+    check_triton("softmax_topk", logits)
+    if torch.compiler.is_compiling():
+        return _softmax_topk_op(logits, k, renormalize)
     if needs_grad(logits):
         return _SoftmaxTopK.apply(logits, k, renormalize)
     return _launch(logits, k, renormalize, config)
-
-
-def topk_config(E: int) -> tuple[int, int]:
-    """(tokens a program, warps): about 128 logits a warp, so the K passes of reductions stay
-    short (launch/probe_router.py, 1x H100: for E = 128 one token to a one-warp program took
-    2.7 / 5.3 / 15.1 µs at 16 / 4096 / 16384 tokens, ~4K logits over 4 warps 11.5 / 12.1 /
-    24.5; for E = 8, 16 tokens over 4 warps were within 0.2 µs of the best at every T)."""
-    e_pow2 = triton.next_power_of_2(E)
-    if e_pow2 <= 16:
-        return 128 // e_pow2, 4
-    return max(1, 128 // e_pow2), max(1, min(4, e_pow2 // 128))
