@@ -21,6 +21,7 @@ rank to a PNG beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -51,11 +52,12 @@ def parse_args():
     p.add_argument("--placement", default="linear", choices=["linear", "round_robin"])
     p.add_argument("--fixed", action="store_true",
                    help="fixed-size exchange: MoEConfig.max_tokens_per_rank = T (no host sync)")
-    p.add_argument("--chunks", type=int, default=1,
-                   help="with --fixed: MoEConfig.dispatch_chunks (exchanges overlap experts)")
-    p.add_argument("--exchange", default="collective", choices=["collective", "nvlink"],
+    p.add_argument("--chunks", type=int, default=None,
+                   help="with --fixed: MoEConfig.dispatch_chunks, a pipeline whose exchanges "
+                        "overlap the experts (default: the layer's choice)")
+    p.add_argument("--exchange", default="auto", choices=["auto", "collective", "nvlink"],
                    help="with --fixed: MoEConfig.exchange (nvlink: stores into the peers' "
-                        "symmetric memory, inference only)")
+                        "symmetric memory, inference only; auto: nvlink where the GPUs allow)")
     p.add_argument("--graph", action="store_true",
                    help="also time the no-grad forward as CUDA-graph replays (GPU; the "
                         "expert-parallel layer only with --fixed)")
@@ -113,8 +115,8 @@ def check(cfg: MoEConfig, group, device) -> dict:
     small = cfg.replace(hidden_size=D, intermediate_size=min(cfg.intermediate_size, 64),
                         shared_intermediate_size=None, max_tokens_per_rank=cap)
     torch.manual_seed(0)
-    full = MoE(small.replace(max_tokens_per_rank=None, dispatch_chunks=1,
-                             exchange="collective"), device=device)
+    full = MoE(small.replace(max_tokens_per_rank=None, dispatch_chunks=None, exchange="auto"),
+               device=device)
     torch.manual_seed(0)
     ep = MoE(small, process_group=group, device=device)
     gen = torch.Generator().manual_seed(99)
@@ -163,8 +165,10 @@ def check(cfg: MoEConfig, group, device) -> dict:
         sync(device)
         same = torch.equal(out["y"], y_inf)
         errors["graph_vs_eager"] = 0.0 if same else max(rel(out["y"], y_inf), 1.0)
-    if small.exchange == "nvlink":  # the rows and partials the collectives bring (the
-        # kernel that stores the partials may round its products' sums differently)
+    with torch.no_grad():
+        over_nvlink = ep.plan(xs[rank]).exchange == "nvlink"  # the same on every rank
+    if over_nvlink:  # the rows and partials the collectives bring (the kernel that stores
+        # the partials may round its products' sums differently)
         torch.manual_seed(0)
         ep_collective = MoE(small.replace(exchange="collective"), process_group=group,
                             device=device)
@@ -257,17 +261,19 @@ def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
     D = layer.config.hidden_size
     x = torch.randn(T, D, dtype=dtype, device=device)
     with torch.no_grad():
-        route = layer.router(x)
+        plan = layer.plan(x)  # the no-grad forward's, each phase run alone as it would
+        route = layer.router(x, topk=plan.router_topk)
         sent = layer.dispatcher.dispatch(x, route.topk_ids, route.topk_weights)
-        partial = layer.compute_experts(sent)
+        partial = layer.compute_experts(sent, plan)
         res = {
-            "route_ms": timed(lambda: layer.router(x), device, iters, barrier=barrier),
+            "route_ms": timed(lambda: layer.router(x, topk=plan.router_topk), device, iters,
+                              barrier=barrier),
             "dispatch_ms": timed(lambda: layer.dispatcher.dispatch(
                 x, route.topk_ids, route.topk_weights), device, iters, barrier=barrier),
-            "experts_ms": timed(lambda: layer.compute_experts(sent), device, iters,
-                                  barrier=barrier),
+            "experts_ms": timed(lambda: layer.compute_experts(sent, plan), device, iters,
+                                barrier=barrier),
             "combine_ms": timed(lambda: layer.dispatcher.combine(partial, sent.handle),
-                                  device, iters, barrier=barrier),
+                                device, iters, barrier=barrier),
         }
         res["dispatch_host_ms"] = host_ms(lambda: layer.dispatcher.dispatch(
             x, route.topk_ids, route.topk_weights), device, barrier, iters)
@@ -319,6 +325,11 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
         single = MoE(cfg, device=device, dtype=dtype)
     torch.manual_seed(0)
     layer = MoE(cfg, process_group=group, device=device, dtype=dtype)
+    x = torch.empty(T, cfg.hidden_size, dtype=dtype, device=device)
+    with torch.no_grad():
+        inference = layer.plan(x)
+    out["plan_inference"] = dataclasses.asdict(inference)  # eager; a CUDA graph may chunk
+    out["plan_training"] = dataclasses.asdict(layer.plan(x.requires_grad_()))
     # each timing of the layer follows one of the single-GPU layer on the same tokens, over
     # `rounds`: the clocks drift as the GPUs heat up, so each ratio compares neighbours, and
     # the report gives the median of the rounds (and each round's ratio)
@@ -345,7 +356,7 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
     del single
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if cfg.exchange == "collective":  # the phases are the collectives' (nvlink: one piece)
+    if inference.exchange != "nvlink":  # the phases are the collectives' (nvlink: one piece)
         out.update(time_phases(layer, T, dtype, device, iters, barrier))
     out["tokens_per_s"] = T / out["fwd_ms"] * 1e3
     out["fwd_bwd_tokens_per_s"] = T / out["fwd_bwd_ms"] * 1e3
@@ -387,10 +398,10 @@ SCREEN = {"run": "run", "W": "W", "T_per_rank": "T/rank", "tokens_per_s": "token
 def screen_row(cfg: MoEConfig, runs: list[dict], summary: dict) -> dict:
     """One line of the first screen. Times: the slowest rank's (the layer ends when it does);
     ratios: medians over ranks and rounds; peak memory: the largest rank's."""
-    label = cfg.dispatcher
-    if cfg.max_tokens_per_rank is not None:
-        label += ", fixed" + (f", {cfg.dispatch_chunks} chunks" if cfg.dispatch_chunks > 1
-                              else "") + (", nvlink" if cfg.exchange == "nvlink" else "")
+    plan = runs[0]["plan_inference"]  # the no-grad forward's exchange and chunks
+    label = "one rank" if plan["exchange"] == "none" else \
+        f"{cfg.dispatcher}, {plan['exchange']}" + \
+        (f", {plan['chunks']} chunks" if plan["chunks"] > 1 else "")
     slowest = max(runs, key=lambda r: r["fwd_ms"])
     row = {"run": label, "W": len(runs), "T_per_rank": slowest["T_per_rank"],
            "tokens_per_s": slowest["T_per_rank"] / slowest["fwd_ms"] * 1e3,
@@ -492,8 +503,8 @@ def main():
     cap = args.tokens if args.fixed else None
 
     def config(kind):
-        chunks = args.chunks if kind == "all_to_all" else 1
-        exchange = args.exchange if kind == "all_to_all" else "collective"
+        chunks = args.chunks if kind == "all_to_all" else None
+        exchange = args.exchange if kind == "all_to_all" else "auto"
         return MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement,
                                 max_tokens_per_rank=cap, dispatch_chunks=chunks,
                                 exchange=exchange)

@@ -67,7 +67,7 @@ def test_harness_first_screen_and_plot(tmp_path):
     header, body = rows[0], rows[1:]
     header_line = next(line for line in out.splitlines() if line.startswith("| run |"))
     assert len(header) <= 10 and len(header_line) < 120  # fits a terminal
-    assert len(body) == 1 and body[0][0] == "all_to_all" and body[0][1] == "2"
+    assert len(body) == 1 and body[0][0] == "all_to_all, exact" and body[0][1] == "2"
     cells = dict(zip(header, body[0]))
     for name in ("tokens/s", "fwd ms", "step ms", "fwd vs 1 GPU", "step vs 1 GPU"):
         assert float(cells[name]) > 0, name
@@ -80,6 +80,8 @@ def test_harness_first_screen_and_plot(tmp_path):
     (run,) = report["runs"]
     per_rank = run["per_rank"]
     assert len(per_rank) == 2
+    assert per_rank[0]["plan_inference"]["exchange"] == "exact"
+    assert per_rank[0]["plan_training"]["grad"] is True
     for key in ("fwd_ms", "fwd_bwd_ms", "route_ms", "dispatch_ms", "experts_ms", "combine_ms",
                 "dispatch_exchange_ms", "dispatch_vs_raw", "per_gpu_vs_single_fwd"):
         assert all(r[key] > 0 for r in per_rank), key
