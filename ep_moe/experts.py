@@ -19,6 +19,8 @@ from torch import nn
 
 from .config import MoEConfig
 from .kernels.activation import fused_activation_available, gated_activation
+from .kernels.expert_sort import sort_by_expert
+from .kernels.fused_mul_sum import fused_mul_sum_rows
 from .kernels.gemm_configs import gemm_config, persistent_launch, shared_budget
 from .kernels.grouped_gemm import grouped_gemm
 
@@ -158,7 +160,8 @@ class Experts(nn.Module):
     def fused_forward(self, x: torch.Tensor, source_rows: torch.Tensor,
                       num_tokens_per_expert: torch.Tensor, rows_per_expert: float,
                       overlapped: bool = False) -> torch.Tensor:
-        """The plan's "triton" path: inference straight from the token rows, no autograd.
+        """The plan's "triton" path's GEMMs: inference straight from the token rows, no
+        autograd.
 
         Args:
             x: (R, D) token rows, in any order.
@@ -173,19 +176,27 @@ class Experts(nn.Module):
             (P, D) expert outputs in sorted order; the (P, D) sorted copy of x and the (P, 2I)
             pre-activation are never materialised.
         """
+        return _fused_gemms(x, source_rows, num_tokens_per_expert, self.gate_up_proj,
+                            self.down_proj, rows_per_expert, overlapped, self.config.activation,
+                            self.config.gated)
+
+    def triton_partials(self, x: torch.Tensor, topk_ids: torch.Tensor,
+                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
+                        num_pairs: int, rows_per_expert: float,
+                        overlapped: bool = False) -> torch.Tensor:
+        """The plan's "triton" path end to end: sort the (row, slot) pairs by local expert, run
+        `fused_forward`, reduce each row's slots: (R, D) rows -> (R, D) partial outputs.
+
+        Under torch.compile one custom op, so a compiled forward calls into Python once for
+        the three steps, as eager does (each custom-op call costs tens of microseconds of host
+        time, which decode-sized forwards feel). Args as `sort_by_expert` and
+        `fused_forward`; inference only."""
         cfg = self.config
-        if x.stride(-1) != 1:  # the kernel reads rows with a stride, elements contiguously
-            x = x.contiguous()
-        e, P = self.num_local_experts, source_rows.shape[0]
-        budget = shared_budget(x.device)
-        tiles = [gemm_config(rows_per_expert, gated, x.element_size(), budget, e)
-                 for gated in (cfg.gated, False)]
-        persistent = [persistent_launch(t, P, rows_per_expert * e, overlapped) for t in tiles]
-        h = grouped_gemm(x, self.gate_up_proj, num_tokens_per_expert, a_rows=source_rows,
-                         activation=cfg.activation, gated=cfg.gated, config=tiles[0],
-                         persistent=persistent[0])  # (P, I)
-        return grouped_gemm(h, self.down_proj, num_tokens_per_expert, config=tiles[1],
-                            persistent=persistent[1])  # (P, D)
+        args = (x, topk_ids, topk_weights, expert_map, self.gate_up_proj, self.down_proj,
+                num_pairs, float(rows_per_expert), overlapped, cfg.activation, cfg.gated)
+        if torch.compiler.is_compiling():
+            return _triton_partials_op(*args)
+        return _triton_partials(*args)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Every local expert on every row: (R, D) -> (e, R, D).
@@ -199,6 +210,46 @@ class Experts(nn.Module):
         h = torch.matmul(x, self.gate_up_proj.transpose(-2, -1))  # (e, R, 2I)
         h = activate(h, cfg.activation, cfg.gated)
         return torch.matmul(h, self.down_proj.transpose(-2, -1))  # (e, R, D)
+
+
+def _fused_gemms(x, source_rows, num_tokens_per_expert, w13, w2, rows_per_expert: float,
+                 overlapped: bool, activation: str, gated: bool) -> torch.Tensor:
+    if x.stride(-1) != 1:  # the kernel reads rows with a stride, elements contiguously
+        x = x.contiguous()
+    e, P = w13.shape[0], source_rows.shape[0]
+    budget = shared_budget(x.device)
+    tiles = [gemm_config(rows_per_expert, g, x.element_size(), budget, e)
+             for g in (gated, False)]
+    persistent = [persistent_launch(t, P, rows_per_expert * e, overlapped) for t in tiles]
+    h = grouped_gemm(x, w13, num_tokens_per_expert, a_rows=source_rows, activation=activation,
+                     gated=gated, config=tiles[0], persistent=persistent[0])  # (P, I)
+    return grouped_gemm(h, w2, num_tokens_per_expert, config=tiles[1],
+                        persistent=persistent[1])  # (P, D)
+
+
+def _triton_partials(x, topk_ids, topk_weights, expert_map, w13, w2, num_pairs: int,
+                     rows_per_expert: float, overlapped: bool, activation: str,
+                     gated: bool) -> torch.Tensor:
+    order = sort_by_expert(topk_ids, w13.shape[0], num_pairs, expert_map)
+    out_rows = _fused_gemms(x, order.source_rows, order.num_tokens_per_expert, w13, w2,
+                            rows_per_expert, overlapped, activation, gated)  # (P, D)
+    # the slot reduction doubles as the un-permute: reads each row once, writes (R, D)
+    return fused_mul_sum_rows(out_rows, topk_weights, order.row_index)
+
+
+@torch.library.custom_op("ep_moe::triton_partials", mutates_args=())
+def _triton_partials_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        expert_map: Optional[torch.Tensor], w13: torch.Tensor, w2: torch.Tensor,
+                        num_pairs: int, rows_per_expert: float, overlapped: bool,
+                        activation: str, gated: bool) -> torch.Tensor:
+    return _triton_partials(x, topk_ids, topk_weights, expert_map, w13, w2, num_pairs,
+                            rows_per_expert, overlapped, activation, gated)
+
+
+@_triton_partials_op.register_fake
+def _(x, topk_ids, topk_weights, expert_map, w13, w2, num_pairs, rows_per_expert, overlapped,
+      activation, gated):
+    return x.new_empty(x.shape)
 
 
 class SharedExperts(nn.Module):
