@@ -1,0 +1,227 @@
+"""`replace_moe_blocks` on tiny transformers v5 causal LMs (Mixtral, Qwen3-MoE, Qwen2-MoE,
+DeepSeek-V3), always against the unmodified model on the same weights: logits, router logits,
+greedy generation, one training step (loss, aux_loss, every gradient), a save_pretrained /
+from_pretrained round trip, the experts sharded over 2 gloo ranks, and a real-shape bf16 model
+on a GPU.
+
+Tiny models: V=64 vocab, D=32 hidden, I=48 expert intermediate, E=8 experts, 2 decoder layers.
+Every layer of Mixtral is sparse; the others have a dense layer 0 and a sparse layer 1 (so the
+replacement must leave dense MLPs alone). Under TRITON_INTERPRET=1 each MoE forward costs a
+fraction of a second, so prompts and generations are short.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+
+import ep_moe
+from ep_moe.interop import config_from_hf
+
+transformers = pytest.importorskip("transformers")
+
+V, D, I, E = 64, 32, 48, 8  # noqa: E741 (I: intermediate size, in the package notation)
+FAMILIES = ("mixtral", "qwen3", "qwen2", "deepseek_v3")
+BLOCK_TYPES = {"mixtral": "MixtralSparseMoeBlock", "qwen3": "Qwen3MoeSparseMoeBlock",
+               "qwen2": "Qwen2MoeSparseMoeBlock", "deepseek_v3": "DeepseekV3MoE"}
+# fp32 on both sides, the same routing: the models differ only in the order the K expert
+# outputs (and, in gradients, the tokens' contributions to a weight) are summed; measured at
+# most 1e-6 of the largest value, through two decoder layers and the loss
+RTOL = 1e-5
+
+
+def hf_config(family: str):
+    # initializer_range 0.2: O(1) router logits, so routing is far from ties, and logits
+    # spread enough that greedy decoding has clear winners
+    common = dict(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=64)
+    if family == "mixtral":  # training-time input jitter, which the replacement reproduces
+        return transformers.MixtralConfig(intermediate_size=I, num_local_experts=E,
+                                          num_experts_per_tok=2, router_jitter_noise=0.1,
+                                          **common)
+    if family == "qwen3":
+        return transformers.Qwen3MoeConfig(moe_intermediate_size=I, num_experts=E,
+                                           num_experts_per_tok=4, norm_topk_prob=True,
+                                           head_dim=8, mlp_only_layers=[0], **common)
+    if family == "qwen2":  # a gated shared expert, of another size than the routed ones
+        return transformers.Qwen2MoeConfig(moe_intermediate_size=I, num_experts=E,
+                                           shared_expert_intermediate_size=40,
+                                           num_experts_per_tok=2, mlp_only_layers=[0],
+                                           **common)
+    # sigmoid scores, 4 groups with the best 2 kept, a shared expert; MLA needs as many key /
+    # value heads as query heads
+    return transformers.DeepseekV3Config(
+        moe_intermediate_size=I, intermediate_size=64, n_routed_experts=E, num_experts_per_tok=2,
+        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, **{**common, "num_key_value_heads": 4})
+
+
+def make_model(family: str, seed: int = 0):
+    """The tiny causal LM, in eval mode, its weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family))
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:  # transformers zeroes it: make it change the selection
+                bias.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def moe_block_names(model) -> list[str]:
+    kinds = tuple(BLOCK_TYPES.values())
+    return [n for n, m in model.named_modules() if type(m).__name__ in kinds]
+
+
+def outside(model, block_names) -> dict:
+    """{name: parameter} of the parameters outside the named blocks."""
+    prefixes = tuple(f"{n}." for n in block_names)
+    return {k: p for k, p in model.named_parameters() if not k.startswith(prefixes)}
+
+
+def rel_close(actual, expected, rtol=RTOL) -> None:
+    """Within rtol of the largest magnitude of `expected` (elementwise rtol would judge values
+    near zero by their own size)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected, rtol=0.0,
+                               atol=rtol * expected.abs().max().item() + 1e-30)
+
+
+def router_logits_of(out):
+    """The router logits an output carries: a tuple, or None where the model class records
+    none (DeepSeek-V3 before transformers 5.2x)."""
+    return getattr(out, "router_logits", None)
+
+
+def check_router_logits(actual, expected) -> None:
+    if expected is None:
+        assert actual is None
+        return
+    assert isinstance(actual, tuple) and len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        rel_close(a, e)
+
+
+def prompt(seed: int, length: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, input_ids, new_tokens: int, **kwargs) -> torch.Tensor:
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# One process
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_logits_router_logits_and_generation(family):
+    ref = make_model(family)
+    x = prompt(1, 9, batch=2)
+    with torch.no_grad():  # transformers installs its output-capture hooks on first use
+        expected = ref(x, output_router_logits=True)
+    model = copy.deepcopy(ref)  # hooks installed: the replacement must record all the same
+    names = moe_block_names(ref)
+    replaced = ep_moe.replace_moe_blocks(model)
+
+    assert [r.name for r in replaced] == names and len(names) == (2 if family == "mixtral" else 1)
+    for r in replaced:
+        block = ref.get_submodule(r.name)
+        assert r.block_type == BLOCK_TYPES[family]
+        assert r.config == config_from_hf(block)
+        assert (r.config.num_experts, r.local_expert_ids) == (E, tuple(range(E)))
+        assert isinstance(model.get_submodule(r.name), ep_moe.HFMoEBlock)
+    assert moe_block_names(model) == []
+    # the dense MLPs and the rest of the model are left as they were
+    others, ref_others = outside(model, names), outside(ref, names)
+    assert others.keys() == ref_others.keys()
+    assert all(torch.equal(others[k], ref_others[k]) for k in others)
+
+    with torch.no_grad():
+        out = model(x, output_router_logits=True)
+    rel_close(out.logits, expected.logits)
+    check_router_logits(router_logits_of(out), router_logits_of(expected))
+    if getattr(expected, "aux_loss", None) is not None:  # inference too reports it
+        rel_close(out.aux_loss, expected.aux_loss)
+
+    assert torch.equal(greedy(model, x, 5), greedy(ref, x, 5))
+
+
+def moe_grads_expected(block) -> dict:
+    """{MoE parameter name: gradient} from a transformers block's parameter gradients, mapped
+    by hand (independently of `ep_moe.interop`)."""
+    grads = {"router.weight": block.gate.weight.grad,
+             "experts.gate_up_proj": block.experts.gate_up_proj.grad,
+             "experts.down_proj": block.experts.down_proj.grad}
+    mlp = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    if mlp is not None:
+        grads["shared_experts.gate_up_proj"] = torch.cat([mlp.gate_proj.weight.grad,
+                                                          mlp.up_proj.weight.grad])
+        grads["shared_experts.down_proj"] = mlp.down_proj.weight.grad
+    if getattr(block, "shared_expert_gate", None) is not None:
+        grads["shared_experts.gate"] = block.shared_expert_gate.weight.grad
+    return grads
+
+
+def train_step(model, x, seed: int = 3):
+    """One forward with labels and router logits, and its backward. `seed`: Mixtral's jitter
+    noise draws the same numbers in both models."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(x, labels=x, output_router_logits=True)
+    out.loss.backward()
+    return out
+
+
+def grad_mismatches(model, ref, names, local_expert_ids=None) -> list[str]:
+    """Every gradient of the replaced model against the unmodified one's (expert gradients
+    restricted to `local_expert_ids` when given)."""
+    fails = []
+    expected = outside(ref, names)
+    actual = outside(model, names)
+    for name in names:
+        block, new = ref.get_submodule(name), model.get_submodule(name)
+        for key, grad in moe_grads_expected(block).items():
+            if key.startswith("experts.") and local_expert_ids is not None:
+                grad = grad[list(local_expert_ids)]
+            expected[f"{name}.moe.{key}"] = grad
+        actual.update({f"{name}.moe.{k}": p for k, p in new.moe.named_parameters()})
+    if actual.keys() != expected.keys():
+        return [f"parameters differ: {sorted(actual.keys() ^ expected.keys())}"]
+    for key, p in actual.items():
+        e = expected[key]
+        e = e.grad if isinstance(e, torch.nn.Parameter) else e
+        if p.grad is None or e is None:
+            fails.append(f"{key}: gradient {p.grad is not None} vs expected {e is not None}")
+            continue
+        err = (p.grad - e).abs().max().item()
+        if not err <= RTOL * e.abs().max().item():
+            fails.append(f"{key}: max error {err:.3g} against max |grad| "
+                         f"{e.abs().max().item():.3g}")
+    return fails
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_same_loss_aux_loss_and_gradients(family):
+    # output_router_logits=True in training: transformers' load-balancing loss (Mixtral, Qwen)
+    # from the replaced blocks' logits, in the loss and in every gradient; Mixtral with its
+    # training-time jitter noise
+    ref = make_model(family)
+    model = copy.deepcopy(ref)
+    names = [r.name for r in ep_moe.replace_moe_blocks(model)]
+    x = prompt(2, 12, batch=2)
+    expected, out = train_step(ref, x), train_step(model, x)
+    rel_close(out.loss.detach(), expected.loss.detach())
+    if family != "deepseek_v3":  # DeepSeek-V3's head adds no aux loss
+        assert expected.aux_loss is not None and out.aux_loss.requires_grad
+        rel_close(out.aux_loss.detach(), expected.aux_loss.detach())
+    check_router_logits(router_logits_of(out), router_logits_of(expected))
+    assert grad_mismatches(model, ref, names) == []
