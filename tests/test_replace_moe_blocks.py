@@ -232,7 +232,7 @@ def relative_error(actual, expected) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # 2 sparse layers; fp32 router
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])  # gated shared expert; fp32 router
 def test_save_pretrained_from_pretrained(family, tmp_path):
     make_model(family).save_pretrained(tmp_path)
     load = transformers.AutoModelForCausalLM.from_pretrained
@@ -300,3 +300,88 @@ def test_bad_arguments():
     ep_moe.replace_moe_blocks(model)
     with pytest.raises(ValueError, match="replaced already"):
         ep_moe.replace_moe_blocks(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Experts over 2 gloo ranks
+# --------------------------------------------------------------------------------------------
+
+def mismatch(what: str, actual, expected, rtol=RTOL) -> list[str]:
+    """`rel_close` as a message list (a rank reports rather than raises, so that the other
+    rank is not left waiting in a collective)."""
+    try:
+        if expected is None or actual is None:
+            assert actual is None and expected is None, "one of the two is None"
+        elif isinstance(expected, tuple):
+            assert isinstance(actual, tuple) and len(actual) == len(expected), "lengths differ"
+            for a, e in zip(actual, expected):
+                rel_close(a, e, rtol)
+        else:
+            rel_close(actual, expected, rtol)
+    except AssertionError as err:
+        return [f"{what}: {str(err).splitlines()[0]}"]
+    return []
+
+
+def _expert_parallel_on_rank(families) -> dict:
+    """On each rank: the same model (same seed), its experts sharded over the world; this rank's
+    own prompt and batch against the unmodified model on them. {family: [mismatches]}."""
+    import torch.distributed as dist
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for family in families:
+        fails = []
+        ref = make_model(family)
+        model = copy.deepcopy(ref)
+        replaced = ep_moe.replace_moe_blocks(model, process_group=dist.group.WORLD)
+        names = [r.name for r in replaced]
+        mine = tuple(range(rank * E // W, (rank + 1) * E // W))  # linear placement
+        for r in replaced:
+            shape = tuple(model.get_submodule(r.name).moe.experts.gate_up_proj.shape)
+            if r.local_expert_ids != mine or shape != (E // W, 2 * I, D):
+                fails.append(f"{r.name}: experts {r.local_expert_ids} of shape {shape}")
+        if any(p.shape[0] == E and p.ndim == 3 for p in model.parameters()):
+            fails.append("a parameter still holds all the experts")
+
+        # generation in lockstep: prompts of different lengths and different numbers of new
+        # tokens; synced_gpus keeps the rank that finishes first running forwards
+        x = prompt(10 + rank, 4 + 3 * rank)
+        new_tokens = 5 - 2 * rank
+        tokens = greedy(model, x, new_tokens, synced_gpus=True)
+        if not torch.equal(tokens, greedy(ref, x, new_tokens)):
+            fails.append(f"generated {tokens.tolist()} != {greedy(ref, x, new_tokens).tolist()}")
+        with torch.no_grad():
+            out, expected = model(x, output_router_logits=True), ref(x, output_router_logits=True)
+        fails += mismatch("logits", out.logits, expected.logits)
+        fails += mismatch("router_logits", router_logits_of(out), router_logits_of(expected))
+
+        # a training step on this rank's own batch
+        batch = prompt(20 + rank, 6 + rank, batch=2)
+        out, expected = train_step(model, batch), train_step(ref, batch)
+        fails += mismatch("loss", out.loss.detach(), expected.loss.detach())
+        aux = getattr(expected, "aux_loss", None)
+        fails += mismatch("aux_loss", None if aux is None else out.aux_loss.detach(),
+                          None if aux is None else aux.detach())
+        # an expert's gradient gathers every rank's tokens routed to it: the sum of the
+        # unmodified model's over the ranks' batches; all else is this rank's own
+        for name in names:
+            for p in ref.get_submodule(name).experts.parameters():
+                dist.all_reduce(p.grad)
+        fails += grad_mismatches(model, ref, names, local_expert_ids=mine)
+        results[family] = fails
+    return results
+
+
+@pytest.mark.distributed
+def test_expert_parallel_two_ranks():
+    from dist_utils import spawn_group
+
+    # the two with shared experts, one with a softmax router and transformers' aux loss, one
+    # with DeepSeek-V3's fp32 sigmoid router and groups (each MoE forward is a collective
+    # under TRITON_INTERPRET: the other two would double the time)
+    per_rank = spawn_group(_expert_parallel_on_rank, 2, (("qwen2", "deepseek_v3"),),
+                           timeout=300)
+    fails = [f"rank {r} {family}: {msg}" for r, results in enumerate(per_rank)
+             for family, msgs in results.items() for msg in msgs]
+    assert not fails, "\n".join(fails)
