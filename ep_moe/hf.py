@@ -135,12 +135,17 @@ def replace_moe_blocks(model: nn.Module, process_group: Optional[ProcessGroup] =
         One `ReplacedBlock` per replaced block, in `model.named_modules()` order.
 
     Raises:
-        TypeError: `model` is not an `nn.Module`, or a config change names no MoEConfig field.
-        ValueError: `model` holds no supported block; a change to a field the block defines;
+        TypeError: `model` is not an `nn.Module`, `process_group` not a ProcessGroup, or a
+            config change names no MoEConfig field.
+        ValueError: `model` holds no supported block, or is one; a change to a field the
+            block defines;
             what `MoE` rejects (e.g. more ranks than experts).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if process_group is not None and not isinstance(process_group, ProcessGroup):
+        raise TypeError(f"process_group must be None or a torch.distributed ProcessGroup, got "
+                        f"{type(process_group).__name__}")
     _check_changes(config_changes)
     supported = tuple(_supported_blocks())
     names = [name for name, module in model.named_modules()
@@ -151,6 +156,9 @@ def replace_moe_blocks(model: nn.Module, process_group: Optional[ProcessGroup] =
         raise ValueError(f"model ({type(model).__name__}) holds no sparse-MoE block to replace"
                          f"{' (its blocks were replaced already)' if already else ''}; "
                          f"supported: {kinds}")
+    if names[0] == "":
+        raise ValueError(f"model is itself a {type(model).__name__}, which cannot be replaced "
+                         f"in place: pass the model that holds it, or use MoE.from_hf(block)")
     replaced = []
     for name in names:
         block = model.get_submodule(name)

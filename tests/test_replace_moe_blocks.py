@@ -290,6 +290,11 @@ def test_bad_arguments():
                                          r"MixtralSparseMoeBlock"):
         ep_moe.replace_moe_blocks(torch.nn.Linear(D, D))
     model = make_model("qwen3")
+    block = model.get_submodule(moe_block_names(model)[0])
+    with pytest.raises(ValueError, match="model is itself a Qwen3MoeSparseMoeBlock.*from_hf"):
+        ep_moe.replace_moe_blocks(block)
+    with pytest.raises(TypeError, match="process_group must be None or a .*ProcessGroup, got int"):
+        ep_moe.replace_moe_blocks(model, process_group=2)
     with pytest.raises(ValueError, match=r"\['top_k'\] are read from the block"):
         ep_moe.replace_moe_blocks(model, top_k=1)
     with pytest.raises(TypeError, match=r"\['topk'\] are not MoEConfig fields"):
