@@ -1,9 +1,9 @@
 """`replace_moe_blocks`: every sparse-MoE block of a transformers v5 model swapped for an
 `ep_moe.MoE`, in place, its experts optionally sharded over a process group.
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)  # on the CPU
     replaced = ep_moe.replace_moe_blocks(model, process_group=group)  # group: None, or W ranks
-    model.generate(input_ids, synced_gpus=group is not None)
+    model.to(device).generate(input_ids, synced_gpus=group is not None)
 
 What stands where a block stood is an `HFMoEBlock`: (B, S, D) -> (B, S, D) as the block, the
 `MoE` in `.moe`. The model computes what it computed before (the blocks `MoE.from_hf` supports,
@@ -19,7 +19,7 @@ module is gone after the swap, so each `HFMoEBlock` passes the logits its `MoE` 
 transformers hook: the same tensor (raw logits, (T, E), in the dtype transformers' router gives:
 the activations' for Mixtral and Qwen, fp32 for DeepSeek-V3) in the same place, and its
 gradient reaches the router weight and the activations as transformers' would. Where a model
-class records no router logits (DeepSeek-V3 before transformers 5.2x), none are recorded.
+class records no router logits (DeepSeek-V3 in transformers 5.17), none are recorded.
 
 Expert parallelism. With a process group of W ranks every rank builds the same model (same
 weights) and calls `replace_moe_blocks` with the same arguments (building a layer is a
@@ -32,8 +32,13 @@ forwards on until every rank is done) and give every rank a batch in training.
 Memory. A layer is built on the meta device and takes the block's own tensors (no copy with
 one rank; with W ranks a copy of this rank's e experts, e / E of them), and the block leaves the
 model at once: the experts are never held twice, beyond one layer's local share while it is
-being built. To shard a model too large for one device, load it on the CPU, replace, then move
-it (`model.to(device)`).
+being built. Loading on the CPU, replacing, then moving the model (as above) puts only this
+rank's experts on its GPU.
+
+Checkpoints. The replaced model's state dict names the layers' tensors as `MoE` does
+(`...mlp.moe.experts.gate_up_proj`) and, sharded, holds this rank's experts only
+(`MoE.full_state_dict()` gathers them): keep the transformers checkpoint for
+`from_pretrained`.
 """
 
 from __future__ import annotations
