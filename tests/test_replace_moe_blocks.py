@@ -95,7 +95,7 @@ def rel_close(actual, expected, rtol=RTOL) -> None:
 
 def router_logits_of(out):
     """The router logits an output carries: a tuple, or None where the model class records
-    none (DeepSeek-V3 before transformers 5.2x)."""
+    none (DeepSeek-V3 in transformers 5.17)."""
     return getattr(out, "router_logits", None)
 
 
@@ -244,8 +244,8 @@ def test_save_pretrained_from_pretrained(family, tmp_path):
     assert torch.equal(greedy(model, x, 3), greedy(ref, x, 3))
 
     # bf16: as close to the fp32 model as transformers' own bf16 model is. DeepSeek-V3's router
-    # weight stays fp32 (transformers >= 5.2x loads it in fp32, older ones in bf16: the layer
-    # keeps exactly the values the model holds)
+    # weight stays fp32 (transformers 5.25 loads it in fp32, 5.17 in bf16: the layer keeps
+    # exactly the values the model holds)
     ref16, model16 = load(tmp_path, dtype=torch.bfloat16), load(tmp_path, dtype=torch.bfloat16)
     replaced = ep_moe.replace_moe_blocks(model16)
     for r in replaced:
