@@ -147,20 +147,31 @@ def moe_from_hf(block: nn.Module, dtype: Optional[torch.dtype] = None,
     config = config_from_hf(block)
     source = block.experts.gate_up_proj
     moe = MoE(config, dtype=dtype or source.dtype, device=device or source.device)
-    if config.use_correction_bias:
-        moe.router.e_score_correction_bias.copy_(block.gate.e_score_correction_bias)
-    moe.router.weight.copy_(block.gate.weight)
-    moe.experts.gate_up_proj.copy_(block.experts.gate_up_proj)
-    moe.experts.down_proj.copy_(block.experts.down_proj)
-    shared = _shared_mlp(_family(block), block)
+    moe.load_state_dict(state_dict_from_hf(block))  # copies, cast to the layer's dtype
+    return moe.train(block.training)
+
+
+def state_dict_from_hf(block: nn.Module) -> dict:
+    """The state dict of the single-process `MoE` that `config_from_hf(block)` describes, made
+    of `block`'s own tensors (detached, storage shared: nothing copied) except a shared MLP's
+    `gate_up_proj`, stacked from its gate_proj and up_proj (one expert's size)."""
+    family = _family(block)
+    if family is None:
+        config_from_hf(block)  # raises the TypeError that names the supported blocks
+    state = {"router.weight": block.gate.weight,
+             "experts.gate_up_proj": block.experts.gate_up_proj,
+             "experts.down_proj": block.experts.down_proj}
+    if family == "deepseek_v3":
+        state["router.e_score_correction_bias"] = block.gate.e_score_correction_bias
+    shared = _shared_mlp(family, block)
     if shared is not None:
         mlp, gate = shared
-        moe.shared_experts.gate_up_proj.copy_(
-            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0))
-        moe.shared_experts.down_proj.copy_(mlp.down_proj.weight)
+        state["shared_experts.gate_up_proj"] = torch.cat([mlp.gate_proj.weight,
+                                                          mlp.up_proj.weight], 0)
+        state["shared_experts.down_proj"] = mlp.down_proj.weight
         if gate is not None:
-            moe.shared_experts.gate.copy_(gate.weight)
-    return moe.train(block.training)
+            state["shared_experts.gate"] = gate.weight
+    return {name: t.detach() for name, t in state.items()}
 
 
 def _family(block: nn.Module) -> Optional[str]:
