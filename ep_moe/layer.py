@@ -102,6 +102,8 @@ class MoE(nn.Module):
         device = self.experts.gate_up_proj.device
         if device.type == "meta":  # deferred init: to_empty(), then reset_parameters() again
             return
+        # a buffer, but derived: to_empty() left it uninitialised
+        self.expert_map.copy_(self.placement.expert_map(self.rank))
         for local, g in enumerate(self.local_expert_ids):
             gen = torch.Generator(device=device).manual_seed(base_seed + g)
             self.experts.gate_up_proj[local].normal_(0.0, std, generator=gen)
