@@ -53,7 +53,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .config import MoEConfig
-from .interop import _family, _supported_blocks, config_from_hf, state_dict_from_hf
+from .interop import block_family, supported_blocks, config_from_hf, state_dict_from_hf
 from .layer import MoE
 
 # MoEConfig fields read from the block: they define what it computes, so they cannot change
@@ -152,7 +152,7 @@ def replace_moe_blocks(model: nn.Module, process_group: Optional[ProcessGroup] =
         raise TypeError(f"process_group must be None or a torch.distributed ProcessGroup, got "
                         f"{type(process_group).__name__}")
     _check_changes(config_changes)
-    supported = tuple(_supported_blocks())
+    supported = tuple(supported_blocks())
     names = [name for name, module in model.named_modules()
              if supported and isinstance(module, supported)]
     if not names:
@@ -189,7 +189,7 @@ def _check_changes(changes: dict) -> None:
 @torch.no_grad()
 def _replacement(block: nn.Module, name: str, group: Optional[ProcessGroup],
                  changes: dict) -> tuple[HFMoEBlock, ReplacedBlock]:
-    family = _family(block)
+    family = block_family(block)
     config = config_from_hf(block, **changes)
     source = block.experts.gate_up_proj  # (E, 2I, D)
     device = source.device

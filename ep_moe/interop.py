@@ -39,7 +39,7 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": 
                 "relu": "relu"}
 
 
-def _supported_blocks() -> dict:
+def supported_blocks() -> dict:
     """{block class: its family}; empty without transformers."""
     try:
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
@@ -100,9 +100,9 @@ def _check_layout(experts: nn.Module) -> None:
 def config_from_hf(block: nn.Module, **changes) -> MoEConfig:
     """The `MoEConfig` matching a supported sparse block (see the module docstring);
     `changes` override fields (e.g. `aux_loss_coef`, `expert_impl`)."""
-    family = _family(block)
+    family = block_family(block)
     if family is None:
-        names = [cls.__name__ for cls in _supported_blocks()] or \
+        names = [cls.__name__ for cls in supported_blocks()] or \
             ["MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
              "DeepseekV3MoE (transformers is not installed)"]
         raise TypeError(f"block must be one of {names}, got {type(block).__name__}")
@@ -155,7 +155,7 @@ def state_dict_from_hf(block: nn.Module) -> dict:
     """The state dict of the single-process `MoE` that `config_from_hf(block)` describes, made
     of `block`'s own tensors (detached, storage shared: nothing copied) except a shared MLP's
     `gate_up_proj`, stacked from its gate_proj and up_proj (one expert's size)."""
-    family = _family(block)
+    family = block_family(block)
     if family is None:
         config_from_hf(block)  # raises the TypeError that names the supported blocks
     state = {"router.weight": block.gate.weight,
@@ -174,6 +174,6 @@ def state_dict_from_hf(block: nn.Module) -> dict:
     return {name: t.detach() for name, t in state.items()}
 
 
-def _family(block: nn.Module) -> Optional[str]:
+def block_family(block: nn.Module) -> Optional[str]:
     """"mixtral", "qwen3", "qwen2" or "deepseek_v3" for a supported block, else None."""
-    return next((f for cls, f in _supported_blocks().items() if isinstance(block, cls)), None)
+    return next((f for cls, f in supported_blocks().items() if isinstance(block, cls)), None)
