@@ -20,7 +20,7 @@ from .kernels.fused_mul_sum import SplitOutputs, fused_mul_sum_rows_split
 from .permute import expand_rows
 from .placement import ExpertPlacement
 from .plan import ForwardPlan, plan_forward
-from .router import Router, RouterOutput
+from .router import Router
 
 _EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
 # plans are pure functions of hashable inputs: computed once per shape of forward
