@@ -273,7 +273,7 @@ def all_reduce_replicated_grads(replicated: list, group) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
     for p, chunk in zip(replicated, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(p).clone()
+        p.grad = chunk.view_as(p)
 
 
 def clip_grad_norm(replicated: list, experts: list, max_norm: float, group) -> torch.Tensor:
@@ -385,8 +385,8 @@ class History:
     lr: list = field(default_factory=list)
     load: list = field(default_factory=list)  # (L, E) per step
     val: list = field(default_factory=list)  # (step, loss)
-    sample: str = ""
-    checkpoint: Optional[str] = None
+    sample: str = ""  # the prompt and the generated text
+    checkpoint: Optional[str] = None  # its path, on rank 0
 
 
 def imbalance(load: torch.Tensor) -> torch.Tensor:
@@ -538,7 +538,8 @@ def build_model(args: argparse.Namespace, group, device) -> MoELM:
 
 
 def main(argv: Optional[Sequence[str]] = None, group=None) -> History:
-    """Train, evaluate, save, plot and generate; returns the history (the same on every rank).
+    """Train, evaluate, save, plot and generate; returns the history (the same on every rank
+    but for `checkpoint`, which rank 0 writes).
     `group`: a process group already set up (tests); default the one torchrun started."""
     group = group if group is not None else init_distributed()
     rank, W = group_rank_and_size(group)
@@ -573,11 +574,13 @@ def main(argv: Optional[Sequence[str]] = None, group=None) -> History:
     history.val.append((0, evaluate(model, val_batches, rank, W, group)))
     log(f"step {0:5d} | val loss {history.val[-1][1]:.4f} (uniform: ln 256 = "
         f"{math.log(VOCAB_SIZE):.4f})")
-    window_load, t0, tokens_since = 0, time.perf_counter(), 0
+    log_load = torch.zeros(args.layers, E, dtype=torch.long)  # since the last progress line
+    window_load = torch.zeros_like(log_load)  # since the last per-expert shares
+    t0, tokens_since = time.perf_counter(), 0
     for step in range(args.steps):
         lr = lr_at(step, args)
-        for group_ in optimizer.param_groups:
-            group_["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         batch = sample_windows(train_data, args.batch, args.seq, train_gen).to(device)
         stats = train_step(model, optimizer, params, micro_batches(batch, rank, W, A),
                            1.0 / (W * A), args.grad_clip, group)
@@ -587,7 +590,8 @@ def main(argv: Optional[Sequence[str]] = None, group=None) -> History:
         history.grad_norm.append(stats.grad_norm)
         history.lr.append(lr)
         history.load.append(stats.load)
-        window_load = window_load + stats.load
+        log_load += stats.load
+        window_load += stats.load
         tokens_since += args.batch * args.seq
         done = step + 1
         if done % args.log_interval == 0 or done == args.steps:
@@ -595,25 +599,28 @@ def main(argv: Optional[Sequence[str]] = None, group=None) -> History:
             log(f"step {done:5d} | loss {stats.loss:.4f} | aux {stats.aux_loss:.4f} | "
                 f"lr {lr:.2e} | grad norm {stats.grad_norm:5.2f} | "
                 f"{tokens_since / elapsed:7.0f} tok/s | load max/mean "
-                f"{imbalance(window_load).max().item():.2f}")
+                f"{imbalance(log_load).max().item():.2f}")
             t0, tokens_since = time.perf_counter(), 0
+            log_load.zero_()
         if done % args.eval_interval == 0 or done == args.steps:
+            t_eval = time.perf_counter()
             history.val.append((done, evaluate(model, val_batches, rank, W, group)))
             log(f"step {done:5d} | val loss {history.val[-1][1]:.4f} | expert shares (%) "
                 f"since the last report ({1 / E:.1%} each when balanced):\n"
                 f"{format_shares(window_load)}")
-            window_load = 0
-            t0 = time.perf_counter()  # the evaluation is not training time
+            window_load.zero_()
+            t0 += time.perf_counter() - t_eval  # the evaluation is not training time
 
     state = full_state_dict(model)  # a collective: every rank gathers
     if rank == 0:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         if not args.no_checkpoint:
-            path = args.out_dir / "ckpt.pt"
-            torch.save({"model": state, "args": {**vars(args), "out_dir": str(args.out_dir)}, "step": args.steps,
-                        "val_loss": history.val[-1][1]}, path)
-            history.checkpoint = str(path)
-            log(f"checkpoint: {path}")
+            history.checkpoint = str(args.out_dir / "ckpt.pt")
+            # plain types only: torch.load(weights_only=True) reads it back
+            torch.save({"model": state, "args": {**vars(args), "out_dir": str(args.out_dir)},
+                        "step": args.steps, "val_loss": history.val[-1][1]},
+                       history.checkpoint)
+            log(f"checkpoint: {history.checkpoint}")
         plot = args.out_dir / "train_moe_lm.png"
         log(f"plot: {plot}" if save_plot(history, plot) else "plot: skipped (no matplotlib)")
     sample = generate(model, args.prompt.encode(), args.max_new_tokens, args.temperature,
