@@ -60,7 +60,7 @@ def load_stdlib_source() -> tuple[torch.Tensor, torch.Tensor]:
             continue
         split = "val" if zlib.crc32(path.name.encode()) % 10 == 0 else "train"
         splits[split] += path.read_bytes()
-    return tuple(torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in splits.values())
+    return tuple(torch.frombuffer(b, dtype=torch.uint8) for b in splits.values())
 
 
 def sample_windows(data: torch.Tensor, B: int, S: int, gen: torch.Generator) -> torch.Tensor:
