@@ -56,11 +56,14 @@ def free_port() -> int:
 # Spawning
 # --------------------------------------------------------------------------------------------
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out) -> None:
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out,
+           backend: str = "gloo") -> None:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)  # W processes share a couple of cores
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU a rank
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
         try:
             out.put((rank, "ok", fn(*args)))
@@ -70,8 +73,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out
         out.put((rank, "error", traceback.format_exc()))
 
 
-def spawn_group(fn: Callable, world_size: int, args: tuple = (), timeout: float = 300.0) -> list:
-    """Run `fn(*args)` on `world_size` spawned gloo ranks; return the per-rank results.
+def spawn_group(fn: Callable, world_size: int, args: tuple = (), timeout: float = 300.0,
+                backend: str = "gloo") -> list:
+    """Run `fn(*args)` on `world_size` spawned ranks (gloo; or nccl, rank r on GPU r); return
+    the per-rank results.
 
     Raises RuntimeError with every failing rank's traceback if a rank raised, died or did not
     finish within `timeout` seconds (its processes are then killed).
@@ -79,8 +84,8 @@ def spawn_group(fn: Callable, world_size: int, args: tuple = (), timeout: float 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, out), daemon=True)
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, out, backend),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = {}, {}
