@@ -277,8 +277,9 @@ class Experts(nn.Module):
         budget = shared_budget(x.device)
         if self.fp8:
             # the first GEMM's epilogue writes h in e4m3 with a scale per row and 128 columns:
-            # each h element is quantized once (the down GEMM would quantize it again for each
-            # of its D / 256 column tiles) and h's bytes, written and read, halve against bf16
+            # each h element is quantized once (quantized as the down GEMM loads it, it would
+            # be again for each of that GEMM's D / 128 or D / 256 column tiles) and h's bytes,
+            # written and read, halve against bf16
             tiles = [fp8_gemm_config(rows_per_expert, True, x.element_size(), budget),
                      fp8_gemm_config(rows_per_expert, False, 1, budget)]
             persistent = [persistent_launch(t, P, rows_per_expert * e, overlapped)

@@ -84,7 +84,8 @@ class MoE(nn.Module):
     def from_hf(cls, block: nn.Module, dtype=None, device=None) -> "MoE":
         """Single-process `MoE` with the weights of a transformers v5 `MixtralSparseMoeBlock`,
         `Qwen3MoeSparseMoeBlock`, `Qwen2MoeSparseMoeBlock` or `DeepseekV3MoE` (see
-        `ep_moe.interop`); TypeError for other blocks."""
+        `ep_moe.interop`); TypeError for other blocks. Experts that transformers loaded as
+        `FP8Experts` give an FP8 layer (`MoEConfig.expert_quant="fp8"`)."""
         from .interop import moe_from_hf  # lazy: interop imports this module
 
         return moe_from_hf(block, dtype=dtype, device=device)
@@ -159,7 +160,8 @@ class MoE(nn.Module):
                     compiling=compiling)
 
     def forward(self, x: torch.Tensor, return_router_output: bool = False):
-        """x: (..., D) float32 / float16 / bfloat16 -> (..., D) of the same dtype.
+        """x: (..., D) float32 / float16 / bfloat16 -> (..., D) of the same dtype (the layer's;
+        FP8 experts: inference only, their rows quantized on the fly).
 
         With `return_router_output=True` returns `(y, RouterOutput)` (ids, weights, per-expert
         token counts, logits, aux loss). In training, the aux loss's gradient is attached to

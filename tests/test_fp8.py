@@ -613,9 +613,10 @@ def test_bad_weights():
 
 
 def test_weight_bytes():
-    # Mixtral 8x7B: 3 * 4096 * 14336 values an expert; FP8 adds 11 * 1024 fp32 scales
-    assert expert_weight_bytes(4096, 14336) == 3 * 4096 * 14336 * 2
-    assert expert_weight_bytes(4096, 14336, fp8=True) == 3 * 4096 * 14336 + 4 * (224 * 32 + 32 * 112)
+    # Mixtral 8x7B: 3 * 4096 * 14336 values an expert; FP8 adds 224 x 32 + 32 x 112 fp32 scales
+    values = 3 * 4096 * 14336
+    assert expert_weight_bytes(4096, 14336) == 2 * values
+    assert expert_weight_bytes(4096, 14336, fp8=True) == values + 4 * (224 * 32 + 32 * 112)
     assert expert_weight_bytes(128, 128, gated=False, fp8=True) == 2 * 128 * 128 + 4 * 2
 
 

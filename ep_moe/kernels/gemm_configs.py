@@ -90,9 +90,9 @@ def fp8_gemm_config(rows_per_expert: float, quantized_out: bool, a_bytes: int = 
     Few rows (decode): the weights' bytes bound the time, and an e4m3 weight tile is half a
     bf16 one, so 16-row tiles keep one more stage in flight than the bf16 config's 3 (the same
     bytes in flight). Many rows: the FLOPs do; 128-row tiles, 8 warps (the gated tile's two
-    fp32 accumulators and a K step's product take 192 registers a thread), and 128 x 256 for
-    the down projection. These follow the bf16 sweeps' brackets and have not been swept on a
-    GPU in FP8.
+    fp32 accumulators and a K step's product take about 192 registers a thread), and 128 x 256
+    for the down projection. These follow the bf16 sweeps' brackets and have not been swept on
+    a GPU in FP8.
     Where the buffers exceed `shared_budget`, fewer stages, then shorter row tiles.
     """
     budget = _SHARED_BUDGET if shared_budget is None else shared_budget
@@ -102,8 +102,9 @@ def fp8_gemm_config(rows_per_expert: float, quantized_out: bool, a_bytes: int = 
         cfg = GemmConfig(64, 128, 128, 4, 4, 3)
     else:
         cfg = GemmConfig(128, 128 if quantized_out else 256, 128, 8, 8, 3)
-    gated = quantized_out  # the first GEMM loads gate and up tiles (plain experts: one; the
-    # budget is then met with room to spare)
+    # the first GEMM (quantized output) counted with gate and up tiles: plain experts load
+    # one, and fit with room to spare
+    gated = quantized_out
     while shared_bytes(cfg, gated, a_bytes, 1) > budget and \
             (cfg.num_stages > 2 or cfg.block_m > 16):
         if cfg.num_stages > 2:

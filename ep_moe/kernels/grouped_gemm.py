@@ -19,6 +19,13 @@ while the weights stream.
 
 Only used where nothing needs a gradient: training keeps torch's grouped GEMM, whose backward
 torch provides.
+
+FP8 (`grouped_gemm_fp8`, the same kernel under constexpr flags): e4m3 weights with a scale per
+128 x 128 block, BLOCK_K = 128 so each K step multiplies e4m3 tiles on the tensor cores and
+adds that product, times its row and block scales, into the fp32 accumulator. The rows are
+quantized per token and 128 columns as each K block loads (or come quantized, with their
+scales: the dispatch's rows, the down GEMM's h), and the first GEMM's epilogue can write its
+output quantized the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
 
 from .activation import ACTIVATIONS, act_and_grad
 from .common import (FP8_BLOCK, INTERPRET, capability_major, check_triton, num_sms,
-                     quantize_fp8, to_output)
+                     per_device, quantize_fp8, to_output)
 from .gemm_configs import (GemmConfig, check_config, flatten_wins, fp8_gemm_config, gemm_config,
                            shared_budget)
 
@@ -566,9 +573,9 @@ def grouped_gemm_fp8(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     cfg = config or fp8_gemm_config(num_rows / max(num_experts, 1), out_fp8, a.element_size(),
                                     shared_budget(a.device))
     if cfg.block_k != FP8_BLOCK or (out_fp8 and cfg.block_n != FP8_BLOCK):
+        tile_n = " and block_n = 128 (an e4m3 output row group a tile)" if out_fp8 else ""
         raise ValueError(f"config must have block_k = {FP8_BLOCK} (a scale block a K step)"
-                         f"{' and block_n = 128 (an e4m3 output row group a tile)' if out_fp8 else ''}"
-                         f", got {cfg}")
+                         f"{tile_n}, got {cfg}")
     gathered = a_rows is not None
     tma = _descriptors(tma, cfg, a, w, gathered)
     counts = num_tokens_per_expert.contiguous()
@@ -586,10 +593,15 @@ def grouped_gemm_fp8(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
 def check_fp8_device(device: torch.device) -> None:
     """RuntimeError unless `device` multiplies e4m3 tiles: CUDA of compute capability >= 8.9
     (Ada, Hopper and newer), or the CPU interpreter."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type == "cuda" and not _e4m3_tensor_cores(device):
         raise RuntimeError(f"FP8 experts need e4m3 tensor cores (compute capability >= 8.9), "
                            f"got {torch.cuda.get_device_name(device)} with "
                            f"{torch.cuda.get_device_capability(device)}")
+
+
+@per_device
+def _e4m3_tensor_cores(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def tma_ok(a: torch.Tensor, w: torch.Tensor, gathered: bool = False) -> bool:
