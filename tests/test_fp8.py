@@ -440,6 +440,23 @@ def test_layer_token_counts():
     check_layer(layer, x, "(2, 3, D)")
 
 
+@needs_triton
+def test_layer_compiles():
+    """torch.compile(fullgraph=True) traces the FP8 GEMMs as their custom op (aot_eager: the
+    graph Inductor would get), the same kernels as eager."""
+    from test_compile import compile_recording_ops
+
+    layer = _fp8_layer(LAYER_CONFIGS["silu"])
+    x = torch.randn(11, 128, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled_layer, ops = compile_recording_ops(layer)
+        compiled = compiled_layer(x)
+    assert "grouped_gemm_fp8" in ops and "grouped_gemm" not in ops, ops
+    # the same kernels on the same inputs: within one bf16 rounding of each other
+    assert ((compiled.double() - eager.double()).norm() / eager.double().norm()) < 2.0**-8
+
+
 def test_plan_shows_fp8():
     """One more entry of the plan: experts "triton_fp8" at every token count (the only FP8
     path), and FP8 rows in an all-to-all (not in an all-gather, nor on one rank)."""

@@ -434,8 +434,8 @@ def _descriptors(tma, cfg, a, w, gathered) -> bool:
     if tma is None:
         return cfg.block_m >= 128 and tma_ok(a, w, gathered)
     if tma and not tma_ok(a, w, gathered):
-        raise ValueError("tma=True needs 16-bit or e4m3 a and w on a CUDA device of compute "
-                         "capability >= 9 (or the interpreter), w contiguous, rows of a "
+        raise ValueError("tma=True needs 16-bit a and w (or e4m3, FP8) on a CUDA device of "
+                         "compute capability >= 9 (or the interpreter), w contiguous, rows of a "
                          "multiple of 16 bytes and 16-byte aligned bases (a's only when its "
                          f"rows are not gathered); got {a.dtype} on {a.device}, a strides "
                          f"{a.stride()}, w strides {w.stride()}")
