@@ -859,7 +859,7 @@ def test_from_hf_fp8_deepseek_shared_expert():
 # On a GPU: real shapes, CUDA graphs
 # --------------------------------------------------------------------------------------------
 
-GPU_SHAPES = {  # preset: tokens checked against float64 on the first 64
+GPU_SHAPES = {  # preset: tokens (checked against float64 on the first 16)
     "mixtral": [16, 512, 4096],
     "qwen3": [16, 512, 4096],
     "deepseek_v3": [16, 512],
@@ -872,8 +872,9 @@ GPU_SHAPES = {  # preset: tokens checked against float64 on the first 64
 def test_gpu_real_shapes(preset):
     """Mixtral (D 4096, I 14336, E 8, K 2), Qwen3-30B-A3B (2048, 768, 128, 8), DeepSeek-V3
     (7168, 2048, 256, 8): the FP8 layer (quantized from the bf16 one) against the float64
-    reference of the same quantization on 64 tokens, and its relative error against the bf16
-    layer, printed per shape (e4m3 rounding of four operands: ~7% for random weights)."""
+    reference of the same quantization on 16 tokens, and its relative error against the bf16
+    layer, printed per shape (e4m3 rounding of four operands: ~7% for random weights, as the
+    CPU tests' D = 128 layer measures)."""
     cfg = MoEConfig.preset(preset, init_std=0.02)
     torch.manual_seed(0)
     layer = MoE(cfg, device="cuda", dtype=torch.bfloat16).eval()
@@ -887,7 +888,7 @@ def test_gpu_real_shapes(preset):
         with torch.no_grad():
             y, route = layer(x, return_router_output=True)
         assert torch.isfinite(y).all()
-        n = min(T, 64)
+        n = min(T, 16)  # the float64 reference dequantizes each expert these tokens hit
         ref = reference_moe_fp8(x[:n].cpu(), params, layer.config,
                                 topk_ids=route.topk_ids[:n].cpu(), accum_rtol=ACCUM_RTOL)
         allowed = allowed_error(ref, torch.bfloat16, layer.config)
