@@ -7,10 +7,11 @@ Notation, used in names and shape comments everywhere:
 """
 
 from .config import MoEConfig
+from .hf import HFMoEBlock, ReplacedBlock, replace_moe_blocks
 from .kernels import moe_fused_mul_sum
 from .layer import MoE
 from .placement import ExpertPlacement
 from .router import Router, RouterOutput
 
 __all__ = ["MoE", "MoEConfig", "ExpertPlacement", "Router", "RouterOutput",
-           "moe_fused_mul_sum"]
+           "moe_fused_mul_sum", "replace_moe_blocks", "ReplacedBlock", "HFMoEBlock"]

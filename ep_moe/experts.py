@@ -25,6 +25,8 @@ from torch import nn
 from .config import MoEConfig
 from .fp8 import E4M3, check_weight_and_scales, quantize_blocks
 from .kernels.activation import fused_activation_available, gated_activation
+from .kernels.expert_sort import sort_by_expert
+from .kernels.fused_mul_sum import fused_mul_sum_rows
 from .kernels.gemm_configs import (fp8_gemm_config, gemm_config, persistent_launch,
                                    shared_budget)
 from .kernels.grouped_gemm import grouped_gemm, grouped_gemm_fp8
@@ -252,8 +254,8 @@ class Experts(nn.Module):
                       num_tokens_per_expert: torch.Tensor, rows_per_expert: float,
                       overlapped: bool = False,
                       x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The plan's "triton" path (and "triton_fp8" for FP8 experts): inference straight from
-        the token rows, no autograd.
+        """The plan's "triton" path's GEMMs (and "triton_fp8"'s, for FP8 experts): inference
+        straight from the token rows, no autograd.
 
         Args:
             x: (R, D) token rows, in any order: the layer's dtype, or e4m3 with `x_scale` (FP8
@@ -270,37 +272,37 @@ class Experts(nn.Module):
             (P, D) expert outputs in sorted order, in `activation_dtype`; the (P, D) sorted
             copy of x and the (P, 2I) pre-activation are never materialised.
         """
+        return _fused_gemms(x, source_rows, num_tokens_per_expert, self.gate_up_proj,
+                            self.down_proj, rows_per_expert, overlapped, self.config.activation,
+                            self.config.gated, *self._fp8_args(x_scale))
+
+    def triton_partials(self, x: torch.Tensor, topk_ids: torch.Tensor,
+                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
+                        num_pairs: int, rows_per_expert: float, overlapped: bool = False,
+                        x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The plan's "triton" (or "triton_fp8") path end to end: sort the (row, slot) pairs by
+        local expert, run `fused_forward`, reduce each row's slots: (R, D) rows -> (R, D)
+        partial outputs in `activation_dtype`.
+
+        Under torch.compile one custom op, so a compiled forward calls into Python once for
+        the three steps, as eager does (each custom-op call costs tens of microseconds of host
+        time, which decode-sized forwards feel). Args as `sort_by_expert` and
+        `fused_forward`; inference only."""
         cfg = self.config
-        if x.stride(-1) != 1:  # the kernel reads rows with a stride, elements contiguously
-            x = x.contiguous()
-        e, P = self.num_local_experts, source_rows.shape[0]
-        budget = shared_budget(x.device)
-        if self.fp8:
-            # the first GEMM's epilogue writes h in e4m3 with a scale per row and 128 columns:
-            # each h element is quantized once (quantized as the down GEMM loads it, it would
-            # be again for each of that GEMM's D / 128 or D / 256 column tiles) and h's bytes,
-            # written and read, halve against bf16
-            tiles = [fp8_gemm_config(rows_per_expert, True, x.element_size(), budget),
-                     fp8_gemm_config(rows_per_expert, False, 1, budget)]
-            persistent = [persistent_launch(t, P, rows_per_expert * e, overlapped)
-                          for t in tiles]
-            h, h_scale = grouped_gemm_fp8(
-                x, self.gate_up_proj, self.gate_up_proj_scale_inv, num_tokens_per_expert,
-                a_rows=source_rows, a_scale=x_scale, activation=cfg.activation,
-                gated=cfg.gated, out_dtype=E4M3, config=tiles[0],
-                persistent=persistent[0])  # (P, I) e4m3, (P, I/128) fp32
-            return grouped_gemm_fp8(h, self.down_proj, self.down_proj_scale_inv,
-                                    num_tokens_per_expert, a_scale=h_scale,
-                                    out_dtype=self.activation_dtype, config=tiles[1],
-                                    persistent=persistent[1])  # (P, D)
-        tiles = [gemm_config(rows_per_expert, gated, x.element_size(), budget, e)
-                 for gated in (cfg.gated, False)]
-        persistent = [persistent_launch(t, P, rows_per_expert * e, overlapped) for t in tiles]
-        h = grouped_gemm(x, self.gate_up_proj, num_tokens_per_expert, a_rows=source_rows,
-                         activation=cfg.activation, gated=cfg.gated, config=tiles[0],
-                         persistent=persistent[0])  # (P, I)
-        return grouped_gemm(h, self.down_proj, num_tokens_per_expert, config=tiles[1],
-                            persistent=persistent[1])  # (P, D)
+        args = (x, topk_ids, topk_weights, expert_map, self.gate_up_proj, self.down_proj,
+                num_pairs, float(rows_per_expert), overlapped, cfg.activation, cfg.gated,
+                *self._fp8_args(x_scale))
+        if torch.compiler.is_compiling():
+            return _triton_partials_op(*args)
+        return _triton_partials(*args)
+
+    def _fp8_args(self, x_scale):
+        """(x_scale, w13 scales, w2 scales, output dtype) for `_fused_gemms`: the block scales of
+        FP8 experts, Nones (and x's dtype) for the others."""
+        if not self.fp8:
+            return None, None, None, None
+        return (x_scale, self.gate_up_proj_scale_inv, self.down_proj_scale_inv,
+                self.activation_dtype)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Every local expert on every row: (R, D) -> (e, R, D).
@@ -315,6 +317,68 @@ class Experts(nn.Module):
         h = torch.matmul(x, self.gate_up_proj.transpose(-2, -1))  # (e, R, 2I)
         h = activate(h, cfg.activation, cfg.gated)
         return torch.matmul(h, self.down_proj.transpose(-2, -1))  # (e, R, D)
+
+
+def _fused_gemms(x, source_rows, num_tokens_per_expert, w13, w2, rows_per_expert: float,
+                 overlapped: bool, activation: str, gated: bool, x_scale=None, w13_scale=None,
+                 w2_scale=None, out_dtype=None) -> torch.Tensor:
+    """Both grouped GEMMs; FP8 where the weights' block scales are given (x e4m3 where x_scale
+    is), the output then of out_dtype."""
+    if x.stride(-1) != 1:  # the kernel reads rows with a stride, elements contiguously
+        x = x.contiguous()
+    e, P = w13.shape[0], source_rows.shape[0]
+    budget = shared_budget(x.device)
+    if w13_scale is not None:
+        # the first GEMM's epilogue writes h in e4m3 with a scale per row and 128 columns:
+        # each h element is quantized once (quantized as the down GEMM loads it, it would be
+        # again for each of that GEMM's D / 128 or D / 256 column tiles) and h's bytes,
+        # written and read, halve against bf16
+        tiles = [fp8_gemm_config(rows_per_expert, True, x.element_size(), budget),
+                 fp8_gemm_config(rows_per_expert, False, 1, budget)]
+        persistent = [persistent_launch(t, P, rows_per_expert * e, overlapped) for t in tiles]
+        h, h_scale = grouped_gemm_fp8(x, w13, w13_scale, num_tokens_per_expert,
+                                      a_rows=source_rows, a_scale=x_scale, activation=activation,
+                                      gated=gated, out_dtype=E4M3, config=tiles[0],
+                                      persistent=persistent[0])  # (P, I) e4m3, (P, I/128)
+        return grouped_gemm_fp8(h, w2, w2_scale, num_tokens_per_expert, a_scale=h_scale,
+                                out_dtype=out_dtype, config=tiles[1],
+                                persistent=persistent[1])  # (P, D)
+    tiles = [gemm_config(rows_per_expert, g, x.element_size(), budget, e)
+             for g in (gated, False)]
+    persistent = [persistent_launch(t, P, rows_per_expert * e, overlapped) for t in tiles]
+    h = grouped_gemm(x, w13, num_tokens_per_expert, a_rows=source_rows, activation=activation,
+                     gated=gated, config=tiles[0], persistent=persistent[0])  # (P, I)
+    return grouped_gemm(h, w2, num_tokens_per_expert, config=tiles[1],
+                        persistent=persistent[1])  # (P, D)
+
+
+def _triton_partials(x, topk_ids, topk_weights, expert_map, w13, w2, num_pairs: int,
+                     rows_per_expert: float, overlapped: bool, activation: str, gated: bool,
+                     x_scale=None, w13_scale=None, w2_scale=None, out_dtype=None) -> torch.Tensor:
+    order = sort_by_expert(topk_ids, w13.shape[0], num_pairs, expert_map)
+    out_rows = _fused_gemms(x, order.source_rows, order.num_tokens_per_expert, w13, w2,
+                            rows_per_expert, overlapped, activation, gated, x_scale, w13_scale,
+                            w2_scale, out_dtype)  # (P, D)
+    # the slot reduction doubles as the un-permute: reads each row once, writes (R, D)
+    return fused_mul_sum_rows(out_rows, topk_weights, order.row_index)
+
+
+@torch.library.custom_op("ep_moe::triton_partials", mutates_args=())
+def _triton_partials_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        expert_map: Optional[torch.Tensor], w13: torch.Tensor, w2: torch.Tensor,
+                        num_pairs: int, rows_per_expert: float, overlapped: bool,
+                        activation: str, gated: bool, x_scale: Optional[torch.Tensor],
+                        w13_scale: Optional[torch.Tensor], w2_scale: Optional[torch.Tensor],
+                        out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return _triton_partials(x, topk_ids, topk_weights, expert_map, w13, w2, num_pairs,
+                            rows_per_expert, overlapped, activation, gated, x_scale, w13_scale,
+                            w2_scale, out_dtype)
+
+
+@_triton_partials_op.register_fake
+def _(x, topk_ids, topk_weights, expert_map, w13, w2, num_pairs, rows_per_expert, overlapped,
+      activation, gated, x_scale, w13_scale, w2_scale, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype)
 
 
 class SharedExperts(nn.Module):

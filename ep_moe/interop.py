@@ -47,7 +47,7 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": 
                 "relu": "relu"}
 
 
-def _supported_blocks() -> dict:
+def supported_blocks() -> dict:
     """{block class: its family}; empty without transformers."""
     try:
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
@@ -108,9 +108,9 @@ def _check_layout(experts: nn.Module) -> None:
 def config_from_hf(block: nn.Module, **changes) -> MoEConfig:
     """The `MoEConfig` matching a supported sparse block (see the module docstring);
     `changes` override fields (e.g. `aux_loss_coef`, `expert_impl`)."""
-    family = _family(block)
+    family = block_family(block)
     if family is None:
-        names = [cls.__name__ for cls in _supported_blocks()] or \
+        names = [cls.__name__ for cls in supported_blocks()] or \
             ["MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
              "DeepseekV3MoE (transformers is not installed)"]
         raise TypeError(f"block must be one of {names}, got {type(block).__name__}")
@@ -155,28 +155,38 @@ def moe_from_hf(block: nn.Module, dtype: Optional[torch.dtype] = None,
     """
     config = config_from_hf(block)
     source = block.experts.gate_up_proj
-    if dtype is None:
-        dtype = _fp8_layer_dtype(block, config) if config.expert_quant == "fp8" else source.dtype
-    moe = MoE(config, dtype=dtype, device=device or source.device)
-    if config.use_correction_bias:
-        moe.router.e_score_correction_bias.copy_(block.gate.e_score_correction_bias)
-    moe.router.weight.copy_(block.gate.weight)
-    if config.expert_quant == "fp8":
-        hf = block.experts
-        moe.experts.set_fp8_weights(hf.gate_up_proj, hf.gate_up_proj_scale_inv, hf.down_proj,
-                                    hf.down_proj_scale_inv)
-    else:
-        moe.experts.gate_up_proj.copy_(block.experts.gate_up_proj)
-        moe.experts.down_proj.copy_(block.experts.down_proj)
-    shared = _shared_mlp(_family(block), block)
+    moe = MoE(config, dtype=dtype or layer_dtype_from_hf(block, config),
+              device=device or source.device)
+    moe.load_state_dict(state_dict_from_hf(block))  # copies, cast to the layer's dtype
+    return moe.train(block.training)
+
+
+def state_dict_from_hf(block: nn.Module) -> dict:
+    """The state dict of the single-process `MoE` that `config_from_hf(block)` describes, made
+    of `block`'s own tensors (detached, storage shared: nothing copied) except a shared MLP's
+    `gate_up_proj`, stacked from its gate_proj and up_proj (one expert's size), and shared
+    `FP8Linear` weights, dequantized. FP8 experts bring their block scales along."""
+    family = block_family(block)
+    if family is None:
+        config_from_hf(block)  # raises the TypeError that names the supported blocks
+    experts = block.experts
+    state = {"router.weight": block.gate.weight,
+             "experts.gate_up_proj": experts.gate_up_proj,
+             "experts.down_proj": experts.down_proj}
+    if experts.gate_up_proj.dtype == E4M3:  # FP8Experts: the scales are checked as they load
+        state["experts.gate_up_proj_scale_inv"] = experts.gate_up_proj_scale_inv
+        state["experts.down_proj_scale_inv"] = experts.down_proj_scale_inv
+    if family == "deepseek_v3":
+        state["router.e_score_correction_bias"] = block.gate.e_score_correction_bias
+    shared = _shared_mlp(family, block)
     if shared is not None:
         mlp, gate = shared
-        moe.shared_experts.gate_up_proj.copy_(
-            torch.cat([_linear_weight(mlp.gate_proj), _linear_weight(mlp.up_proj)], 0))
-        moe.shared_experts.down_proj.copy_(_linear_weight(mlp.down_proj))
+        state["shared_experts.gate_up_proj"] = torch.cat([_linear_weight(mlp.gate_proj),
+                                                          _linear_weight(mlp.up_proj)], 0)
+        state["shared_experts.down_proj"] = _linear_weight(mlp.down_proj)
         if gate is not None:
-            moe.shared_experts.gate.copy_(gate.weight)
-    return moe.train(block.training)
+            state["shared_experts.gate"] = gate.weight
+    return {name: t.detach() for name, t in state.items()}
 
 
 # -- FP8 blocks ------------------------------------------------------------------------------
@@ -206,9 +216,12 @@ def _fp8_fields(experts: nn.Module) -> dict:
     return dict(expert_quant="fp8")
 
 
-def _fp8_layer_dtype(block: nn.Module, config: MoEConfig) -> torch.dtype:
-    """The layer's dtype for a block with FP8 experts: its router's, except where the router is
-    kept in fp32 (DeepSeek-V3): bf16, the activations' dtype of FP8 checkpoints."""
+def layer_dtype_from_hf(block: nn.Module, config: MoEConfig) -> torch.dtype:
+    """The layer's dtype for `block`: its routed experts' weights', or for FP8 experts its
+    router's, except where the router is kept in fp32 (DeepSeek-V3): bf16, the activations'
+    dtype of FP8 checkpoints."""
+    if config.expert_quant != "fp8":
+        return block.experts.gate_up_proj.dtype
     return torch.bfloat16 if config.router_fp32 else block.gate.weight.dtype
 
 
@@ -227,6 +240,6 @@ def _linear_weight(linear: nn.Module) -> torch.Tensor:
     return dequantize_blocks(w, linear.weight_scale_inv.float())
 
 
-def _family(block: nn.Module) -> Optional[str]:
+def block_family(block: nn.Module) -> Optional[str]:
     """"mixtral", "qwen3", "qwen2" or "deepseek_v3" for a supported block, else None."""
-    return next((f for cls, f in _supported_blocks().items() if isinstance(block, cls)), None)
+    return next((f for cls, f in supported_blocks().items() if isinstance(block, cls)), None)

@@ -21,7 +21,7 @@ from .kernels.fused_mul_sum import SplitOutputs, fused_mul_sum_rows_split
 from .permute import expand_rows
 from .placement import ExpertPlacement
 from .plan import ForwardPlan, plan_forward
-from .router import Router, RouterOutput
+from .router import Router
 
 # plans are pure functions of hashable inputs: computed once per shape of forward
 _cached_plan = functools.lru_cache(maxsize=1024)(plan_forward)
@@ -130,6 +130,8 @@ class MoE(nn.Module):
         device = self.experts.gate_up_proj.device
         if device.type == "meta":  # deferred init: to_empty(), then reset_parameters() again
             return
+        # a buffer, but derived: to_empty() left it uninitialised
+        self.expert_map.copy_(self.placement.expert_map(self.rank))
         for local, g in enumerate(self.local_expert_ids):
             gen = torch.Generator(device=device).manual_seed(base_seed + g)
             if not self.experts.fp8:
@@ -218,22 +220,26 @@ class MoE(nn.Module):
             row_index = torch.where(local_ids >= 0, rows_of_slot, -1).to(torch.int32)
             return _reduce_slots(out_rows.view(-1, sent.x.shape[1]), sent.topk_weights,
                                  row_index, outputs)
-        order = sort_by_expert(ids, e, num_pairs, expert_map)
         if plan.experts in ("triton", "triton_fp8"):  # inference: gather and activation
             # inside the GEMMs (FP8: the rows quantized there too, unless they travelled so);
             # tiles for the real pairs where the exchange counted them, else for the plan's
-            pairs = num_pairs if sent.pairs_exact else plan.pairs
+            rows_per_expert = (num_pairs if sent.pairs_exact else plan.pairs) / max(e, 1)
+            if outputs is None:  # sort, GEMMs and slot reduction: one op under torch.compile
+                return self.experts.triton_partials(sent.x, ids, sent.topk_weights, expert_map,
+                                                    num_pairs, rows_per_expert,
+                                                    plan.overlapped, x_scale=sent.x_scale)
+            order = sort_by_expert(ids, e, num_pairs, expert_map)
             out_rows = self.experts.fused_forward(sent.x, order.source_rows,
-                                                  order.num_tokens_per_expert,
-                                                  pairs / max(e, 1),
+                                                  order.num_tokens_per_expert, rows_per_expert,
                                                   overlapped=plan.overlapped,
                                                   x_scale=sent.x_scale)  # (P, D)
-        else:
-            # P a bound: gather only the sort's real pairs (its total, on the device)
-            count = None if sent.pairs_exact else order.offsets[-1:]
-            rows = expand_rows(sent.x, order.source_rows, order.row_index, count)  # (P, D)
-            out_rows = self.experts(rows, order.num_tokens_per_expert, order.offsets,
-                                    sent.pairs_per_expert, path=plan.experts)  # (P, D)
+            return _reduce_slots(out_rows, sent.topk_weights, order.row_index, outputs)
+        order = sort_by_expert(ids, e, num_pairs, expert_map)
+        # P a bound: gather only the sort's real pairs (its total, on the device)
+        count = None if sent.pairs_exact else order.offsets[-1:]
+        rows = expand_rows(sent.x, order.source_rows, order.row_index, count)  # (P, D)
+        out_rows = self.experts(rows, order.num_tokens_per_expert, order.offsets,
+                                sent.pairs_per_expert, path=plan.experts)  # (P, D)
         # the combine doubles as the un-permute: reads each row once, writes (R, D)
         return _reduce_slots(out_rows, sent.topk_weights, order.row_index, outputs)
 

@@ -1,7 +1,17 @@
-"""Timing and ceiling helpers shared by the launch/ scripts (not part of the package)."""
+"""Timers, ceilings and report helpers shared by the launch/ tools (not part of the package).
+
+Timers, as docs/performance.md describes them:
+- `graph_time_us`: several calls captured in one CUDA graph and replayed; the median per call.
+  For launch-bound sizes, where a Python call would time the host, not the GPU.
+- `bench_ms`: `triton.testing.do_bench` median on CUDA (it flushes L2 between calls); on the
+  CPU a few wall-clock calls, which only show that the code runs.
+- `time_ms`: CUDA events (or the wall clock) around each call, with an optional barrier that
+  lines the ranks up first: what the multi-process harness needs.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import statistics
@@ -10,8 +20,13 @@ import time
 import torch
 
 
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
 def out_dir() -> str:
-    path = os.environ.get("OUT", "out")
+    """The output folder: $OUT when set, else ./out (created if missing)."""
+    path = os.environ.get("OUT") or os.path.join(".", "out")
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -23,13 +38,45 @@ def write_json(name: str, payload) -> str:
     return path
 
 
+def run_info(device: torch.device) -> dict:
+    """What a figure needs beside it: the card, the date and the versions."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": card, "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__, "triton": triton_version}
+
+
+def markdown_table(rows: list[dict], columns: list[str], headers: dict | None = None) -> str:
+    """Rows as a markdown table; `headers` renames columns, missing cells stay empty."""
+    def fmt(v):
+        if v is None:
+            return ""
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    names = [(headers or {}).get(c, c) for c in columns]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def note(msg: str) -> None:
+    print(f"note: {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Timers
+# --------------------------------------------------------------------------------------------
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def time_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3, barrier=None) -> float:
-    """Median wall time of fn() in ms: CUDA events on a GPU, perf_counter on the CPU.
+    """Median time of fn() in ms: CUDA events on a GPU, perf_counter on the CPU.
     `barrier` (callable) lines the ranks up before each timed call."""
     for _ in range(warmup):
         fn()
@@ -52,35 +99,12 @@ def time_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3, barrier=
     return statistics.median(times)
 
 
-def time_fwd_and_fwd_bwd(module, x, g, device, iters, barrier=None) -> dict:
-    """Median forward (no grad) and forward+backward ms of module(x), with peak device memory
-    of the forward+backward: absolute, and above what was allocated before it.
-
-    Each forward+backward starts from gradients set to None, as a training step does after
-    `zero_grad(set_to_none=True)`: the backward writes the gradients, and the time holds no
-    addition into the last call's (for Mixtral's 2.8 GB of expert weights that addition alone
-    took 2.8 ms of a 7.4 ms step on an H100: launch/profile_layer.py --backward)."""
-    xg = x.clone().requires_grad_()
-
-    def fwd():
-        with torch.no_grad():
-            module(x)
-
-    def fwd_bwd():
-        module.zero_grad(set_to_none=True)
-        xg.grad = None
-        module(xg).backward(g)
-
-    res = {"fwd_ms": time_ms(fwd, device, iters, barrier=barrier)}
+def bench_ms(fn, device: torch.device, cpu_iters: int = 3) -> float:
+    """Median ms of fn(): `triton.testing.do_bench` on CUDA, a few wall-clock calls on the CPU."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    res["fwd_bwd_ms"] = time_ms(fwd_bwd, device, iters, barrier=barrier)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        res["peak_mem_gib"], res["peak_extra_gib"] = peak / 2**30, (peak - base) / 2**30
-    module.zero_grad(set_to_none=True)
-    return res
+        import triton
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return time_ms(fn, device, iters=cpu_iters, warmup=1)
 
 
 def capture_graph(fns, calls=1, capture_error_mode="global") -> torch.cuda.CUDAGraph:
@@ -99,8 +123,9 @@ def capture_graph(fns, calls=1, capture_error_mode="global") -> torch.cuda.CUDAG
     return graph
 
 
-def graph_time_us(fns, calls=12, replays=30, capture_error_mode="global"):
-    """Median per call of a graph that cycles through `fns` (one per input set)."""
+def graph_time_us(fns, calls=10, replays=30, capture_error_mode="global") -> float:
+    """Median µs per call of a CUDA graph that holds `calls` calls cycling through `fns`
+    (pass several input sets to keep them out of L2)."""
     graph = capture_graph(fns, calls, capture_error_mode)
     graph.replay()
     times = []
@@ -111,11 +136,47 @@ def graph_time_us(fns, calls=12, replays=30, capture_error_mode="global"):
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e) * 1e3 / calls)
+    del graph
     return statistics.median(times)
 
 
-def copy_ceiling_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy, bytes read + written per second (GB/s)."""
+def time_fwd_and_fwd_bwd(module, x, g, device, iters, barrier=None, warmup=3) -> dict:
+    """Median forward (no grad) and training-step ms of module(x), and the peak device memory
+    of the training step: absolute, and above what was allocated before it.
+
+    A training step starts from gradients set to None, as after `zero_grad(set_to_none=True)`:
+    the backward writes the gradients rather than adding into the last call's (for Mixtral's
+    2.8 GB of expert weights that addition alone is ~1.4 ms at 4096 tokens on an H100)."""
+    xg = x.clone().requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd():
+        module.zero_grad(set_to_none=True)
+        xg.grad = None
+        module(xg).backward(g)
+
+    res = {"fwd_ms": time_ms(fwd, device, iters, warmup, barrier)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    res["fwd_bwd_ms"] = time_ms(fwd_bwd, device, iters, warmup, barrier)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        res["peak_mem_gib"], res["peak_extra_gib"] = peak / 2**30, (peak - base) / 2**30
+    module.zero_grad(set_to_none=True)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Ceilings, measured in the run that reports against them
+# --------------------------------------------------------------------------------------------
+
+def copy_ceiling_gbs(device: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s); 2 GiB on CUDA."""
+    nbytes = 2 << 30 if device.type == "cuda" else 1 << 24
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, iters=20)
@@ -123,90 +184,10 @@ def copy_ceiling_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-def matmul_ceiling_tflops(device: torch.device, n: int = 8192) -> float:
+def matmul_ceiling_tflops(device: torch.device) -> float:
+    """bf16 square matmul, 8192^3 on CUDA (256^3 on the CPU)."""
+    n = 8192 if device.type == "cuda" else 256
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    ms = time_ms(lambda: a @ b, device, iters=20)
+    ms = time_ms(lambda: a @ b, device, iters=20 if device.type == "cuda" else 3)
     return 2 * n**3 / ms / 1e9
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def layer_cases(presets, tokens, device):
-    """For each preset (its bf16 layer made once) and T: preset, config, layer, T and a
-    no-grad forward of T random tokens."""
-    from ep_moe import MoE, MoEConfig
-    for preset in presets:
-        cfg = MoEConfig.preset(preset)
-        layer = MoE(cfg, device=device, dtype=torch.bfloat16)
-        for T in tokens:
-            x = torch.randn(T, cfg.hidden_size, device=device, dtype=torch.bfloat16)
-
-            def fwd(layer=layer, x=x):
-                with torch.no_grad():
-                    return layer(x)
-
-            yield preset, cfg, layer, T, fwd
-        del layer
-        torch.cuda.empty_cache()
-
-
-def on_off(fns: dict, switch, calls: int, rounds: int = 4):
-    """A policy on and off in turn: each of `fns` (name -> callable) run once with `switch(True)`
-    and once with `switch(False)`, then timed by CUDA-graph replay, on then off, `rounds` times.
-    Returns ({name: [output on, output off]}, {f"{name}_on_us": [...], f"{name}_off_us": [...]});
-    the switch is left on."""
-    outs, times = {}, {}
-    try:
-        for on in (True, False):
-            switch(on)
-            for name, fn in fns.items():
-                outs.setdefault(name, []).append(fn())
-        for _ in range(rounds):
-            for on in (True, False):
-                switch(on)
-                for name, fn in fns.items():
-                    times.setdefault(f"{name}_{'on' if on else 'off'}_us", []).append(
-                        graph_time_us([fn], calls, 20))
-    finally:
-        switch(True)
-    return outs, times
-
-
-def layer_config_ab(presets, tokens, device, other, what: str, extra=None) -> list[dict]:
-    """The single-GPU layer's no-grad graph forward with `gemm_config` as shipped and as
-    `other(shipped)` returns it, in turn (`on_off`, four rounds): one row per (preset, T) with
-    both outputs' largest difference and the times; `extra(shipped, cfg, T)` adds fields."""
-    import ep_moe.experts as experts_module
-    shipped = experts_module.gemm_config
-    alternative = other(shipped)
-
-    def switch(on):
-        experts_module.gemm_config = shipped if on else alternative
-
-    rows = []
-    for preset, cfg, layer, T, fwd in layer_cases(presets, tokens, device):
-        outs, times = on_off({"layer": fwd}, switch, 2 if T >= 4096 else 10)
-        on, off = outs["layer"]
-        row = {"preset": preset, "T": T, "what": what, **(extra(shipped, cfg, T) if extra else {}),
-               "max_abs_diff": (on.float() - off.float()).abs().max().item(),
-               "on_us": times["layer_on_us"], "off_us": times["layer_off_us"]}
-        rows.append(row)
-        print(row, flush=True)
-    return rows
-
-
-def write_layer_rows(name: str, rows: list) -> None:
-    """An A/B probe's layer rows under $OUT, with the GPU's name."""
-    write_json(name, {"device": torch.cuda.get_device_name(), "rows": rows})
-
-
-def spans(us) -> str:
-    """Timings of the rounds as '757/762/776' (us)."""
-    return "/".join(f"{u:.0f}" for u in us)

@@ -1,21 +1,27 @@
 """Check the expert-parallel layer against the single-process one, then time it.
 
-    torchrun --nproc-per-node N launch/harness.py [--preset mixtral] [--tokens 8192]
     bash launch/run.sh            # every GPU it finds (NCCL), or 2 CPU processes (gloo)
+    torchrun --nproc-per-node N launch/harness.py [--preset mixtral] [--tokens 8192] [--plot]
 
 1. Check (fp32, the preset's E / K / routing at reduced D and I): every rank routes its own
    tokens (a different count per rank, one rank with none when W >= 3, tagged by source rank);
    outputs and gradients must match the single-process layer on the same weights and the
-   float64 reference.
-2. Time (the preset's full shape, bf16 on GPU): forward and forward+backward, tokens/s, the
-   phases (route, dispatch, experts, combine), the dispatch and combine exchanges next to a raw
-   all_to_all_single of the same bytes, peak memory, and the single-GPU layer on the same
-   tokens per GPU. A table on rank 0, the full JSON under $OUT.
+   float64 reference; so must the no-grad forward, and with a fixed-size exchange on CUDA its
+   CUDA-graph replay (bit for bit the eager output).
+2. Time (the preset's full shape, bf16 on GPU): forward and training step, the phases (route,
+   dispatch, experts, combine), the exchanges next to a raw all_to_all_single of the same
+   bytes, peak memory, and the single-GPU layer on the same tokens per GPU, alternating over
+   --rounds so each ratio compares neighbours in time.
+
+Rank 0 prints one short table (one row per dispatcher); every figure of every rank goes to
+$OUT/harness_<preset>_W<W>.json ($OUT defaults to ./out), and with --plot the phases of each
+rank to a PNG beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -26,7 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (capture_graph, copy_ceiling_gbs, graph_time_us, markdown_table,  # noqa: E402
-                    out_dir, sync, time_fwd_and_fwd_bwd, time_ms, write_json)
+                    note, out_dir, run_info, sync, time_fwd_and_fwd_bwd, time_ms, write_json)
 
 import ep_moe  # noqa: E402
 from ep_moe import MoE, MoEConfig  # noqa: E402
@@ -46,11 +52,12 @@ def parse_args():
     p.add_argument("--placement", default="linear", choices=["linear", "round_robin"])
     p.add_argument("--fixed", action="store_true",
                    help="fixed-size exchange: MoEConfig.max_tokens_per_rank = T (no host sync)")
-    p.add_argument("--chunks", type=int, default=1,
-                   help="with --fixed: MoEConfig.dispatch_chunks (exchanges overlap experts)")
-    p.add_argument("--exchange", default="collective", choices=["collective", "nvlink"],
+    p.add_argument("--chunks", type=int, default=None,
+                   help="with --fixed: MoEConfig.dispatch_chunks, a pipeline whose exchanges "
+                        "overlap the experts (default: the layer's choice)")
+    p.add_argument("--exchange", default="auto", choices=["auto", "collective", "nvlink"],
                    help="with --fixed: MoEConfig.exchange (nvlink: stores into the peers' "
-                        "symmetric memory, inference only)")
+                        "symmetric memory, inference only; auto: nvlink where the GPUs allow)")
     p.add_argument("--graph", action="store_true",
                    help="also time the no-grad forward as CUDA-graph replays (GPU; the "
                         "expert-parallel layer only with --fixed)")
@@ -58,9 +65,10 @@ def parse_args():
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--no-baseline", action="store_true", help="skip the single-GPU layer")
-    p.add_argument("--json", default=None, help="file name under $OUT")
-    p.add_argument("--profile", action="store_true",
-                   help="torch.profiler tables and a trace of a few forwards (rank 0) under $OUT")
+    p.add_argument("--json", default=None, help="file name in the output folder")
+    p.add_argument("--plot", action="store_true",
+                   help="save a PNG of each rank's phases (route, dispatch, experts, combine) "
+                        "beside the JSON (needs matplotlib)")
     p.add_argument("--rounds", type=int, default=2,
                    help="timing rounds, each the single-GPU layer then the expert-parallel one")
     args = p.parse_args()
@@ -69,6 +77,16 @@ def parse_args():
         if value is not None and value < least:
             p.error(f"--{name} must be >= {least}, got {value}")
     return args
+
+
+def warmup_calls(device) -> int:
+    """Untimed calls before each timing: 3 on a GPU; 1 on the CPU, where the Triton
+    interpreter is slow and the times only show that the code runs."""
+    return 3 if device.type == "cuda" else 1
+
+
+def timed(fn, device, iters, barrier=None) -> float:
+    return time_ms(fn, device, iters, warmup_calls(device), barrier)
 
 
 def log(rank, *msg):
@@ -97,8 +115,8 @@ def check(cfg: MoEConfig, group, device) -> dict:
     small = cfg.replace(hidden_size=D, intermediate_size=min(cfg.intermediate_size, 64),
                         shared_intermediate_size=None, max_tokens_per_rank=cap)
     torch.manual_seed(0)
-    full = MoE(small.replace(max_tokens_per_rank=None, dispatch_chunks=1,
-                             exchange="collective"), device=device)
+    full = MoE(small.replace(max_tokens_per_rank=None, dispatch_chunks=None, exchange="auto"),
+               device=device)
     torch.manual_seed(0)
     ep = MoE(small, process_group=group, device=device)
     gen = torch.Generator().manual_seed(99)
@@ -147,8 +165,10 @@ def check(cfg: MoEConfig, group, device) -> dict:
         sync(device)
         same = torch.equal(out["y"], y_inf)
         errors["graph_vs_eager"] = 0.0 if same else max(rel(out["y"], y_inf), 1.0)
-    if small.exchange == "nvlink":  # the rows and partials the collectives bring (the
-        # kernel that stores the partials may round its products' sums differently)
+    with torch.no_grad():
+        over_nvlink = ep.plan(xs[rank]).exchange == "nvlink"  # the same on every rank
+    if over_nvlink:  # the rows and partials the collectives bring (the kernel that stores
+        # the partials may round its products' sums differently)
         torch.manual_seed(0)
         ep_collective = MoE(small.replace(exchange="collective"), process_group=group,
                             device=device)
@@ -180,7 +200,7 @@ def raw_all_to_all_ms(nbytes: int, group, device, iters) -> float:
     n = max(64, nbytes // 2 // W // 64 * 64) * W
     src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    return time_ms(lambda: dist.all_to_all_single(dst, src, group=group), device, iters,
+    return timed(lambda: dist.all_to_all_single(dst, src, group=group), device, iters,
                    barrier=lambda: dist.barrier(group))
 
 
@@ -188,7 +208,8 @@ def time_layer(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
     D = layer.config.hidden_size
     x = torch.randn(T, D, dtype=dtype, device=device)
     g = torch.randn(T, D, dtype=dtype, device=device)
-    res = time_fwd_and_fwd_bwd(layer, x, g, device, iters, barrier)
+    res = time_fwd_and_fwd_bwd(layer, x, g, device, iters, barrier,
+                               warmup_calls(device))
     res.pop("peak_extra_gib", None)
     return res
 
@@ -236,45 +257,26 @@ def host_ms(fn, device, barrier, iters=10) -> float:
     return statistics.median(times)
 
 
-def profile_forward(layer: MoE, T: int, dtype, device, name: str, rank: int) -> None:
-    """torch.profiler over 3 forwards; rank 0 writes the op tables (every rank runs them)."""
-    from torch.profiler import ProfilerActivity, profile
-    x = torch.randn(T, layer.config.hidden_size, dtype=dtype, device=device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.no_grad():
-        layer(x)
-        sync(device)
-        with profile(activities=acts) as prof:
-            for _ in range(3):
-                layer(x)
-            sync(device)
-    if rank == 0:
-        sort_dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        prof.export_chrome_trace(os.path.join(out_dir(), name.replace(".txt", ".trace.json")))
-        with open(os.path.join(out_dir(), name), "w") as f:
-            f.write(prof.key_averages().table(sort_by=sort_dev, row_limit=40))
-            f.write("\n\n")
-            f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
-
-
 def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
     D = layer.config.hidden_size
     x = torch.randn(T, D, dtype=dtype, device=device)
     with torch.no_grad():
-        route = layer.router(x)
+        plan = layer.plan(x)  # the no-grad forward's, each phase run alone as it would
+        route = layer.router(x, topk=plan.router_topk)
         sent = layer.dispatcher.dispatch(x, route.topk_ids, route.topk_weights)
-        partial = layer.compute_experts(sent)
+        partial = layer.compute_experts(sent, plan)
         res = {
-            "route_ms": time_ms(lambda: layer.router(x), device, iters, barrier=barrier),
-            "dispatch_ms": time_ms(lambda: layer.dispatcher.dispatch(
+            "route_ms": timed(lambda: layer.router(x, topk=plan.router_topk), device, iters,
+                              barrier=barrier),
+            "dispatch_ms": timed(lambda: layer.dispatcher.dispatch(
                 x, route.topk_ids, route.topk_weights), device, iters, barrier=barrier),
-            "experts_ms": time_ms(lambda: layer.compute_experts(sent), device, iters,
-                                  barrier=barrier),
-            "combine_ms": time_ms(lambda: layer.dispatcher.combine(partial, sent.handle),
-                                  device, iters, barrier=barrier),
+            "experts_ms": timed(lambda: layer.compute_experts(sent, plan), device, iters,
+                                barrier=barrier),
+            "combine_ms": timed(lambda: layer.dispatcher.combine(partial, sent.handle),
+                                device, iters, barrier=barrier),
         }
         res["dispatch_host_ms"] = host_ms(lambda: layer.dispatcher.dispatch(
-            x, route.topk_ids, route.topk_weights), device, barrier)
+            x, route.topk_ids, route.topk_weights), device, barrier, iters)
         if hasattr(sent.handle, "input_splits"):
             res.update(time_exchanges(sent, partial, device, iters, barrier, layer.process_group))
     h = sent.handle
@@ -306,8 +308,8 @@ def time_exchanges(sent, partial, device, iters, barrier, group) -> dict:
         dist.all_to_all_single(back, partial, list(h.input_splits), list(h.output_splits),
                                group=group)
 
-    return {"dispatch_exchange_ms": time_ms(out, device, iters, barrier=barrier),
-            "combine_exchange_ms": time_ms(home, device, iters, barrier=barrier)}
+    return {"dispatch_exchange_ms": timed(out, device, iters, barrier=barrier),
+            "combine_exchange_ms": timed(home, device, iters, barrier=barrier)}
 
 
 def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
@@ -323,6 +325,11 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
         single = MoE(cfg, device=device, dtype=dtype)
     torch.manual_seed(0)
     layer = MoE(cfg, process_group=group, device=device, dtype=dtype)
+    x = torch.empty(T, cfg.hidden_size, dtype=dtype, device=device)
+    with torch.no_grad():
+        inference = layer.plan(x)
+    out["plan_inference"] = dataclasses.asdict(inference)  # eager; a CUDA graph may chunk
+    out["plan_training"] = dataclasses.asdict(layer.plan(x.requires_grad_()))
     # each timing of the layer follows one of the single-GPU layer on the same tokens, over
     # `rounds`: the clocks drift as the GPUs heat up, so each ratio compares neighbours, and
     # the report gives the median of the rounds (and each round's ratio)
@@ -349,7 +356,7 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
     del single
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if cfg.exchange == "collective":  # the phases are the collectives' (nvlink: one piece)
+    if inference.exchange != "nvlink":  # the phases are the collectives' (nvlink: one piece)
         out.update(time_phases(layer, T, dtype, device, iters, barrier))
     out["tokens_per_s"] = T / out["fwd_ms"] * 1e3
     out["fwd_bwd_tokens_per_s"] = T / out["fwd_bwd_ms"] * 1e3
@@ -366,9 +373,6 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
             out[f"{phase}_vs_raw"] = raw / out[f"{phase}_ms"]
             if f"{phase}_exchange_ms" in out:
                 out[f"{phase}_exchange_vs_raw"] = raw / out[f"{phase}_exchange_ms"]
-    if args.profile:
-        profile_forward(layer, T, dtype, device,
-                        f"profile_{args.preset}_{cfg.dispatcher}_W{W}.txt", rank)
     del layer
     return out
 
@@ -381,6 +385,97 @@ def median_over_ranks(runs: list[dict]) -> dict:
             for k in keys}
 
 
+# --------------------------------------------------------------------------------------------
+# 3. Report
+# --------------------------------------------------------------------------------------------
+
+SCREEN = {"run": "run", "W": "W", "T_per_rank": "T/rank", "tokens_per_s": "tokens/s",
+          "fwd_ms": "fwd ms", "fwd_bwd_ms": "step ms", "fwd_vs_1gpu": "fwd vs 1 GPU",
+          "step_vs_1gpu": "step vs 1 GPU", "exchange_vs_raw": "exchange vs raw",
+          "peak_gib": "peak GiB"}
+
+
+def screen_row(cfg: MoEConfig, runs: list[dict], summary: dict) -> dict:
+    """One line of the first screen. Times: the slowest rank's (the layer ends when it does);
+    ratios: medians over ranks and rounds; peak memory: the largest rank's."""
+    plan = runs[0]["plan_inference"]  # the no-grad forward's exchange and chunks
+    label = "one rank" if plan["exchange"] == "none" else \
+        f"{cfg.dispatcher}, {plan['exchange']}" + \
+        (f", {plan['chunks']} chunks" if plan["chunks"] > 1 else "")
+    slowest = max(runs, key=lambda r: r["fwd_ms"])
+    row = {"run": label, "W": len(runs), "T_per_rank": slowest["T_per_rank"],
+           "tokens_per_s": slowest["T_per_rank"] / slowest["fwd_ms"] * 1e3,
+           "fwd_ms": slowest["fwd_ms"],
+           "fwd_bwd_ms": max(r["fwd_bwd_ms"] for r in runs),
+           "fwd_vs_1gpu": summary.get("per_gpu_vs_single_fwd_median"),
+           "step_vs_1gpu": summary.get("per_gpu_vs_single_fwd_bwd_median")}
+    ratios = [[r.get(f"{phase}_exchange_vs_raw") for r in runs] for phase in ("dispatch", "combine")]
+    if all(v is not None for vs in ratios for v in vs):
+        out, back = (statistics.median(vs) for vs in ratios)
+        row["exchange_vs_raw"] = f"{out:.2f} / {back:.2f}"  # rows out / partials back
+    peaks = [r["peak_mem_gib"] for r in runs if "peak_mem_gib" in r]
+    row["peak_gib"] = max(peaks) if peaks else None
+    if "graph_fwd_ms" in slowest:
+        row["graph_fwd_ms"] = max(r["graph_fwd_ms"] for r in runs)
+        row["graph_vs_1gpu"] = summary.get("per_gpu_vs_single_graph_fwd_median")
+    return row
+
+
+def print_screen(rows: list[dict], path: str) -> None:
+    print("\n" + markdown_table(rows, list(SCREEN), SCREEN))
+    for r in rows:
+        if "graph_fwd_ms" in r:
+            ratio = r.get("graph_vs_1gpu")
+            print(f"{r['run']}: CUDA-graph forward {r['graph_fwd_ms']:.3g} ms" +
+                  (f", {ratio:.3g} per GPU of one GPU's" if ratio is not None else ""))
+    print("tokens/s: one rank's forward; step: a training step (forward + backward); times: the "
+          "slowest rank's.\n'vs 1 GPU': per-GPU throughput against the single-GPU layer on the "
+          "same tokens (median over ranks and rounds).\nexchange: rows out / partials back, "
+          "against a raw all_to_all_single of the same bytes.\n"
+          f"every figure: {path}", flush=True)
+
+
+PHASES = ("route", "dispatch", "experts", "combine")
+
+
+def plot_phases(report: dict, path: str) -> str | None:
+    """A PNG of each run's phases per rank (stacked bars, ms); None when there is nothing to
+    plot or matplotlib is missing (a note says which)."""
+    runs = [run for run in report["runs"]
+            if all(f"{p}_ms" in r for r in run["per_rank"] for p in PHASES)]
+    if not runs:
+        note("--plot: no run timed its phases (the nvlink exchange runs in one piece)")
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        note("--plot needs matplotlib (pip install matplotlib); no PNG written")
+        return None
+    fig, axes = plt.subplots(len(runs), 1, squeeze=False,
+                             figsize=(9, 1.2 + 0.45 * report["W"] * len(runs)))
+    colors = ("tab:gray", "tab:blue", "tab:orange", "tab:green")
+    for ax, run in zip(axes[:, 0], runs):
+        ranks = list(range(len(run["per_rank"])))
+        left = [0.0] * len(ranks)
+        for phase, color in zip(PHASES, colors):
+            ms = [r[f"{phase}_ms"] for r in run["per_rank"]]
+            ax.barh(ranks, ms, left=left, color=color, label=phase)
+            left = [a + b for a, b in zip(left, ms)]
+        ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
+        ax.invert_yaxis()
+        ax.set_title(f"{report['preset']}, {run['dispatcher']}, W={report['W']}, "
+                     f"T/rank={run['per_rank'][0]['T_per_rank']}", fontsize=9)
+        ax.set_xlabel("ms, each phase timed alone")
+    axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"{report['device']}, torch {report['torch']}, {report['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main():
     args = parse_args()
     group = init_distributed()
@@ -391,22 +486,25 @@ def main():
     if args.tokens is None:
         args.tokens = 8192 if on_gpu else 64
     if args.iters is None:
-        args.iters = 20 if on_gpu else 5
+        args.iters = 20 if on_gpu else 3
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     dispatchers = ["all_to_all", "allgather"] if args.dispatcher == "both" else [args.dispatcher]
     backend = dist.get_backend(group) if group is not None else "none"
-    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
-    log(rank, f"# ep_moe harness: W={W} backend={backend} device={name} "
+    info = run_info(device)
+    log(rank, f"# ep_moe harness: W={W} backend={backend} device={info['device']} "
               f"preset={args.preset} T/rank={args.tokens} dtype={dtype} "
-              f"package={os.path.dirname(ep_moe.__file__)}")
-    report = {"W": W, "backend": backend, "device": name, "preset": args.preset,
-              "torch": torch.__version__, "package": os.path.dirname(ep_moe.__file__),
-              "checks": {}, "runs": []}
+              f"torch {info['torch']} triton {info['triton']}")
+    if not on_gpu:
+        log(rank, "note: no GPU: gloo on CPU processes; the check is real, the times only show "
+                  "that each path runs")
+    report = {"W": W, "backend": backend, **info, "preset": args.preset,
+              "package": os.path.dirname(ep_moe.__file__), "checks": {}, "runs": [],
+              "screen": []}
     cap = args.tokens if args.fixed else None
 
     def config(kind):
-        chunks = args.chunks if kind == "all_to_all" else 1
-        exchange = args.exchange if kind == "all_to_all" else "collective"
+        chunks = args.chunks if kind == "all_to_all" else None
+        exchange = args.exchange if kind == "all_to_all" else "auto"
         return MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement,
                                 max_tokens_per_rank=cap, dispatch_chunks=chunks,
                                 exchange=exchange)
@@ -429,22 +527,20 @@ def main():
                 runs = [run]
             summary = median_over_ranks(runs)
             report["runs"].append({"dispatcher": kind, "per_rank": runs, "summary": summary})
-            if rank == 0:
-                # the slowest rank's row, and each ratio's median over every rank and round
-                slowest = dict(max(runs, key=lambda r: r["fwd_bwd_ms"]), **summary)
-                cols = ["dispatcher", "exchange", "max_tokens_per_rank", "chunks", "W",
-                        "T_per_rank", "fwd_ms", "fwd_bwd_ms", "graph_fwd_ms",
-                        "single_graph_fwd_ms", "tokens_per_s",
-                        "route_ms", "dispatch_ms", "experts_ms", "combine_ms",
-                        "dispatch_vs_raw", "combine_vs_raw", "dispatch_exchange_vs_raw",
-                        "combine_exchange_vs_raw", "per_gpu_vs_single_fwd",
-                        "per_gpu_vs_single_fwd_bwd", "per_gpu_vs_single_graph_fwd",
-                        "peak_mem_gib"]
-                cols += [k for k in slowest if k.endswith("_rounds") or k.endswith("_median")]
-                print(markdown_table([slowest], [c for c in cols if c in slowest]), flush=True)
+            report["screen"].append(screen_row(cfg, runs, summary))
+            log(rank, f"timed {kind}")
     if rank == 0:
-        path = write_json(args.json or f"harness_{args.preset}_W{W}.json", report)
-        print(f"wrote {path}")
+        name = args.json or f"harness_{args.preset}_W{W}.json"
+        path = write_json(name, report)
+        if report["screen"]:
+            print_screen(report["screen"], path)
+        else:
+            print(f"wrote {path}")
+        if args.plot and report["runs"]:
+            png = plot_phases(report, os.path.join(out_dir(), name.removesuffix(".json") +
+                                                   "_phases.png"))
+            if png:
+                print(f"wrote {png}")
     if group is not None:
         dist.barrier(group)
         dist.destroy_process_group()

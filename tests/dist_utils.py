@@ -284,11 +284,16 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
     saved = {name: getattr(torch.Tensor, name)
              for name in ("tolist", "item", "cpu", "__bool__", "__int__", "__index__")}
     all_to_all, calls = dist.all_to_all_single, []
-    fused_forward, overlapped = layer.experts.fused_forward, []
+    overlapped = []
+    fused_forward, partials = layer.experts.fused_forward, layer.experts.triton_partials
 
     def recording(*args, **kwargs):  # the chunks' GEMMs run beside exchanges: no persistent
         overlapped.append(kwargs["overlapped"])
         return fused_forward(*args, **kwargs)
+
+    def recording_partials(*args):
+        overlapped.append(args[-1])
+        return partials(*args)
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -303,6 +308,7 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
             setattr(torch.Tensor, name, host_read)
         dist.all_to_all_single = counted
         layer.experts.fused_forward = recording
+        layer.experts.triton_partials = recording_partials
         with torch.no_grad():
             y = layer(x)
     except _HostRead:
@@ -312,7 +318,7 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)
         dist.all_to_all_single = all_to_all
-        del layer.experts.fused_forward  # the method again
+        del layer.experts.fused_forward, layer.experts.triton_partials  # the methods again
     if not torch.equal(y, y_expected):
         fails.append("fixed exchange: the forward without host reads differs")
     # rows out and partials back per chunk, no split sizes (all-gather: none)

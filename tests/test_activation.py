@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import ep_moe.kernels.activation as activation_module
-from ep_moe.kernels.activation import fused_activation_available, gated_activation
+from ep_moe.kernels.activation import gated_activation
 
 from conftest import DEVICE, needs_triton
 

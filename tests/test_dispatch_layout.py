@@ -271,7 +271,7 @@ def test_fixed_capacity_layout(T, K, E, W, kind, impl):
 def test_fixed_capacity_layout_captures_in_a_cuda_graph(T):
     # a fixed-size exchange reads nothing back, so a decode loop captures it in a CUDA graph,
     # a rank with no tokens too: the layout and the send buffer may copy nothing from the host
-    # (stop 19's harness check found `pairs[E] = 0` doing so on the T = 0 path)
+    # (a `pairs[E] = 0` on the T = 0 path was such a copy)
     K, E, W, C = 2, 8, 4, 40
     ids, owner = routed_ids(T, K, E, seed=3), make_owner(E, W, "linear")
     ids, owner, table = ids.cuda(), owner.cuda(), make_table(owner, W).cuda()

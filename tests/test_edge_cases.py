@@ -54,6 +54,8 @@ def test_meta_device_then_materialise():
     deferred.reset_parameters()
     for (name, a), (_, b) in zip(reference.state_dict().items(), deferred.state_dict().items()):
         assert torch.equal(a, b), name
+    # not in the state dict (derived from the placement), but read by every sharded forward
+    assert torch.equal(deferred.expert_map, reference.expert_map)
 
 
 @pytest.mark.parametrize("x,exc,match", [

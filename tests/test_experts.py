@@ -8,7 +8,6 @@ Shapes: P sorted rows, D hidden, I per-expert intermediate size, e local experts
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ import torch
 from ep_moe.kernels import fused_mul_sum as fms
 from ep_moe.kernels import fused_mul_sum_rows, moe_fused_mul_sum
 
-from conftest import DEVICE, FP16_SUBNORMAL, ROUNDING, TRITON_RUNS, needs_cuda, needs_triton
+from conftest import DEVICE, FP16_SUBNORMAL, ROUNDING, needs_cuda, needs_triton
 
 IMPLS = [pytest.param("triton", marks=needs_triton), "torch"]
 

@@ -1,29 +1,27 @@
-"""Triton grouped expert GEMM (`grouped_gemm`) against a float64 loop over experts, and the
-layer's inference path that runs through it (`expert_impl="auto"` under no_grad).
+"""Triton grouped expert GEMM (`grouped_gemm`) against a float64 loop over experts: shapes,
+dtypes, gathers, activations, tail tiles, tensor-descriptor loads, persistent and flattened
+launches, inputs that break the layer's invariants, validation. The tile configs' rules are
+tested in `test_gemm_configs.py`, the layer's path through this kernel in
+`test_triton_experts.py`.
 
-Shapes are written as (counts, K, N): `counts` the rows of each of the e experts (P = their
-sum), K the inner dim, N the rows of each expert's weight (2I, gate | up, when gated). Pinned
-small configs keep the CPU interpreter fast (tl.dot there needs block dims >= 16); the default
-config runs on its own cases.
+Shapes are written as (counts, K, N) (see `gemm_cases`). Pinned small configs keep the CPU
+interpreter fast (tl.dot there needs block dims >= 16); the default config runs on its own
+cases.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple, Optional
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ep_moe import MoE, MoEConfig
-from ep_moe import experts as experts_module
 from ep_moe.kernels import gemm_configs as gg_configs
 from ep_moe.kernels import grouped_gemm as gg
-from ep_moe.kernels.gemm_configs import shared_bytes
 from ep_moe.kernels.grouped_gemm import GemmConfig, gemm_config, grouped_gemm
-from ep_moe.reference import reference_moe
 
-from conftest import DEVICE, FP16_SUBNORMAL, ROUNDING, TRITON_RUNS, needs_triton
+from conftest import DEVICE, TRITON_RUNS, needs_triton
+from gemm_cases import (assert_close_to, check, launches, make_inputs,  # noqa: F401 (fixtures)
+                        poisoned_outputs, reference)
 
 # tensor descriptors: Hopper or newer, or the interpreter
 _PROBE = torch.empty(8, 8, dtype=torch.bfloat16, device=DEVICE)
@@ -31,24 +29,6 @@ needs_tma = pytest.mark.skipif(
     not (TRITON_RUNS and gg.tma_ok(_PROBE, _PROBE[None])),
     reason="tensor descriptors need a GPU of compute capability >= 9 or TRITON_INTERPRET=1")
 
-# Allowed error = rtol * |ref| + atol + ACCUM_RTOL * bound, where `bound` carries the sums of
-# |terms| of the fp32 GEMM sums through the epilogue (see `reference`). Every dtype accumulates
-# in fp32: bf16 / fp16 products are exact in fp32, fp32 operands multiply in IEEE fp32 (not
-# tf32, whose 10-bit mantissa would be ~1e-3 off and fail here), so the dtype only sets the
-# rounding of the stored output.
-TOL = {  # dtype of a, w and the output: (rtol, atol)
-    # fp32 output stored as is: 1e-5 leaves room for the fp32 sigmoid / erf / exp (a few ulps)
-    torch.float32: (1e-5, 0.0),
-    torch.float16: (ROUNDING[torch.float16], FP16_SUBNORMAL),  # one rounding to 10 mantissa bits
-    torch.bfloat16: (ROUNDING[torch.bfloat16], 0.0),  # one rounding to 7 stored mantissa bits
-}
-# fp32 accumulation in another order than float64: worst case K * 2^-24 of the |terms| sum,
-# 1e-5 covers K <= 168 outright (K <= 64 on CPU); random-sign roundings grow as sqrt(K) * 2^-24,
-# far below it at the GPU case's K = 512
-ACCUM_RTOL = 1e-5
-SLOPE = 1.13  # max |act'| over the reals (gelu 1.129, silu 1.100, relu 1): error through act
-
-ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}  # F.gelu: the exact (erf) form
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (activation, gated): no epilogue; the three gated (act(gate) * up); the three plain act(h)
 MODES = [(None, True), ("silu", True), ("gelu", True), ("relu", True),
@@ -56,129 +36,6 @@ MODES = [(None, True), ("silu", True), ("gelu", True), ("relu", True),
 MODE_IDS = ["none", "silu_gated", "gelu_gated", "relu_gated", "silu", "gelu", "relu"]
 
 SMALL = GemmConfig(16, 16, 16, 1, 4, 2)  # smallest tiles tl.dot takes: most blocks per shape
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs and the float64 reference
-# --------------------------------------------------------------------------------------------
-
-class Case(NamedTuple):
-    a: torch.Tensor                  # (M, K): M = P without a_rows
-    w: torch.Tensor                  # (e, N, K)
-    counts: torch.Tensor             # (e,) rows per expert, summing to P
-    a_rows: Optional[torch.Tensor]   # (P,) row of a for each sorted row, or None
-
-
-def make_inputs(counts, K, N, dtype=torch.float32, *, gather=False, strided=False,
-                counts_dtype=torch.int64, rows_dtype=torch.int64, seed=0) -> Case:
-    """Random a and w with O(1) GEMM outputs (w scaled by 1/sqrt(K)), NaN where nothing may
-    be read.
-
-    gather: a has about P/2 rows and `a_rows` picks them in random order, repeating rows;
-    rows it never picks (at least one) are NaN. strided: a and w are views of buffers with
-    NaN columns past K, so a's row stride and w's N stride exceed K.
-    """
-    g = torch.Generator().manual_seed(seed)
-    e, P = len(counts), sum(counts)
-    M = P // 2 + 2 if gather else P
-    a_rows = None
-    a = torch.randn(M, K, generator=g)
-    w = torch.randn(e, N, K, generator=g) / max(K, 1) ** 0.5
-    if gather:
-        perm = torch.randperm(M, generator=g)
-        readable = perm[: M - 1]  # row perm[M - 1] is never read
-        a_rows = readable[torch.randint(0, M - 1, (P,), generator=g)]
-        unread = torch.ones(M, dtype=torch.bool)
-        unread[a_rows] = False
-        a[unread] = float("nan")
-        a_rows = a_rows.to(rows_dtype).to(DEVICE)
-    a, w = a.to(DEVICE, dtype), w.to(DEVICE, dtype)
-    if strided:  # views taken after the cast, which would copy them contiguous
-        a = torch.cat([a, a.new_full((M, 5), float("nan"))], 1)[:, :K]
-        w = torch.cat([w, w.new_full((e, N, 3), float("nan"))], 2)[..., :K]
-    return Case(a, w, torch.tensor(counts, dtype=counts_dtype, device=DEVICE), a_rows)
-
-
-def reference(case: Case, activation=None, gated=True):
-    """float64 `out_i = act(rows_i @ w[i].T)` per expert, and the error bound of the fp32 sums.
-
-    Returns (out (P, N or N/2), bound): bound is sum_k |a w| for each output, carried through
-    the epilogue to first order, |d(act(g) u)| <= SLOPE |dg| |u| + |act(g)| |du|.
-    """
-    rows = case.a.double()
-    if case.a_rows is not None:
-        rows = rows[case.a_rows.long()]
-    assert rows.shape[0] == int(case.counts.sum()), "counts must sum to P"
-    outs, bounds = [], []
-    for i, x in enumerate(rows.split(case.counts.tolist())):
-        w = case.w[i].double()
-        h, h_abs = x @ w.T, x.abs() @ w.abs().T
-        if activation is None:
-            y, bound = h, h_abs
-        elif gated:
-            (gate, up), (gate_abs, up_abs) = h.chunk(2, -1), h_abs.chunk(2, -1)
-            act = ACTS[activation](gate)
-            y, bound = act * up, SLOPE * gate_abs * up.abs() + act.abs() * up_abs
-        else:
-            y, bound = ACTS[activation](h), SLOPE * h_abs
-        outs.append(y)
-        bounds.append(bound)
-    return torch.cat(outs), torch.cat(bounds)
-
-
-def assert_close_to(got, ref, bound, dtype):
-    assert got.shape == ref.shape, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert got.dtype == dtype, f"dtype {got.dtype} != {dtype}"
-    assert torch.isfinite(got).all(), f"{int((~torch.isfinite(got)).sum())} non-finite"
-    err = (got.double() - ref).abs()
-    rtol, atol = TOL[dtype]
-    bad = err > rtol * ref.abs() + atol + ACCUM_RTOL * bound
-    assert not bad.any(), (f"{int(bad.sum())}/{bad.numel()} elements off, first at "
-                           f"{tuple(bad.nonzero()[0].tolist())}, worst error "
-                           f"{float(err.max()):.3g}")
-
-
-@pytest.fixture
-def poisoned_outputs(monkeypatch):
-    """NaN-fill the output `grouped_gemm` allocates, so an element it fails to write shows up
-    as non-finite; returns the list of tensors so poisoned."""
-    poisoned = []
-    new_empty = torch.Tensor.new_empty
-
-    def nan_empty(self, *size, **kwargs):
-        out = new_empty(self, *size, **kwargs)
-        if out.is_floating_point():
-            poisoned.append(out.fill_(float("nan")))
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", nan_empty)
-    return poisoned
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """The keyword arguments of each launch of the grouped GEMM kernel (its tile shapes and
-    loop choices, which leave the products the same by design)."""
-    seen = []
-    kernel = gg._grouped_gemm_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs)
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(gg, "_grouped_gemm_kernel", Recording())
-    return seen
-
-
-def check(case: Case, activation=None, gated=True, config=None, persistent=False):
-    out = grouped_gemm(case.a, case.w, case.counts, case.a_rows, activation, gated, config,
-                       persistent)
-    ref, bound = reference(case, activation, gated)
-    assert_close_to(out, ref, bound, case.a.dtype)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,17 +320,6 @@ def test_persistent_flattens_only_where_flatten_wins(poisoned_outputs, launches,
         [(flattens, 128 if flattens else 64)]
 
 
-@pytest.mark.parametrize("tile,by_descriptor,experts,budget,wins", [
-    (GemmConfig(128, 256, 64, 8, 8, 4), True, 128, None, True),    # Qwen3's down projection
-    (GemmConfig(128, 256, 64, 8, 8, 4), True, 8, None, False),     # Mixtral's: no gain
-    (GemmConfig(128, 256, 64, 8, 8, 4), False, 128, None, False),  # gathered rows: slower
-    (GemmConfig(128, 128, 64, 8, 8, 4), True, 128, None, False),   # another tile: slower
-    (GemmConfig(128, 256, 64, 8, 8, 4), True, 128, 92 * 1024, False),  # 224 KiB will not fit
-])
-def test_flatten_wins(tile, by_descriptor, experts, budget, wins):
-    assert gg_configs.flatten_wins(tile, by_descriptor, experts, budget) is wins
-
-
 @pytest.fixture
 def descriptors(monkeypatch):
     """Counts the tensor descriptors `grouped_gemm` makes."""
@@ -537,314 +383,19 @@ def test_deterministic(config):
     assert torch.equal(first, second)
 
 
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-def _bad_inputs(change):
-    """Valid (a, w, counts, a_rows, activation) with one argument made invalid."""
-    a = torch.randn(6, 8)
-    args = dict(a=a, w=torch.randn(2, 8, 8), num_tokens_per_expert=torch.tensor([2, 4]),
-                a_rows=None, activation="silu")
-    return {**args, **change(args)}
-
-
-@pytest.mark.parametrize("change,error,match", [
-    (lambda x: dict(a=x["a"][None]), ValueError, r"^a must be 2-D"),
-    (lambda x: dict(a=x["a"].tolist()), TypeError, r"^a must be a torch.Tensor"),
-    (lambda x: dict(w=x["w"][0]), ValueError, r"^w must be 3-D"),
-    (lambda x: dict(w=x["w"].half()), TypeError, r"^w must have a's dtype"),
-    (lambda x: dict(a=x["a"].int(), w=x["w"].int()), TypeError, r"^a must have dtype"),
-    (lambda x: dict(a=x["a"].double(), w=x["w"].double()), TypeError, r"^a must have dtype"),
-    (lambda x: dict(w=x["w"][..., :7]), ValueError, r"^w must be \(e, N, K=8\)"),
-    (lambda x: dict(num_tokens_per_expert=x["num_tokens_per_expert"][None]), ValueError,
-     r"^num_tokens_per_expert must be 1-D"),
-    (lambda x: dict(num_tokens_per_expert=torch.tensor([6])), ValueError,
-     r"^num_tokens_per_expert must be \(2,\)"),
-    (lambda x: dict(num_tokens_per_expert=torch.tensor([2.0, 4.0])), TypeError,
-     r"^num_tokens_per_expert must have dtype"),
-    (lambda x: dict(a_rows=torch.zeros(6)), TypeError, r"^a_rows must have dtype"),
-    (lambda x: dict(a_rows=torch.zeros(6, 1, dtype=torch.int64)), ValueError,
-     r"^a_rows must be 1-D"),
-    (lambda x: dict(activation="tanh"), ValueError, r"^activation must be None or one of"),
-    (lambda x: dict(w=torch.randn(2, 7, 8)), ValueError, r"^w must have an even N"),
-    (lambda x: dict(a=torch.randn(8, 8).t()), ValueError, r"^a and w must have a contiguous"),
-    (lambda x: dict(w=torch.randn(2, 8, 8).transpose(1, 2)), ValueError,
-     r"^a and w must have a contiguous"),
-], ids=["a_3d", "a_list", "w_2d", "w_dtype", "a_int32", "a_float64", "w_K", "counts_2d",
-        "counts_len", "counts_float", "a_rows_float", "a_rows_2d", "activation", "odd_N",
-        "a_strided_K", "w_strided_K"])
-def test_validation(change, error, match):
-    args = _bad_inputs(change)
-    with pytest.raises(error, match=match):
-        grouped_gemm(**args)
-
-
-def test_needs_triton(monkeypatch):
-    from ep_moe.kernels import common
-
-    monkeypatch.setattr(common, "use_triton", lambda t: False)  # a CPU without the interpreter
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        grouped_gemm(**_bad_inputs(lambda x: {}))
-
-
-# --------------------------------------------------------------------------------------------
-# On a GPU, at a real-ish shape
-# --------------------------------------------------------------------------------------------
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_real_shape(dtype):
-    # e=8, D=512, I=256 (w13 of 2I=512 rows), P=300 gathered from 152 tokens with one idle
-    # expert; default config (38 rows per expert: the middle one); fp32 checks IEEE, not tf32
-    counts = [40, 0, 61, 17, 55, 33, 70, 24]
-    case = make_inputs(counts, 512, 512, dtype, gather=True, seed=4)
-    assert case.a.is_cuda
-    check(case, "silu", True)
-
-
-# --------------------------------------------------------------------------------------------
-# The layer: expert_impl="auto" takes the fused path when nothing needs a gradient
-# --------------------------------------------------------------------------------------------
-
-# Allowed error = LAYER_TOL[dtype] * max(max|reference|, 0.1), as in test_layer.py: the chain
-# gate_up GEMM + activation, down GEMM, combine rounds the output a few times
-LAYER_TOL = {
-    torch.float32: 5e-6,  # ~30 fp32 ulps of O(1) values through a few roundings and sums
-    # a bf16 rounding after each of the fused GEMM + activation, down GEMM and combine, with
-    # slack: 8 * 2^-8
-    torch.bfloat16: 2.0**-5,
-}
-LAYER_CONFIGS = {
-    "silu_gated": dict(),                              # SwiGLU: the gated epilogue
-    "gelu_plain": dict(activation="gelu", gated=False),  # plain act(h): gate_up holds I rows
-}
-
-
-def layer_config(**changes) -> MoEConfig:
-    # tiny: D=16, I=24, E=8, K=2; init_std 1/sqrt(D) gives O(1) pre-activations; dense_max_rows
-    # 0 keeps the sorted path, the only one through grouped_gemm
-    return MoEConfig.preset("tiny").replace(init_std=0.25, dense_max_rows=0, **changes)
-
-
-def make_layer(config: MoEConfig, dtype=torch.float32, T=13, seed=0):
-    torch.manual_seed(seed)
-    moe = MoE(config, device=DEVICE, dtype=dtype)
-    x = torch.randn(T, config.hidden_size, generator=torch.Generator().manual_seed(seed + 1))
-    return moe, x.to(DEVICE, dtype)
-
-
-@pytest.fixture
-def gemm_calls(monkeypatch):
-    """Counts the calls of `grouped_gemm` made by the experts module."""
-    calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("activation"))
-        return grouped_gemm(*args, **kwargs)
-
-    monkeypatch.setattr(experts_module, "grouped_gemm", counting)
-    return calls
-
-
-def layer_reference(moe, x, topk_ids):
-    params = {n: p.detach() for n, p in moe.named_parameters()}
-    params.update(dict(moe.named_buffers()))
-    y, _, _ = reference_moe(x.double(), params, moe.config, topk_ids=topk_ids)
-    return y
-
-
-def assert_layer_close(actual, expected, dtype, scale_tol=1.0):
-    assert actual.shape == expected.shape and torch.isfinite(actual).all()
-    err = (actual.double() - expected.double()).abs().max().item()
-    bound = scale_tol * LAYER_TOL[dtype] * max(expected.abs().max().item(), 0.1)
-    assert err <= bound, f"max error {err:.3g} > {bound:.3g} ({dtype})"
-
-
 @needs_triton
-@pytest.mark.parametrize("grad_enabled,params_grad,x_grad,expected", [
-    (False, True, False, 2),   # no_grad: inference, the fused path (gate_up, then down)
-    (True, True, False, 0),    # training: torch's grouped GEMM, which has a backward
-    (True, False, True, 0),    # frozen experts but a gradient wanted for x
-    (True, False, False, 2),   # grad mode on but nothing requires grad: fused
-], ids=["no_grad", "train", "x_grad", "frozen"])
-def test_layer_takes_fused_path(gemm_calls, grad_enabled, params_grad, x_grad, expected):
-    moe, x = make_layer(layer_config())
-    moe.requires_grad_(params_grad)
-    x.requires_grad_(x_grad)
-    with torch.set_grad_enabled(grad_enabled):
-        for forward in (1, 2):
-            y = moe(x)
-            assert len(gemm_calls) == expected * forward, gemm_calls
-    assert y.requires_grad == (grad_enabled and (params_grad or x_grad))
-    if expected:
-        assert gemm_calls[:2] == ["silu", None]  # gate_up with the activation, then down
-
-
-@needs_triton
-@pytest.mark.parametrize("impl", ["grouped_mm", "per_expert", "dense"])
-def test_layer_other_impls_skip_fused_path(gemm_calls, impl):
-    moe, x = make_layer(layer_config(expert_impl=impl))
-    with torch.no_grad():
-        moe(x)
-    assert gemm_calls == []
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", list(LAYER_CONFIGS))
-def test_layer_fused_matches_reference(gemm_calls, name, dtype):
-    moe, x = make_layer(layer_config(**LAYER_CONFIGS[name]), dtype)
-    with torch.no_grad():
-        y, route = moe(x, return_router_output=True)
-    assert len(gemm_calls) == 2 and y.dtype == dtype
-    assert_layer_close(y, layer_reference(moe, x, route.topk_ids), dtype)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", list(LAYER_CONFIGS))
-def test_layer_fused_matches_grouped_mm(gemm_calls, name, dtype):
-    outputs = []
-    for impl in ("auto", "grouped_mm"):  # same seed: the same weights and tokens
-        moe, x = make_layer(layer_config(expert_impl=impl, **LAYER_CONFIGS[name]), dtype)
-        with torch.no_grad():
-            outputs.append(moe(x, return_router_output=True))
-    (y_fused, route_fused), (y_torch, route_torch) = outputs
-    assert len(gemm_calls) == 2  # the auto layer only
-    assert torch.equal(route_fused.topk_ids, route_torch.topk_ids)
-    # each is within LAYER_TOL of float64, so within twice that of each other
-    assert_layer_close(y_fused, y_torch, dtype, scale_tol=2.0)
-
-
-@needs_triton
-def test_layer_fused_no_tokens(gemm_calls):
-    moe, x = make_layer(layer_config(), T=0)  # T=0: P=0 rows through both GEMMs
-    with torch.no_grad():
-        y = moe(x)
-    assert y.shape == (0, 16) and len(gemm_calls) == 2
-
-
-@pytest.mark.parametrize("rows_per_expert,num_experts,gated,expected", [
-    (64, 8, True, GemmConfig(128, 128, 64, 16, 8, 4)),    # few experts: every row block in
-    (128, 2, False, GemmConfig(128, 128, 128, 16, 8, 3, 64)),  # one group of 16; the down
-    #                                                        projection's second block a tail
-    (64, 9, True, GemmConfig(64, 128, 64, 4, 4, 4)),      # more experts: the rows decide
-    (64, None, False, GemmConfig(64, 128, 64, 4, 4, 4)),
-    (32, 8, True, GemmConfig(64, 128, 64, 4, 4, 4)),      # 32 rows and fewer: not measured
-    (200, 8, False, GemmConfig(128, 256, 64, 8, 8, 4)),   # past 128 rows: no gain measured
-    (8, None, True, GemmConfig(16, 128, 128, 1, 4, 3)),   # edge of rows <= 8: short row tiles
-])
-def test_gemm_config_few_experts(rows_per_expert, num_experts, gated, expected):
-    assert gemm_config(rows_per_expert, gated, num_experts=num_experts) == expected
-
-
-@pytest.mark.parametrize("rows_per_expert,gated,tail_m", [
-    (128, True, 0),    # two full blocks or one and a sliver: measured slower with a tail
-    (129, True, 64),   # 129-384 rows gated: the last block in a 64-row tile where it fits
-    (256, True, 64),   # Qwen3 at 4096 tokens, Mixtral at 1024 (probe_tail, stop 16)
-    (384, True, 64),
-    (385, True, 0),    # 512 and more: the branch cost the full tiles more than it saved
-    (256, False, 0),   # the down projection: 128 x 256 tiles, no tail (flattened where many
-    #                    experts; for few the tail's gain was within noise)
-])
-def test_gemm_config_tail_tiles(rows_per_expert, gated, tail_m):
-    for num_experts in (8, 128):
-        assert gemm_config(rows_per_expert, gated, num_experts=num_experts).tail_m == tail_m
-
-
-@pytest.mark.parametrize("rows_per_expert,gated,num_experts,tail_m,group_m", [
-    (128, False, 8, 64, 16),   # few experts' down projection: a sliver's block as a tail
-    (64, False, 8, 64, 16),    # (probe_waves, stop 17: Mixtral at 512 tokens)
-    (128, False, 128, 0, 8),   # many experts: the rows decide, no tail measured there
-    (256, True, 8, 64, 16),    # few experts' gated tiles with tails: groups of 16
-    (256, True, 128, 64, 8),   # many: groups of 8 (Qwen3 at 4096 tokens, stop 16)
-    (512, True, 8, 0, 8),      # past the tails' range: not measured
-])
-def test_gemm_config_few_experts_tails_and_groups(rows_per_expert, gated, num_experts, tail_m,
-                                                 group_m):
-    cfg = gemm_config(rows_per_expert, gated, num_experts=num_experts)
-    assert (cfg.tail_m, cfg.group_m) == (tail_m, group_m)
-
-
-@needs_triton
-def test_default_config_gets_num_experts(monkeypatch):
-    """The launcher's default config and the layer's fused path both pass the expert count."""
-    seen = []
-    real = gg.gemm_config
-
-    def recording(*args, **kwargs):
-        seen.append(args[4] if len(args) > 4 else kwargs.get("num_experts"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gg, "gemm_config", recording)
-    monkeypatch.setattr(experts_module, "gemm_config", recording)
-    case = make_inputs([3, 9, 5], 24, 32, torch.float32)
-    grouped_gemm(case.a, case.w, case.counts)
-    assert seen == [3]
-    moe, x = make_layer(layer_config())
-    seen.clear()
-    with torch.no_grad():
-        moe.experts.fused_forward(x, torch.arange(x.shape[0], device=DEVICE),
-                                  torch.tensor([x.shape[0]] + [0] * 7, device=DEVICE), 4.0)
-    assert seen == [8, 8]
-
-
-@needs_triton
-@pytest.mark.parametrize("loose,overlapped,expected", [
-    (True, False, [True, True]),    # a buffer 4x the expected rows: one program per SM
-    (True, True, [False, False]),   # beside a pipeline's exchanges: the grid leaves SMs free
-    (False, False, [None, None]),  # exact buffers: the grid, but where `flatten_wins`
-])
-def test_persistent_only_over_a_loose_bound(monkeypatch, loose, overlapped, expected):
-    """Which launch the fused path asks for (the rows are the same either way:
-    test_persistent_over_a_bound); that the layer passes `overlapped` only when it pipelines
-    is checked in the gloo tests (dist_utils._check_fixed_exchange)."""
-    seen = []
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["persistent"])
-        return grouped_gemm(*args, **kwargs)
-
-    monkeypatch.setattr(experts_module, "grouped_gemm", recording)
-    moe, x = make_layer(layer_config())
-    rows = 200.0  # mean rows per expert the tiles are chosen for: 128-row tiles
-    P = int(4 * rows * 8) if loose else int(rows * 8)
-    counts = torch.tensor([3, 0, 5, 0, 0, 0, 0, 2], device=DEVICE)
-    source = torch.arange(P, device=DEVICE) % x.shape[0]
-    assert gemm_config(rows, True, 4, num_experts=8).block_m == 128
-    with torch.no_grad():
-        moe.experts.fused_forward(x, source, counts, rows, overlapped=overlapped)
-    assert seen == expected
-
-
-@pytest.mark.parametrize("num_experts", [None, 8, 128])
-@pytest.mark.parametrize("rows_per_expert", [1, 8, 40, 100, 500])
-@pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("element_size", [2, 4])
-def test_default_config_fits_shared_memory(rows_per_expert, gated, element_size, num_experts):
-    # fp32 tiles at the bf16 stage counts needed 240-272 KiB: Triton refused them on an H200
-    cfg = gemm_config(rows_per_expert, gated, element_size, num_experts=num_experts)
-    assert shared_bytes(cfg, gated, element_size) <= 227 * 1024
-    if element_size == 2:  # the bf16 configs are the swept ones, untouched by the fitting
-        assert cfg.num_stages >= 3
-    # a GPU with ~99 KiB a block (the 4-stage gated tile alone needs 144 KiB): fewer stages,
-    # then shorter K tiles, never below what Triton can pipeline
-    small = gemm_config(rows_per_expert, gated, element_size, shared_budget=92 * 1024,
-                        num_experts=num_experts)
-    assert shared_bytes(small, gated, element_size) <= 92 * 1024
-    assert small.num_stages >= 2 and small.block_k >= 16
-    assert small._replace(num_stages=cfg.num_stages, block_k=cfg.block_k) == cfg
-
-
-def test_gemm_config_fitting_order():
-    """Stages go first, K tiles only once at 2 stages. 100 rows gated: (128, 128, 64, 8, 8, 4),
-    (128 + 2 * 128) * 64 * 2 bytes = 48 KiB a stage, buffered num_stages - 1 times: 4 stages
-    need 144 KiB and 3 stages 96 KiB, both over 92 KiB; 2 stages need 48 KiB and fit. (Halving
-    BLOCK_K first would give (128, 128, 32, 8, 8, 4) at 72 KiB.)"""
-    cfg = gemm_config(100, True, 2, shared_budget=92 * 1024)
-    assert cfg == GemmConfig(128, 128, 64, 8, 8, 2)
+def test_bf16_output_rounds_to_nearest_even():
+    """Operands of multiples of 1/4 in [-4, 4]: every product and every partial sum over K = 64
+    is exact in fp32, whatever the order, so the stored bf16 must equal torch's
+    round-to-nearest-even cast of the exact result bit for bit (a truncating cast would not:
+    the sums need up to 14 significant bits, bf16 keeps 8)."""
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randint(-16, 17, (40, 64), generator=g) / 4).to(DEVICE, torch.bfloat16)
+    w = (torch.randint(-16, 17, (2, 32, 64), generator=g) / 4).to(DEVICE, torch.bfloat16)
+    counts = torch.tensor([17, 23], device=DEVICE)
+    got = grouped_gemm(a, w, counts, config=GemmConfig(16, 32, 32, 1, 4, 2))
+    want = torch.cat([a[:17].double() @ w[0].double().T, a[17:].double() @ w[1].double().T])
+    assert torch.equal(got, want.to(torch.bfloat16))
 
 
 # --------------------------------------------------------------------------------------------
@@ -923,6 +474,57 @@ def test_strided_index_tensors():
     assert torch.equal(plain, strided)
 
 
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+def _bad_inputs(change):
+    """Valid (a, w, counts, a_rows, activation) with one argument made invalid."""
+    a = torch.randn(6, 8)
+    args = dict(a=a, w=torch.randn(2, 8, 8), num_tokens_per_expert=torch.tensor([2, 4]),
+                a_rows=None, activation="silu")
+    return {**args, **change(args)}
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda x: dict(a=x["a"][None]), ValueError, r"^a must be 2-D"),
+    (lambda x: dict(a=x["a"].tolist()), TypeError, r"^a must be a torch.Tensor"),
+    (lambda x: dict(w=x["w"][0]), ValueError, r"^w must be 3-D"),
+    (lambda x: dict(w=x["w"].half()), TypeError, r"^w must have a's dtype"),
+    (lambda x: dict(a=x["a"].int(), w=x["w"].int()), TypeError, r"^a must have dtype"),
+    (lambda x: dict(a=x["a"].double(), w=x["w"].double()), TypeError, r"^a must have dtype"),
+    (lambda x: dict(w=x["w"][..., :7]), ValueError, r"^w must be \(e, N, K=8\)"),
+    (lambda x: dict(num_tokens_per_expert=x["num_tokens_per_expert"][None]), ValueError,
+     r"^num_tokens_per_expert must be 1-D"),
+    (lambda x: dict(num_tokens_per_expert=torch.tensor([6])), ValueError,
+     r"^num_tokens_per_expert must be \(2,\)"),
+    (lambda x: dict(num_tokens_per_expert=torch.tensor([2.0, 4.0])), TypeError,
+     r"^num_tokens_per_expert must have dtype"),
+    (lambda x: dict(a_rows=torch.zeros(6)), TypeError, r"^a_rows must have dtype"),
+    (lambda x: dict(a_rows=torch.zeros(6, 1, dtype=torch.int64)), ValueError,
+     r"^a_rows must be 1-D"),
+    (lambda x: dict(activation="tanh"), ValueError, r"^activation must be None or one of"),
+    (lambda x: dict(w=torch.randn(2, 7, 8)), ValueError, r"^w must have an even N"),
+    (lambda x: dict(a=torch.randn(8, 8).t()), ValueError, r"^a and w must have a contiguous"),
+    (lambda x: dict(w=torch.randn(2, 8, 8).transpose(1, 2)), ValueError,
+     r"^a and w must have a contiguous"),
+], ids=["a_3d", "a_list", "w_2d", "w_dtype", "a_int32", "a_float64", "w_K", "counts_2d",
+        "counts_len", "counts_float", "a_rows_float", "a_rows_2d", "activation", "odd_N",
+        "a_strided_K", "w_strided_K"])
+def test_validation(change, error, match):
+    args = _bad_inputs(change)
+    with pytest.raises(error, match=match):
+        grouped_gemm(**args)
+
+
+def test_needs_triton(monkeypatch):
+    from ep_moe.kernels import common
+
+    monkeypatch.setattr(common, "use_triton", lambda t: False)  # a CPU without the interpreter
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        grouped_gemm(**_bad_inputs(lambda x: {}))
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(config=GemmConfig(12, 16, 16, 1, 4, 2)), ValueError, "block_m"),   # not a power of 2
     (dict(config=GemmConfig(16, 16, 16, 0, 4, 2)), ValueError, "group_m"),   # no row group
@@ -948,26 +550,18 @@ def test_rows_of_an_empty_a():
                      a_rows=torch.tensor([0, 1]))
 
 
-def test_layer_fused_path_with_transposed_input():
-    # x whose last dim is strided: the fused path makes it contiguous (grad mode never cared)
-    moe = MoE(MoEConfig.preset("tiny").replace(dense_max_rows=0), device=DEVICE)
-    x = torch.randn(moe.config.hidden_size, 10, device=DEVICE).t()
-    assert x.stride(-1) != 1
-    with torch.no_grad():
-        y = moe(x)
-    torch.testing.assert_close(y, moe(x.contiguous()).detach(), rtol=1e-5, atol=1e-6)
+# --------------------------------------------------------------------------------------------
+# On a GPU, at a real-ish shape
+# --------------------------------------------------------------------------------------------
 
-
-@needs_triton
-def test_bf16_output_rounds_to_nearest_even():
-    """Operands of multiples of 1/4 in [-4, 4]: every product and every partial sum over K = 64
-    is exact in fp32, whatever the order, so the stored bf16 must equal torch's
-    round-to-nearest-even cast of the exact result bit for bit (a truncating cast would not:
-    the sums need up to 14 significant bits, bf16 keeps 8)."""
-    g = torch.Generator().manual_seed(5)
-    a = (torch.randint(-16, 17, (40, 64), generator=g) / 4).to(DEVICE, torch.bfloat16)
-    w = (torch.randint(-16, 17, (2, 32, 64), generator=g) / 4).to(DEVICE, torch.bfloat16)
-    counts = torch.tensor([17, 23], device=DEVICE)
-    got = grouped_gemm(a, w, counts, config=GemmConfig(16, 32, 32, 1, 4, 2))
-    want = torch.cat([a[:17].double() @ w[0].double().T, a[17:].double() @ w[1].double().T])
-    assert torch.equal(got, want.to(torch.bfloat16))
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_real_shape(dtype):
+    # e=8, D=512, I=256 (w13 of 2I=512 rows), P=300 gathered from 152 tokens with one idle
+    # expert; default config (37.5 rows per expert, 8 experts: 128-row tiles in one group);
+    # fp32 checks IEEE, not tf32
+    counts = [40, 0, 61, 17, 55, 33, 70, 24]
+    case = make_inputs(counts, 512, 512, dtype, gather=True, seed=4)
+    assert case.a.is_cuda
+    check(case, "silu", True)

@@ -10,7 +10,6 @@ the gloo tests' host-read and overlap checks in dist_utils.py).
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import pytest

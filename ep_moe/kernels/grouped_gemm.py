@@ -285,9 +285,25 @@ def _tile_product(
 # 2. Launcher (arguments validated, tiles and launch shape decided by `grouped_gemm`)
 # --------------------------------------------------------------------------------------------
 
-def _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten_wins_, tma,
-            w_scale=None, a_scale=None, out_dtype=None):
-    """Returns (out, out_scale): out_scale (P, N'/128) fp32 where out_dtype is e4m3, else None.
+def _descriptors(tma, cfg, a, w, gathered) -> bool:
+    """`tma` resolved: None -> for 128-row tiles where `tma_ok` allows; True where it refuses:
+    an error."""
+    if tma is None:
+        return cfg.block_m >= 128 and tma_ok(a, w, gathered)
+    if tma and not tma_ok(a, w, gathered):
+        raise ValueError("tma=True needs 16-bit a and w (or e4m3, FP8) on a CUDA device of "
+                         "compute capability >= 9 (or the interpreter), w contiguous, rows of a "
+                         "multiple of 16 bytes and 16-byte aligned bases (a's only when its "
+                         f"rows are not gathered); got {a.dtype} on {a.device}, a strides "
+                         f"{a.stride()}, w strides {w.stride()}")
+    return tma
+
+
+def _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma, w_scale=None,
+            a_scale=None, out_dtype=None):
+    """Launch with tensor-descriptor loads and the persistent launch decided here, where the
+    tensors' addresses are known (`tma_ok` reads them; torch.compile's tracing cannot).
+    Returns (out, out_scale): out_scale (P, N'/128) fp32 where out_dtype is e4m3, else None.
     FP8 where `w_scale` is given (w e4m3), with a e4m3 where `a_scale` is."""
     cfg = GemmConfig(*config)
     num_experts, n_total, k_dim = w.shape
@@ -299,10 +315,15 @@ def _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten
         if out_fp8 else None
     if num_rows == 0 or n_out == 0:
         return out, out_scale
-    if k_dim == 0:  # (bf16 only: FP8 takes K >= 128)
+    if k_dim == 0:  # (not FP8: it takes K >= 128)
         return out.zero_(), out_scale  # an empty product, and act(0) * 0 = 0
-    tma_a = tma and a_rows is None
-    flatten = flatten_wins_ and persistent
+    gathered = a_rows is not None
+    tma = _descriptors(tma, cfg, a, w, gathered)
+    tma_a = tma and not gathered
+    # FP8: never the flattened loop (not measured on FP8 tiles)
+    wins = w_scale is None and flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
+    persistent = wins if persistent is None else persistent
+    flatten = wins and persistent
     a_arg, w_arg = a, w
     if tma:
         w_arg = TensorDescriptor.from_tensor(w.view(num_experts * n_total, k_dim),
@@ -343,14 +364,13 @@ def _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten
 @torch.library.custom_op("ep_moe::grouped_gemm", mutates_args=())
 def _grouped_gemm_op(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                      a_rows: Optional[torch.Tensor], activation: Optional[str], gated: bool,
-                     config: list[int], persistent: bool, flatten_wins_: bool,
-                     tma: bool) -> torch.Tensor:
-    return _launch(a, w, counts, a_rows, activation, gated, config, persistent, flatten_wins_,
-                   tma)[0]
+                     config: list[int], persistent: Optional[bool],
+                     tma: Optional[bool]) -> torch.Tensor:
+    return _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma)[0]
 
 
 @_grouped_gemm_op.register_fake
-def _(a, w, counts, a_rows, activation, gated, config, persistent, flatten_wins_, tma):
+def _(a, w, counts, a_rows, activation, gated, config, persistent, tma):
     num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
     return a.new_empty(num_rows, w.shape[1] // 2 if gated else w.shape[1])
 
@@ -360,9 +380,10 @@ def _grouped_gemm_fp8_op(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
                          counts: torch.Tensor, a_rows: Optional[torch.Tensor],
                          a_scale: Optional[torch.Tensor], activation: Optional[str],
                          gated: bool, out_dtype: torch.dtype, config: list[int],
-                         persistent: bool, tma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    out, out_scale = _launch(a, w, counts, a_rows, activation, gated, config, persistent, False,
-                             tma, w_scale, a_scale, out_dtype)
+                         persistent: Optional[bool],
+                         tma: Optional[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    out, out_scale = _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma,
+                             w_scale, a_scale, out_dtype)
     # an op returns tensors: an empty scale where the output is not e4m3
     return out, out_scale if out_scale is not None else out.new_empty(0, dtype=torch.float32)
 
@@ -428,20 +449,6 @@ def _check_operands(a, w, num_tokens_per_expert, a_rows, activation, gated, conf
     return num_rows, gated and activation is not None
 
 
-def _descriptors(tma, cfg, a, w, gathered) -> bool:
-    """`tma` resolved: None -> for 128-row tiles where `tma_ok` allows; True where it refuses:
-    an error."""
-    if tma is None:
-        return cfg.block_m >= 128 and tma_ok(a, w, gathered)
-    if tma and not tma_ok(a, w, gathered):
-        raise ValueError("tma=True needs 16-bit a and w (or e4m3, FP8) on a CUDA device of "
-                         "compute capability >= 9 (or the interpreter), w contiguous, rows of a "
-                         "multiple of 16 bytes and 16-byte aligned bases (a's only when its "
-                         f"rows are not gathered); got {a.dtype} on {a.device}, a strides "
-                         f"{a.stride()}, w strides {w.stride()}")
-    return tma
-
-
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.Tensor,
                  a_rows: Optional[torch.Tensor] = None, activation: Optional[str] = None,
                  gated: bool = True, config: Optional[GemmConfig] = None,
@@ -491,12 +498,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     num_experts = w.shape[0]
     cfg = config or gemm_config(num_rows / max(num_experts, 1), gated, a.element_size(),
                                 shared_budget(a.device), max(num_experts, 1))
-    gathered = a_rows is not None
-    tma = _descriptors(tma, cfg, a, w, gathered)
-    wins = flatten_wins(cfg, tma and not gathered, num_experts, shared_budget(a.device))
+    if tma is not None and not isinstance(tma, bool):
+        raise TypeError(f"tma must be True, False or None, got {tma!r}")
     args = (a, w, num_tokens_per_expert.contiguous(),
             a_rows.contiguous() if a_rows is not None else None, activation, gated, list(cfg),
-            wins if persistent is None else persistent, wins, tma)
+            persistent, tma)
     if torch.compiler.is_compiling():
         return _grouped_gemm_op(*args)
     return _launch(*args)[0]
@@ -576,17 +582,16 @@ def grouped_gemm_fp8(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
         tile_n = " and block_n = 128 (an e4m3 output row group a tile)" if out_fp8 else ""
         raise ValueError(f"config must have block_k = {FP8_BLOCK} (a scale block a K step)"
                          f"{tile_n}, got {cfg}")
-    gathered = a_rows is not None
-    tma = _descriptors(tma, cfg, a, w, gathered)
+    if tma is not None and not isinstance(tma, bool):
+        raise TypeError(f"tma must be True, False or None, got {tma!r}")
     counts = num_tokens_per_expert.contiguous()
     rows = a_rows.contiguous() if a_rows is not None else None
-    persistent = bool(persistent)  # None: the grid (no flattened loop to choose)
     if torch.compiler.is_compiling():
         out, out_scale = _grouped_gemm_fp8_op(a, w, w_scale, counts, rows, a_scale, activation,
                                               gated, out_dtype, list(cfg), persistent, tma)
     else:
         out, out_scale = _launch(a, w, counts, rows, activation, gated, list(cfg), persistent,
-                                 False, tma, w_scale, a_scale, out_dtype)
+                                 tma, w_scale, a_scale, out_dtype)
     return (out, out_scale) if out_fp8 else out
 
 
