@@ -11,7 +11,7 @@ test_distributed.py (kind "fp8"); the NCCL ones at the end here.
 
 from __future__ import annotations
 
-import os
+import copy
 import types
 
 import pytest
@@ -442,17 +442,18 @@ def test_layer_token_counts():
 
 @needs_triton
 def test_layer_compiles():
-    """torch.compile(fullgraph=True) traces the FP8 GEMMs as their custom op (aot_eager: the
-    graph Inductor would get), the same kernels as eager."""
+    """torch.compile(fullgraph=True) traces the FP8 experts as the Triton path's one custom op
+    (aot_eager: the graph Inductor would get), the same kernels as eager."""
     from test_compile import compile_recording_ops
 
     layer = _fp8_layer(LAYER_CONFIGS["silu"])
     x = torch.randn(11, 128, device=DEVICE, dtype=torch.bfloat16)
     with torch.no_grad():
+        plan = layer.plan(x)
         eager = layer(x)
         compiled_layer, ops = compile_recording_ops(layer)
         compiled = compiled_layer(x)
-    assert "grouped_gemm_fp8" in ops and "grouped_gemm" not in ops, ops
+    assert plan.experts == "triton_fp8" and "triton_partials" in ops, ops
     # the same kernels on the same inputs: within one bf16 rounding of each other
     assert ((compiled.double() - eager.double()).norm() / eager.double().norm()) < 2.0**-8
 
@@ -853,6 +854,54 @@ def test_from_hf_fp8_deepseek_shared_expert():
     assert torch.equal(layer.shared_experts.down_proj.cpu(), want)
     x = torch.randn(6, 128, dtype=torch.bfloat16)
     check_layer(layer, x.to(DEVICE), "deepseek from_hf")
+
+
+@needs_triton
+def test_replace_moe_blocks_fp8_model():
+    """`ep_moe.replace_moe_blocks` on a tiny Qwen3-MoE causal LM whose experts transformers made
+    FP8Experts: the layer is FP8, its logits against the unmodified model's (its FP8Experts
+    loop on the dequantized weights: the Hub kernels are out of reach) apart by the e4m3
+    rounding of the activations only (0.7% of the logits here, through the residual stream:
+    the bound leaves ~3x), and greedy generation runs."""
+    pytest.importorskip("transformers")
+    import ep_moe
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Qwen3MoeConfig
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize, replace_with_fp8_linear
+
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=128, moe_intermediate_size=128,
+                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=32, max_position_embeddings=64, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    holder = torch.nn.Module()  # the experts alone made FP8 (FP8Linear attention needs the Hub)
+    holder.config, holder.mlp = cfg, model.model.layers[0].mlp
+    quant_config = FineGrainedFP8Config(weight_block_size=[128, 128])
+    replace_with_fp8_linear(holder, quantization_config=quant_config)
+    experts = holder.mlp.experts
+    experts.to_empty(device="cpu")
+    quantize = Fp8Quantize(types.SimpleNamespace(quantization_config=quant_config))
+    with torch.no_grad():
+        for name, shape in (("gate_up_proj", (4, 256, 128)), ("down_proj", (4, 128, 128))):
+            out = quantize.convert({name: torch.randn(shape) / 128 ** 0.5})
+            getattr(experts, name).copy_(out[name])
+            getattr(experts, name + "_scale_inv").copy_(out[name + "_scale_inv"])
+    reference = copy.deepcopy(model)
+    ref_experts = reference.model.layers[0].mlp.experts
+    with torch.no_grad():
+        for name, w in _transformers_dequantized(reference.model.layers[0].mlp).items():
+            setattr(ref_experts, name, torch.nn.Parameter(w, requires_grad=False))
+    ref_experts.config._experts_implementation = "eager"  # its loop: F.linear on 32-bit weights
+    replaced = ep_moe.replace_moe_blocks(model)
+    assert len(replaced) == 1 and replaced[0].config.expert_quant == "fp8"
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(ids).logits.double()
+        logits_ref = reference(ids).logits.double()
+        tokens = model.generate(ids[:1], max_new_tokens=3, do_sample=False)
+    rel = ((logits - logits_ref).norm() / logits_ref.norm()).item()
+    assert 0 < rel < 0.02, rel
+    assert tokens.shape == (1, 10)
 
 
 # --------------------------------------------------------------------------------------------
