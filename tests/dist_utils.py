@@ -16,6 +16,7 @@ Letters as in the package: T tokens on a rank, D hidden size, E experts, K top-k
 
 from __future__ import annotations
 
+import inspect
 import os
 import queue as queue_lib
 import socket
@@ -291,9 +292,10 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
         overlapped.append(kwargs["overlapped"])
         return fused_forward(*args, **kwargs)
 
-    def recording_partials(*args):
-        overlapped.append(args[-1])
-        return partials(*args)
+    def recording_partials(*args, **kwargs):
+        overlapped.append(inspect.signature(partials).bind(*args, **kwargs)
+                          .arguments["overlapped"])
+        return partials(*args, **kwargs)
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -550,7 +552,7 @@ def check_fp8(case: Case, group, seed: int) -> list[str]:
     a2a = cfg.dispatcher == "all_to_all"
     if plan.experts != "triton_fp8" or plan.fp8_dispatch != a2a:
         fails.append(f"plan {plan}")
-    if a2a:  # the rows arrive as e4m3 with their scales, the bytes of e4m3 + fp32 / 128
+    if a2a:  # the rows arrive as e4m3 with their scales (D bytes and D / 128 fp32 a row)
         with torch.no_grad():
             route = sharded.router(x)
             sent = sharded.dispatcher.dispatch(x, route.topk_ids, route.topk_weights, fp8=True)
