@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from .fp8 import check_fp8_shapes
+
 ScoreFunc = Literal["softmax", "sigmoid"]
 Activation = Literal["silu", "gelu", "relu"]
 # auto: `ep_moe.plan` picks per forward; any other value forces that path of the experts
@@ -15,6 +17,8 @@ ExpertImpl = Literal["auto", "triton", "dense", "grouped_mm", "per_expert"]
 Placement = Literal["linear", "round_robin"]
 Dispatcher = Literal["all_to_all", "allgather"]
 Exchange = Literal["auto", "collective", "nvlink"]
+# none: the routed experts hold weights of the layer's dtype; fp8: e4m3 with 128 x 128 scales
+ExpertQuant = Literal["none", "fp8"]
 
 
 def _choice(name: str, value: object) -> None:
@@ -67,6 +71,15 @@ class MoEConfig:
     # weight read once, nothing sorted) for at most this many rows where the Triton path does
     # not run (training, CPU). None: `ep_moe.plan.DENSE_MAX_ROWS`; 0 turns it off.
     dense_max_rows: Optional[int] = None
+    # fp8 (inference only): the routed experts hold e4m3 weights with one fp32 scale per 128 x
+    # 128 block (DeepSeek-V3's and transformers' FP8Experts layout: `gate_up_proj` (e, 2I, D) and
+    # `gate_up_proj_scale_inv` (e, 2I/128, D/128), `down_proj` and `down_proj_scale_inv`), and
+    # the activations are quantized per token and 128 columns on the fly (`ep_moe.fp8`); an
+    # all-to-all sends the rows as e4m3 with their scales. Router, shared experts and the
+    # combine keep the layer's dtype. D and I must be multiples of 128; the experts run the
+    # Triton path (`expert_impl` "auto" or "triton"). `MoE.quantize_experts("fp8")` turns a
+    # layer's weights into this format.
+    expert_quant: ExpertQuant = "none"
 
     # shared experts (always-on MLP added to the routed output)
     num_shared_experts: int = 0  # DeepSeek-V3: 1, Qwen2-MoE: 1
@@ -154,6 +167,12 @@ class MoEConfig:
                 f"MoEConfig.exchange='nvlink' needs the all_to_all dispatcher with a fixed-size "
                 f"exchange (max_tokens_per_rank set), got dispatcher={self.dispatcher!r}, "
                 f"max_tokens_per_rank={self.max_tokens_per_rank}")
+        if self.expert_quant == "fp8":
+            check_fp8_shapes(self.hidden_size, self.intermediate_size)
+            if self.expert_impl not in ("auto", "triton"):
+                raise ValueError(
+                    f"MoEConfig.expert_quant='fp8' runs the experts through the Triton FP8 "
+                    f"GEMMs: expert_impl must be 'auto' or 'triton', got {self.expert_impl!r}")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts > 0")
         if self.shared_intermediate_size is not None and self.num_shared_experts == 0:

@@ -53,7 +53,8 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .config import MoEConfig
-from .interop import block_family, supported_blocks, config_from_hf, state_dict_from_hf
+from .interop import (block_family, config_from_hf, layer_dtype_from_hf, state_dict_from_hf,
+                      supported_blocks)
 from .layer import MoE
 
 # MoEConfig fields read from the block: they define what it computes, so they cannot change
@@ -196,12 +197,14 @@ def _replacement(block: nn.Module, name: str, group: Optional[ProcessGroup],
     # on the meta device nothing is allocated or initialised (the build draws one seed from
     # the CPU generator: fork it, so the caller's random stream stays as it was)
     with torch.random.fork_rng(devices=[]):
-        moe = MoE(config, process_group=group, device="meta", dtype=source.dtype)
+        moe = MoE(config, process_group=group, device="meta",
+                  dtype=layer_dtype_from_hf(block, config))
     state = state_dict_from_hf(block)
     if len(moe.local_expert_ids) < config.num_experts:
-        # this rank's experts: a copy of e / E of them (a view would keep all E alive)
+        # this rank's experts: a copy of e / E of them (a view would keep all E alive); FP8
+        # experts' block scales too
         index = torch.tensor(moe.local_expert_ids, device=device)
-        for key in ("experts.gate_up_proj", "experts.down_proj"):
+        for key in [k for k in state if k.startswith("experts.")]:
             state[key] = state[key].index_select(0, index)
     moe.load_state_dict(state, assign=True)  # the tensors themselves: no copy
     # not in the state dict: the (E,) local id of each expert, from the placement

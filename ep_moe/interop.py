@@ -22,6 +22,13 @@ DeepSeek-V3 keeps its router weight and correction bias in fp32 whatever the mod
 (transformers' `_keep_in_fp32_modules_strict`); so does the layer built from it
 (`MoEConfig.router_fp32`, which its config carries to an expert-parallel layer too).
 transformers is imported lazily: the rest of ep_moe does not need it.
+
+FP8 blocks: where the routed experts are transformers' `FP8Experts` (a model loaded with its
+fine-grained FP8 quantization config: e4m3 `gate_up_proj` / `down_proj` with their
+`*_scale_inv` 128 x 128 block scales, dynamic activation scales) the layer gets
+`MoEConfig.expert_quant="fp8"` and the same e4m3 weights and scales, bit for bit; shared
+experts stored as `FP8Linear` are dequantized into the layer's dtype (they stay 16-bit in
+ep_moe).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from torch import nn
 
 from .config import MoEConfig
+from .fp8 import E4M3, check_weight_and_scales, dequantize_blocks
 from .layer import MoE
 
 # transformers' `hidden_act` names whose function equals one of ep_moe's activations
@@ -111,7 +119,7 @@ def config_from_hf(block: nn.Module, **changes) -> MoEConfig:
     E, two_I, D = experts.gate_up_proj.shape
     fields = dict(hidden_size=D, intermediate_size=two_I // 2, num_experts=E,
                   top_k=block.gate.top_k, activation=_activation(experts), gated=True,
-                  **_router_fields(family, block.gate))
+                  **_router_fields(family, block.gate), **_fp8_fields(experts))
     shared = _shared_mlp(family, block)
     if shared is not None:
         mlp, gate = shared
@@ -133,8 +141,9 @@ def moe_from_hf(block: nn.Module, dtype: Optional[torch.dtype] = None,
     Args:
         block: a transformers v5 `MixtralSparseMoeBlock`, `Qwen3MoeSparseMoeBlock`,
             `Qwen2MoeSparseMoeBlock` or `DeepseekV3MoE`.
-        dtype, device: of the new layer; default those of the block's routed experts. A
-            DeepSeek-V3 router stays fp32 (as transformers keeps it).
+        dtype, device: of the new layer; default those of the block's routed experts (FP8
+            experts: the router's dtype, bf16 for DeepSeek-V3). A DeepSeek-V3 router stays
+            fp32 (as transformers keeps it).
 
     Returns:
         `MoE` in the block's train/eval mode. Its forward takes (..., D) like the block's
@@ -146,7 +155,8 @@ def moe_from_hf(block: nn.Module, dtype: Optional[torch.dtype] = None,
     """
     config = config_from_hf(block)
     source = block.experts.gate_up_proj
-    moe = MoE(config, dtype=dtype or source.dtype, device=device or source.device)
+    moe = MoE(config, dtype=dtype or layer_dtype_from_hf(block, config),
+              device=device or source.device)
     moe.load_state_dict(state_dict_from_hf(block))  # copies, cast to the layer's dtype
     return moe.train(block.training)
 
@@ -154,24 +164,80 @@ def moe_from_hf(block: nn.Module, dtype: Optional[torch.dtype] = None,
 def state_dict_from_hf(block: nn.Module) -> dict:
     """The state dict of the single-process `MoE` that `config_from_hf(block)` describes, made
     of `block`'s own tensors (detached, storage shared: nothing copied) except a shared MLP's
-    `gate_up_proj`, stacked from its gate_proj and up_proj (one expert's size)."""
+    `gate_up_proj`, stacked from its gate_proj and up_proj (one expert's size), and shared
+    `FP8Linear` weights, dequantized. FP8 experts bring their block scales along."""
     family = block_family(block)
     if family is None:
         config_from_hf(block)  # raises the TypeError that names the supported blocks
+    experts = block.experts
     state = {"router.weight": block.gate.weight,
-             "experts.gate_up_proj": block.experts.gate_up_proj,
-             "experts.down_proj": block.experts.down_proj}
+             "experts.gate_up_proj": experts.gate_up_proj,
+             "experts.down_proj": experts.down_proj}
+    if experts.gate_up_proj.dtype == E4M3:  # FP8Experts: the scales are checked as they load
+        state["experts.gate_up_proj_scale_inv"] = experts.gate_up_proj_scale_inv
+        state["experts.down_proj_scale_inv"] = experts.down_proj_scale_inv
     if family == "deepseek_v3":
         state["router.e_score_correction_bias"] = block.gate.e_score_correction_bias
     shared = _shared_mlp(family, block)
     if shared is not None:
         mlp, gate = shared
-        state["shared_experts.gate_up_proj"] = torch.cat([mlp.gate_proj.weight,
-                                                          mlp.up_proj.weight], 0)
-        state["shared_experts.down_proj"] = mlp.down_proj.weight
+        state["shared_experts.gate_up_proj"] = torch.cat([_linear_weight(mlp.gate_proj),
+                                                          _linear_weight(mlp.up_proj)], 0)
+        state["shared_experts.down_proj"] = _linear_weight(mlp.down_proj)
         if gate is not None:
             state["shared_experts.gate"] = gate.weight
     return {name: t.detach() for name, t in state.items()}
+
+
+# -- FP8 blocks ------------------------------------------------------------------------------
+
+def _fp8_fields(experts: nn.Module) -> dict:
+    """`expert_quant="fp8"` for experts holding e4m3 weights (transformers' `FP8Experts`), after
+    checking that they are what ep_moe computes: 128 x 128 block scales, activations scaled
+    dynamically, a plain gated activation. {} for other experts."""
+    if experts.gate_up_proj.dtype != E4M3:
+        return {}
+    name = type(experts).__name__
+    block_size = getattr(experts, "block_size", None)
+    if block_size is None or tuple(block_size) != (128, 128):
+        raise ValueError(f"{name}.block_size must be (128, 128) (the 128 x 128 weight scale "
+                         f"blocks ep_moe reads), got {block_size!r}")
+    scheme = getattr(experts, "activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ValueError(f"{name}.activation_scheme must be 'dynamic' (ep_moe scales the "
+                         f"activations per token and 128 columns), got {scheme!r}")
+    for attr in ("swiglu_alpha", "limit", "swiglu_limit", "gate_softcap", "up_softcap"):
+        if getattr(experts, attr, None) is not None:
+            raise ValueError(f"{name}.{attr} is {getattr(experts, attr)!r}: ep_moe's gated "
+                             f"activation has no clamp or softcap")
+    for attr in ("gate_up_proj_scale_inv", "down_proj_scale_inv"):
+        if not isinstance(getattr(experts, attr, None), torch.Tensor):
+            raise ValueError(f"{name} has e4m3 weights but no {attr}")
+    return dict(expert_quant="fp8")
+
+
+def layer_dtype_from_hf(block: nn.Module, config: MoEConfig) -> torch.dtype:
+    """The layer's dtype for `block`: its routed experts' weights', or for FP8 experts its
+    router's, except where the router is kept in fp32 (DeepSeek-V3): bf16, the activations'
+    dtype of FP8 checkpoints."""
+    if config.expert_quant != "fp8":
+        return block.experts.gate_up_proj.dtype
+    return torch.bfloat16 if config.router_fp32 else block.gate.weight.dtype
+
+
+def _linear_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's (out, in) weight; transformers' `FP8Linear` (e4m3 weight, 128 x 128
+    `weight_scale_inv` blocks) dequantized in fp32."""
+    w = linear.weight
+    if w.dtype != E4M3:
+        return w
+    block_size = getattr(linear, "block_size", None)
+    if block_size is None or tuple(block_size) != (128, 128):
+        raise ValueError(f"{type(linear).__name__}.block_size must be (128, 128) to dequantize "
+                         f"its weight, got {block_size!r}")
+    check_weight_and_scales(f"{type(linear).__name__}.weight", w, linear.weight_scale_inv,
+                            tuple(w.shape))
+    return dequantize_blocks(w, linear.weight_scale_inv.float())
 
 
 def block_family(block: nn.Module) -> Optional[str]:

@@ -13,6 +13,7 @@ from .config import MoEConfig
 from .dispatch import Dispatched, check_capacity, make_dispatcher
 from .distributed import all_gather_rows, check_same_config, group_rank_and_size
 from .experts import Experts, SharedExperts
+from .fp8 import E4M3
 from .kernels import fused_mul_sum_rows
 from .kernels.common import FLOAT_DTYPES, use_triton
 from .kernels.expert_sort import sort_by_expert
@@ -22,7 +23,6 @@ from .placement import ExpertPlacement
 from .plan import ForwardPlan, plan_forward
 from .router import Router
 
-_EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
 # plans are pure functions of hashable inputs: computed once per shape of forward
 _cached_plan = functools.lru_cache(maxsize=1024)(plan_forward)
 
@@ -84,10 +84,38 @@ class MoE(nn.Module):
     def from_hf(cls, block: nn.Module, dtype=None, device=None) -> "MoE":
         """Single-process `MoE` with the weights of a transformers v5 `MixtralSparseMoeBlock`,
         `Qwen3MoeSparseMoeBlock`, `Qwen2MoeSparseMoeBlock` or `DeepseekV3MoE` (see
-        `ep_moe.interop`); TypeError for other blocks."""
+        `ep_moe.interop`); TypeError for other blocks. Experts that transformers loaded as
+        `FP8Experts` give an FP8 layer (`MoEConfig.expert_quant="fp8"`)."""
         from .interop import moe_from_hf  # lazy: interop imports this module
 
         return moe_from_hf(block, dtype=dtype, device=device)
+
+    @torch.no_grad()
+    def quantize_experts(self, fmt: str = "fp8") -> "MoE":
+        """Quantize the routed experts' weights in place (inference): "fp8" gives e4m3 weights
+        with one fp32 scale per 128 x 128 block (`MoEConfig.expert_quant="fp8"`, which the
+        layer's config then says); router and shared experts keep their dtype. Each rank
+        quantizes its own experts (no collective). Returns the layer.
+
+        Raises ValueError for another format, a layer already quantized, or D or I not a
+        multiple of 128."""
+        if fmt != "fp8":
+            raise ValueError(f"fmt must be 'fp8', got {fmt!r}")
+        if self.config.expert_quant != "none":
+            raise ValueError(f"the experts are already quantized (MoEConfig.expert_quant="
+                             f"{self.config.expert_quant!r})")
+        config = self.config.replace(expert_quant="fp8")  # checks D and I
+        old = self.experts
+        experts = Experts(config, old.num_local_experts).to(device=old.gate_up_proj.device,
+                                                            dtype=old.gate_up_proj.dtype)
+        for i in range(old.num_local_experts):
+            experts.quantize_expert_(i, old.gate_up_proj[i], old.down_proj[i])
+        self.experts = experts.train(old.training)
+        before = self.config
+        for module in self.modules():  # one config for the layer and its parts
+            if getattr(module, "config", None) is before:
+                module.config = config
+        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -106,8 +134,14 @@ class MoE(nn.Module):
         self.expert_map.copy_(self.placement.expert_map(self.rank))
         for local, g in enumerate(self.local_expert_ids):
             gen = torch.Generator(device=device).manual_seed(base_seed + g)
-            self.experts.gate_up_proj[local].normal_(0.0, std, generator=gen)
-            self.experts.down_proj[local].normal_(0.0, std, generator=gen)
+            if not self.experts.fp8:
+                self.experts.gate_up_proj[local].normal_(0.0, std, generator=gen)
+                self.experts.down_proj[local].normal_(0.0, std, generator=gen)
+                continue
+            w13, w2 = (torch.empty(getattr(self.experts, name).shape[1:], device=device)
+                       .normal_(0.0, std, generator=gen) for name in ("gate_up_proj",
+                                                                      "down_proj"))
+            self.experts.quantize_expert_(local, w13, w2)  # drawn in fp32, then quantized
 
     def plan(self, x: torch.Tensor) -> ForwardPlan:
         """What a forward of `x` (..., D) runs here and now (`ep_moe.plan`): the router's top-k,
@@ -128,7 +162,8 @@ class MoE(nn.Module):
                     compiling=compiling)
 
     def forward(self, x: torch.Tensor, return_router_output: bool = False):
-        """x: (..., D) float32 / float16 / bfloat16 -> (..., D) of the same dtype.
+        """x: (..., D) float32 / float16 / bfloat16 -> (..., D) of the same dtype (the layer's;
+        FP8 experts: inference only, their rows quantized on the fly).
 
         With `return_router_output=True` returns `(y, RouterOutput)` (ids, weights, per-expert
         token counts, logits, aux loss). In training, the aux loss's gradient is attached to
@@ -142,10 +177,10 @@ class MoE(nn.Module):
         if x.dtype not in FLOAT_DTYPES:
             # before any collective, on every rank alike: a rank must never raise alone
             raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-        weight = self.experts.gate_up_proj
-        if x.dtype != weight.dtype or x.device != weight.device:
-            raise ValueError(f"x must match the layer's parameters ({weight.dtype} on "
-                             f"{weight.device}), got {x.dtype} on {x.device}")
+        dtype, device = self.experts.activation_dtype, self.experts.gate_up_proj.device
+        if x.dtype != dtype or x.device != device:
+            raise ValueError(f"x must match the layer's parameters ({dtype} on {device}), got "
+                             f"{x.dtype} on {x.device}")
         x_TD = x.reshape(-1, D)
         if self.config.max_tokens_per_rank is not None:  # on one rank too, as on many
             check_capacity(x_TD.shape[0], self.config.max_tokens_per_rank)
@@ -185,17 +220,19 @@ class MoE(nn.Module):
             row_index = torch.where(local_ids >= 0, rows_of_slot, -1).to(torch.int32)
             return _reduce_slots(out_rows.view(-1, sent.x.shape[1]), sent.topk_weights,
                                  row_index, outputs)
-        if plan.experts == "triton":  # inference: gather and activation inside the GEMMs
+        if plan.experts in ("triton", "triton_fp8"):  # inference: gather and activation
+            # inside the GEMMs (FP8: the rows quantized there too, unless they travelled so);
             # tiles for the real pairs where the exchange counted them, else for the plan's
             rows_per_expert = (num_pairs if sent.pairs_exact else plan.pairs) / max(e, 1)
             if outputs is None:  # sort, GEMMs and slot reduction: one op under torch.compile
                 return self.experts.triton_partials(sent.x, ids, sent.topk_weights, expert_map,
                                                     num_pairs, rows_per_expert,
-                                                    plan.overlapped)
+                                                    plan.overlapped, x_scale=sent.x_scale)
             order = sort_by_expert(ids, e, num_pairs, expert_map)
             out_rows = self.experts.fused_forward(sent.x, order.source_rows,
                                                   order.num_tokens_per_expert, rows_per_expert,
-                                                  overlapped=plan.overlapped)  # (P, D)
+                                                  overlapped=plan.overlapped,
+                                                  x_scale=sent.x_scale)  # (P, D)
             return _reduce_slots(out_rows, sent.topk_weights, order.row_index, outputs)
         order = sort_by_expert(ids, e, num_pairs, expert_map)
         # P a bound: gather only the sort's real pairs (its total, on the device)
@@ -208,11 +245,16 @@ class MoE(nn.Module):
 
     # checkpoints ----------------------------------------------------------------------------
 
+    def _expert_state_names(self) -> list[str]:
+        """The state dict's per-expert entries (FP8: the block scales too), leading dim e."""
+        return [f"experts.{name}" for name in self.experts.state_dict()]
+
     def load_full_state_dict(self, state_dict: dict, strict: bool = True):
         """Load the state dict of a single-process `MoE` with the same config, keeping this
-        rank's experts."""
+        rank's experts (and, FP8, their block scales, which are checked: see
+        `Experts.set_fp8_weights`)."""
         local = dict(state_dict)
-        for name in _EXPERT_PARAMS:
+        for name in self._expert_state_names():
             if name in local:
                 full = local[name]
                 if full.shape[0] != self.config.num_experts:
@@ -229,18 +271,23 @@ class MoE(nn.Module):
         if self.world_size == 1:
             return sd
         per_rank = [len(e) for e in self.placement.local_experts]
-        for name in _EXPERT_PARAMS:
-            parts = all_gather_rows(sd[name], per_rank, self.process_group)
-            full = sd[name].new_empty(self.config.num_experts, *sd[name].shape[1:])
+        for name in self._expert_state_names():
+            local = sd[name]
+            # e4m3 travels as bytes: gloo's collectives take no float8 dtype
+            raw = local.view(torch.uint8) if local.dtype == E4M3 else local
+            parts = all_gather_rows(raw, per_rank, self.process_group)
+            full = raw.new_empty(self.config.num_experts, *raw.shape[1:])
             for experts, part in zip(self.placement.local_experts, parts):
                 full[list(experts)] = part
-            sd[name] = full
+            sd[name] = full.view(local.dtype)
         return sd
 
     def extra_repr(self) -> str:
         c = self.config
+        quant = f", experts={c.expert_quant}" if c.expert_quant != "none" else ""
         return (f"D={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, K={c.top_k}, "
-                f"rank={self.rank}/{self.world_size}, local_experts={len(self.local_expert_ids)}")
+                f"rank={self.rank}/{self.world_size}, local_experts={len(self.local_expert_ids)}"
+                f"{quant}")
 
 
 def _reduce_slots(out_rows, topk_weights, row_index, outputs):

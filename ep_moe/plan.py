@@ -13,6 +13,13 @@ each rests on (docs/performance.md has the measurements).
     dense     every local expert on every row through batched GEMMs: a handful of rows
     grouped_mm torch's grouped GEMM over expert-sorted rows (training: its backward)
     per_expert one cuBLAS GEMM per expert, the row counts on the host
+    triton_fp8 FP8 experts (`MoEConfig.expert_quant="fp8"`, inference): the Triton grouped GEMMs
+              on e4m3 tensor cores, 128 x 128 weight scales applied in the K loop, the rows
+              quantized per token and 128 columns as the first GEMM gathers them (or by the
+              dispatch: `fp8_dispatch`), h written in e4m3 by its epilogue. The only FP8 path:
+              torch's FP8 grouped GEMM (`torch._scaled_grouped_mm`) takes tensor-wise or
+              row-wise scales on Hopper (torch 2.11-2.13), not 128 x 128 weight blocks, and the
+              other paths multiply 16-bit weights
 
     exchange  how rows travel (W > 1)
     --------  ----------------------------------------------------------------------------------
@@ -80,6 +87,8 @@ class ForwardPlan:
     rows: R, rows this rank's experts see (a bound where the exchange is not local).
     pairs: expected (row, slot) pairs routed to local experts (balanced routing).
     grad: whether the forward records autograd (training).
+    fp8_dispatch: the all-to-all sends each row as e4m3 with its scales (FP8 experts, W > 1):
+        about half a bf16 row's bytes; the partials come back in the layer's dtype.
     """
 
     router_topk: str
@@ -90,6 +99,7 @@ class ForwardPlan:
     rows: int
     pairs: int
     grad: bool
+    fp8_dispatch: bool = False
 
     @property
     def overlapped(self) -> bool:
@@ -136,9 +146,14 @@ def plan_forward(config: MoEConfig, *, world_size: int, num_local_experts: int,
         rows = W * (T if C is None else C)
         pairs = (T if C is None else C) * K
     bounded = exchange in ("fixed", "nvlink")
-    experts = _experts(cfg, e, rows, pairs, bounded, exchange == "exact", dtype, device_type,
-                       triton, grad, compiling)
-    return ForwardPlan(router_topk(cfg, triton), dispatcher, exchange, chunks, experts, rows, pairs, grad)
+    if cfg.expert_quant == "fp8":
+        experts = _fp8_experts(device_type, triton, grad)
+    else:
+        experts = _experts(cfg, e, rows, pairs, bounded, exchange == "exact", dtype,
+                           device_type, triton, grad, compiling)
+    fp8_dispatch = experts == "triton_fp8" and dispatcher == "all_to_all" and W > 1
+    return ForwardPlan(router_topk(cfg, triton), dispatcher, exchange, chunks, experts, rows,
+                       pairs, grad, fp8_dispatch)
 
 
 def router_topk(config: MoEConfig, triton: bool) -> str:
@@ -199,6 +214,20 @@ def _experts(cfg, e, rows, pairs, bounded, host_counts, dtype, device_type, trit
             pairs >= PER_EXPERT_MIN_ROWS_PER_EXPERT * e and not compiling:
         return "per_expert"
     return "grouped_mm" if grouped_ok else "per_expert"
+
+
+def _fp8_experts(device_type: str, triton: bool, grad: bool) -> str:
+    """FP8 experts: "triton_fp8", where it can run (`MoEConfig.expert_impl` is "auto" or
+    "triton": the config refuses the others)."""
+    if grad:
+        raise ValueError("MoEConfig.expert_quant='fp8' is inference only: run the forward "
+                         "under torch.no_grad() or torch.inference_mode() (or with neither x "
+                         "nor a parameter requiring grad); got a forward that records autograd")
+    if not triton:
+        raise ValueError(f"MoEConfig.expert_quant='fp8' runs Triton FP8 kernels: it needs x on "
+                         f"CUDA (compute capability >= 8.9), or on the CPU with "
+                         f"TRITON_INTERPRET=1; got x on {device_type}")
+    return "triton_fp8"
 
 
 def dense_max_rows(cfg: MoEConfig) -> int:

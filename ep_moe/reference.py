@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .config import MoEConfig
+from .fp8 import E4M3_MAX, dequantize_blocks, quantize_groups
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -74,3 +75,106 @@ def reference_moe(x, params: dict, config: MoEConfig,
             s = torch.sigmoid(x @ params["shared_experts.gate"].double().t()) * s
         y = y + s
     return y, ids, w
+
+
+# -- FP8 experts ------------------------------------------------------------------------------
+
+class Fp8Reference(NamedTuple):
+    """`reference_moe_fp8`'s result: y (T, D) float64, and what a correct fp32 implementation
+    may differ from it by, per element:
+    partial_abs: sum_k |w_k| |expert output_k| (each partial and the combine round to the
+        output dtype: multiply by its rounding);
+    accum: sum_k |w_k| sum_i |h_i| |w2_i| plus the first GEMM's share (multiply by the fp32
+        accumulation's relative bound);
+    slack: where an intermediate h lies within that accumulation bound of an e4m3 rounding
+        midpoint, fp32 may round it the other way: one e4m3 step of h through |w2| (zero
+        almost everywhere)."""
+
+    y: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    partial_abs: torch.Tensor
+    accum: torch.Tensor
+    slack: torch.Tensor
+
+
+def _e4m3_step(v):
+    """The spacing of the e4m3 grid at |v| (v in units of the scale, |v| <= 448)."""
+    exp = torch.floor(torch.log2(v.abs().clamp(min=2.0**-6)))
+    return torch.exp2(exp - 3)
+
+
+def _fp8_mlp(x, w13, s13, w2, s2, config: MoEConfig, accum_rtol: float):
+    """One expert on rows x (float64 values of the layer's dtype) as the FP8 path computes it:
+    (y, |y| terms, accumulation bound, ambiguity slack), all (n, D) float64."""
+    act = _ACTS[config.activation]
+    xq, xs = quantize_groups(x)  # x holds the layer's values: exact in fp32, as the kernels see
+    a = (xq.double().unflatten(-1, (-1, 128)) * xs.double()[..., None]).flatten(-2)
+    w13, w2 = dequantize_blocks(w13, s13, torch.float64), dequantize_blocks(w2, s2, torch.float64)
+    h, h_abs = a @ w13.t(), a.abs() @ w13.abs().t()
+    if config.gated:
+        (gate, up), (gate_abs, up_abs) = h.chunk(2, -1), h_abs.chunk(2, -1)
+        g = act(gate)
+        # |d(act(g) u)| <= max|act'| |dg| |u| + |act(g)| |du|, max|act'| <= 1.13 (gelu)
+        h, h_bound = g * up, 1.13 * gate_abs * up.abs() + g.abs() * up_abs
+    else:
+        h, h_bound = act(h), 1.13 * h_abs
+    # the first GEMM's epilogue quantizes h: fp32 h lies within err of this float64 h
+    err = accum_rtol * h_bound + 4 * 2.0**-24 * h.abs()  # + the activation's fp32 roundings
+    hq, hs = quantize_groups(h)
+    groups = (-1, h.shape[-1] // 128, 128)
+    amax = h.abs().view(groups).amax(-1, keepdim=True).clamp(min=1e-30)
+    v = (h.view(groups) * (E4M3_MAX / amax)).flatten(-2)
+    step = _e4m3_step(v)
+    to_midpoint = ((v / step) - (v / step).floor() - 0.5).abs() * step
+    ambiguous = to_midpoint <= err * (E4M3_MAX / amax).expand(groups).flatten(-2) + 1e-12
+    a2 = (hq.double().view(groups) * hs.double()[..., None]).flatten(-2)
+    # per h element: an e4m3 step if it may round the other way, and the scale's own fp32
+    # error (its amax is an fp32 h too) on every element of the group
+    scale_rel = (err.view(groups).amax(-1, keepdim=True) / amax).expand(groups).flatten(-2)
+    dh = torch.where(ambiguous, step * hs.double().repeat_interleave(128, -1), 0.0) \
+        + scale_rel * a2.abs()
+    y = a2 @ w2.t()
+    accum = a2.abs() @ w2.abs().t()
+    return y, y.abs(), accum, dh @ w2.abs().t()
+
+
+def reference_moe_fp8(x, params: dict, config: MoEConfig,
+                      topk_ids: Optional[torch.Tensor] = None,
+                      accum_rtol: float = 1e-5) -> Fp8Reference:
+    """float64 forward of a layer with FP8 experts (`MoEConfig.expert_quant="fp8"`), applying
+    the same quantization: the weights dequantized from their blocks, each expert's input rows
+    and its intermediate h quantized per row and 128 columns as the kernels do
+    (`ep_moe.fp8`). Router and shared experts as in `reference_moe`.
+
+    Args:
+        x: (T, D) tokens (the layer's dtype: their values are quantized from fp32).
+        params: a state dict of the FP8 layer (`experts.*_scale_inv` included).
+        topk_ids: optional (T, K) to pin the expert choice.
+        accum_rtol: relative bound of the implementation's fp32 sums (of |terms|), which sets
+            where h's rounding to e4m3 is ambiguous (`Fp8Reference.slack`).
+    """
+    x64 = x.double()
+    ids, w = reference_router(x64, params, config, topk_ids)
+    y = torch.zeros_like(x64)
+    partial_abs, accum, slack = (torch.zeros_like(x64) for _ in range(3))
+    w13, s13 = params["experts.gate_up_proj"], params["experts.gate_up_proj_scale_inv"]
+    w2, s2 = params["experts.down_proj"], params["experts.down_proj_scale_inv"]
+    for e in range(config.num_experts):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel():
+            out, out_abs, out_accum, out_slack = _fp8_mlp(x[tok], w13[e], s13[e], w2[e], s2[e],
+                                                          config, accum_rtol)
+            weight = w[tok, slot, None]
+            y = y.index_add(0, tok, out * weight)
+            partial_abs = partial_abs.index_add(0, tok, out_abs * weight.abs())
+            accum = accum.index_add(0, tok, out_accum * weight.abs())
+            slack = slack.index_add(0, tok, out_slack * weight.abs())
+    if config.num_shared_experts:
+        s = _mlp(x64, params["shared_experts.gate_up_proj"].double(),
+                 params["shared_experts.down_proj"].double(), config)
+        if config.shared_expert_gate:
+            s = torch.sigmoid(x64 @ params["shared_experts.gate"].double().t()) * s
+        y = y + s
+        partial_abs = partial_abs + s.abs()
+    return Fp8Reference(y, ids, w, partial_abs, accum, slack)

@@ -16,6 +16,7 @@ Letters as in the package: T tokens on a rank, D hidden size, E experts, K top-k
 
 from __future__ import annotations
 
+import inspect
 import os
 import queue as queue_lib
 import socket
@@ -56,11 +57,14 @@ def free_port() -> int:
 # Spawning
 # --------------------------------------------------------------------------------------------
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out) -> None:
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out,
+           backend: str = "gloo") -> None:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)  # W processes share a couple of cores
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU a rank
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
         try:
             out.put((rank, "ok", fn(*args)))
@@ -70,8 +74,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out
         out.put((rank, "error", traceback.format_exc()))
 
 
-def spawn_group(fn: Callable, world_size: int, args: tuple = (), timeout: float = 300.0) -> list:
-    """Run `fn(*args)` on `world_size` spawned gloo ranks; return the per-rank results.
+def spawn_group(fn: Callable, world_size: int, args: tuple = (), timeout: float = 300.0,
+                backend: str = "gloo") -> list:
+    """Run `fn(*args)` on `world_size` spawned ranks (gloo; or nccl, rank r on GPU r); return
+    the per-rank results.
 
     Raises RuntimeError with every failing rank's traceback if a rank raised, died or did not
     finish within `timeout` seconds (its processes are then killed).
@@ -79,8 +85,8 @@ def spawn_group(fn: Callable, world_size: int, args: tuple = (), timeout: float 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, out), daemon=True)
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, out, backend),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = {}, {}
@@ -124,6 +130,7 @@ class Case:
     """One check, run by every rank of the group.
 
     kind: "match" (sharded vs single-process layer), "aux_loss" (training losses under EP),
+        "fp8" (FP8 experts, inference: sharded vs single-process layer),
         "too_few_experts" (W > E must raise), "config_mismatch" (rank 1 uses another top_k),
         "over_capacity" (more tokens than max_tokens_per_rank must raise), "one_over_capacity"
         (rank 0 alone over it must raise before any collective).
@@ -285,9 +292,10 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
         overlapped.append(kwargs["overlapped"])
         return fused_forward(*args, **kwargs)
 
-    def recording_partials(*args):
-        overlapped.append(args[-1])
-        return partials(*args)
+    def recording_partials(*args, **kwargs):
+        overlapped.append(inspect.signature(partials).bind(*args, **kwargs)
+                          .arguments["overlapped"])
+        return partials(*args, **kwargs)
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -323,7 +331,7 @@ def _check_fixed_exchange(layer, x, y_expected, W: int) -> list[str]:
         fails.append(f"fixed exchange: {len(calls)} all-to-alls, expected {expected}")
     # the Triton path where the plan says so (never for grouped_mm / per_expert, nor on a CPU
     # without the interpreter), beside the exchanges exactly when they are pipelined
-    fused = plan.experts == "triton"
+    fused = plan.experts in ("triton", "triton_fp8")
     if fused != (cfg.expert_impl in ("auto", "triton") and use_triton(x)):
         fails.append(f"fixed exchange: plan {plan} on {x.device}")
     if (fused and not overlapped) or set(overlapped) - {plan.chunks > 1}:
@@ -515,6 +523,55 @@ def check_aux_loss(case: Case, group, seed: int) -> list[str]:
     return fails
 
 
+def check_fp8(case: Case, group, seed: int) -> list[str]:
+    """FP8 experts under expert parallelism (inference only): the sharded layer, loaded from
+    the single-process FP8 layer's state dict (each rank slices its experts and their block
+    scales), against that layer on every rank's tokens. An all-to-all sends the rows as e4m3
+    with their scales (as bytes: gloo takes no float8); `full_state_dict` gathers the e4m3
+    weights back; a forward that records autograd raises the same error on every rank."""
+    rank, W = dist.get_rank(group), dist.get_world_size(group)
+    dtype, cfg = case.dtype, case.moe_config()
+    torch.manual_seed(seed)
+    full = ep_moe.MoE(cfg.replace(max_tokens_per_rank=None, dispatch_chunks=1), dtype=dtype)
+    if cfg.use_correction_bias:
+        with torch.no_grad():
+            full.router.e_score_correction_bias.normal_(0.0, 0.05)
+    torch.manual_seed(seed + 1)  # other weights until loaded
+    sharded = ep_moe.MoE(cfg, process_group=group, dtype=dtype)
+    sharded.load_full_state_dict(full.state_dict())
+    fails = _check_layout(cfg, full, sharded, rank, W)
+
+    x_all, _ = make_inputs(case.tokens, cfg.hidden_size, dtype, seed)
+    start = sum(case.tokens[:rank])
+    x = x_all[start:start + case.tokens[rank]]
+    with torch.no_grad():
+        y = sharded(x)
+        y_full = full(x_all)[start:start + case.tokens[rank]]
+        plan = sharded.plan(x)
+    fails += _compare("fp8 output", y, y_full, dtype)
+    a2a = cfg.dispatcher == "all_to_all"
+    if plan.experts != "triton_fp8" or plan.fp8_dispatch != a2a:
+        fails.append(f"plan {plan}")
+    if a2a:  # the rows arrive as e4m3 with their scales (D bytes and D / 128 fp32 a row)
+        with torch.no_grad():
+            route = sharded.router(x)
+            sent = sharded.dispatcher.dispatch(x, route.topk_ids, route.topk_weights, fp8=True)
+        if sent.x.dtype != torch.float8_e4m3fn or sent.x_scale is None or \
+                tuple(sent.x_scale.shape) != (sent.x.shape[0], cfg.hidden_size // 128):
+            fails.append(f"fp8 dispatch received {sent.x.dtype} rows, scales "
+                         f"{None if sent.x_scale is None else tuple(sent.x_scale.shape)}")
+    if cfg.max_tokens_per_rank is not None:
+        fails += _check_fixed_exchange(sharded, x, y, W)
+    # the router's weight requires grad: inference only, refused on every rank alike
+    fails += _same_error_everywhere(lambda: sharded(x), group,
+                                    ("expert_quant='fp8' is inference only",))
+    gathered = sharded.full_state_dict()
+    for name, ref in full.state_dict().items():
+        if name not in gathered or not torch.equal(gathered[name], ref):
+            fails.append(f"full_state_dict()[{name}] differs from the single-process weights")
+    return fails + _group_still_works(group)
+
+
 def _same_error_everywhere(build: Callable, group, must_contain: tuple) -> list[str]:
     """`build()` must raise a ValueError with the same message on every rank."""
     try:
@@ -583,7 +640,7 @@ def check_one_over_capacity(case: Case, group, seed: int) -> list[str]:
     return fails + _group_still_works(group)
 
 
-_CHECKS = {"match": check_match, "aux_loss": check_aux_loss,
+_CHECKS = {"match": check_match, "aux_loss": check_aux_loss, "fp8": check_fp8,
            "too_few_experts": check_too_few_experts, "config_mismatch": check_config_mismatch,
            "over_capacity": check_over_capacity, "one_over_capacity": check_one_over_capacity}
 

@@ -49,6 +49,8 @@ SHARED_SIGMOID_GROUPS = dict(num_experts=8, top_k=3, score_func="sigmoid", num_e
                              topk_groups=2, use_correction_bias=True, routed_scaling_factor=2.5,
                              num_shared_experts=1, shared_expert_gate=True)  # DeepSeek-V3-like
 AUX = dict(aux_loss_coef=0.01, z_loss_coef=1e-3)
+# FP8 experts: D and I one scale block each (the smallest FP8 shapes), bf16 activations
+FP8 = dict(hidden_size=128, intermediate_size=128, expert_quant="fp8")
 
 CASES = {
     2: _grid(2, (5, 7), (8, 7)) + [
@@ -105,6 +107,14 @@ CASES = {
              config=dict(top_k=3, dispatcher=AG, expert_impl="per_expert")),
         Case("fixed_one_rank_over_capacity", kind="one_over_capacity",
              config=dict(max_tokens_per_rank=3)),
+        # FP8 experts: e4m3 rows and scales out, bf16 partials back
+        Case("fp8_a2a", kind="fp8", tokens=(5, 7), dtype=torch.bfloat16,
+             config=dict(FP8, top_k=2)),
+        Case("fp8_fixed_chunks2_a2a_rank1_empty", kind="fp8", tokens=(6, 0),
+             dtype=torch.bfloat16, config=dict(FP8, top_k=3, max_tokens_per_rank=6,
+                                               dispatch_chunks=2)),
+        Case("fp8_allgather", kind="fp8", tokens=(3, 4), dtype=torch.bfloat16,
+             config=dict(FP8, top_k=2, dispatcher=AG)),  # bf16 rows, quantized by the GEMM
     ],
     3: _grid(3, (5, 0, 9), (6, 7)) + [
         Case("E5_K2_linear_a2a_uneven", tokens=(4, 7, 2), config=dict(num_experts=5)),
@@ -157,6 +167,10 @@ CASES = {
         Case("fixed_grouped_mm_chunks2_K8_a2a", tokens=(3, 6, 0, 5),
              config=dict(top_k=8, max_tokens_per_rank=6, dispatch_chunks=2,
                          expert_impl="grouped_mm")),
+        Case("fp8_shared_sigmoid_groups_rr_a2a", kind="fp8", tokens=(4, 0, 3, 5),
+             dtype=torch.bfloat16, config=dict(SHARED_SIGMOID_GROUPS, placement=RR, **FP8)),
+        Case("fp8_fixed_K8_a2a", kind="fp8", tokens=(2, 5, 0, 4), dtype=torch.bfloat16,
+             config=dict(FP8, top_k=8, max_tokens_per_rank=5)),
     ],
     # the 8-GPU code path at tiny sizes: one expert per rank, and top-8 of 16 experts
     8: [

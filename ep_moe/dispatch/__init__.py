@@ -14,6 +14,10 @@ are stored straight into their home ranks' memory.
 
 Every collective here is differentiable: the backward of a dispatch all-to-all is the reverse
 all-to-all, the backward of an all-gather a reduce-scatter, and vice versa.
+
+FP8 experts (inference): where the plan says `fp8_dispatch`, the all-to-all's rows travel as
+e4m3 bytes with a scale per 128 columns (`dispatch(..., fp8=True)`, `Dispatched.x_scale`),
+about half a bf16 row's bytes; the partials come back in the layer's dtype.
 """
 
 from .dispatchers import (AllGatherDispatcher, AllGatherHandle, AllToAllDispatcher,

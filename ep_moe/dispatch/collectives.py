@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..kernels.dispatch_layout import split_packed
+from ..kernels.dispatch_layout import packed_scales, split_packed
 from ..permute import sum_rows
 
 
@@ -32,16 +32,19 @@ def all_to_all(x, output_splits, input_splits, group):
 
 
 def start_exchange_rows(send, splits, D, K, group):
-    """The packed rows' all-to-all, not waited for: views of the received tokens (R, D) and
-    routing (R, 2K), and the work to wait for before reading them."""
+    """The packed rows' all-to-all, not waited for: views of the received tokens (R, D), their
+    scales (R, D/128) for FP8 rows (else None) and routing (R, 2K), and the work to wait for
+    before reading them. FP8 rows travel as bytes (uint8): gloo takes no float8 dtype."""
     output_splits, input_splits = splits
     out, work = start_all_to_all(send, output_splits, input_splits, group)
-    return (*split_packed(out, D, K), work)
+    recv_x, recv_routing = split_packed(out, D, K)
+    return recv_x, packed_scales(out, D), recv_routing, work
 
 
 def exchange_rows(send, splits, D, K, group):
-    """The packed rows' all-to-all: views of the received tokens (R, D) and routing (R, 2K)."""
-    recv_x, recv_routing, work = start_exchange_rows(send, splits, D, K, group)
+    """The packed rows' all-to-all (16/32-bit rows): views of the received tokens (R, D) and
+    routing (R, 2K)."""
+    recv_x, _, recv_routing, work = start_exchange_rows(send, splits, D, K, group)
     work.wait()
     return recv_x, recv_routing
 

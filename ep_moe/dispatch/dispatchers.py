@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from ..kernels.dispatch_layout import (META_COPIES, META_PAIRS, dispatch_layout,
-                                       gather_send_rows, packed_row, push_send_rows, split_packed)
+from ..kernels.dispatch_layout import (FP8_ROWS, META_COPIES, META_PAIRS, dispatch_layout,
+                                       gather_send_rows, packed_row, packed_scales,
+                                       push_send_rows, split_packed)
 from ..kernels.common import needs_grad
 from ..kernels.fused_mul_sum import SplitOutputs
 from ..permute import count_ids, sum_rows
@@ -67,7 +68,9 @@ class Dispatched:
     topk_weights (R, K) fp32, and the handle `combine` needs. pairs_exact: whether
     `handle.num_local_pairs` is the count of local pairs, or (a fixed-size exchange, which
     reads nothing back) a bound on it. pairs_per_expert: the local pairs of each local expert,
-    on the host where the exchange read them anyway (the exact exchanges), else None."""
+    on the host where the exchange read them anyway (the exact exchanges), else None.
+    x_scale: (R, D/128) fp32 where the rows travelled as FP8 (x is then e4m3, a strided view
+    of the received bytes), else None."""
 
     x: torch.Tensor
     topk_ids: torch.Tensor
@@ -75,6 +78,7 @@ class Dispatched:
     handle: Handle
     pairs_exact: bool = True
     pairs_per_expert: Optional[tuple[int, ...]] = None
+    x_scale: Optional[torch.Tensor] = None
 
 
 def _wait(work: Optional[dist.Work]) -> None:
@@ -93,6 +97,7 @@ class _InFlight:
     handle: AllToAllHandle
     pairs_per_expert: Optional[tuple[int, ...]]
     work: Optional[dist.Work]
+    recv_scale: Optional[torch.Tensor] = None  # FP8 rows' scales
 
     def wait(self) -> Dispatched:
         _wait(self.work)
@@ -100,7 +105,7 @@ class _InFlight:
         recv_ids, recv_weights = _unpack_routing(self.recv_routing, K)
         return Dispatched(self.recv_x, recv_ids, recv_weights, self.handle,
                           pairs_exact=self.pairs_per_expert is not None,
-                          pairs_per_expert=self.pairs_per_expert)
+                          pairs_per_expert=self.pairs_per_expert, x_scale=self.recv_scale)
 
 
 def check_capacity(T: int, capacity: int) -> None:
@@ -156,8 +161,12 @@ class _Dispatcher:
     peer_exchange = False
 
     def run(self, x, topk_ids, topk_weights, compute, plan: ForwardPlan) -> torch.Tensor:
-        sent = self.dispatch(x, topk_ids, topk_weights)
+        sent = self.dispatch(x, topk_ids, topk_weights, **self._row_format(plan))
         return self.combine(compute(sent), sent.handle)
+
+    @staticmethod
+    def _row_format(plan: ForwardPlan) -> dict:
+        return {"fp8": True} if plan.fp8_dispatch else {}
 
 
 class LocalDispatcher(_Dispatcher):
@@ -212,7 +221,8 @@ class AllToAllDispatcher(_Dispatcher):
         on the group's stream). Training: the chunks in turn. All ranks issue the same
         collectives in the same order."""
         if plan.exchange == "nvlink":
-            return self._run_peer(x, topk_ids, topk_weights, compute, plan.chunks)
+            return self._run_peer(x, topk_ids, topk_weights, compute, plan.chunks,
+                                  plan.fp8_dispatch)
         if plan.chunks == 1:
             return super().run(x, topk_ids, topk_weights, compute, plan)
         T = x.shape[0]
@@ -223,8 +233,8 @@ class AllToAllDispatcher(_Dispatcher):
             sent = [self.dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], C)
                     for a, b, C in bounds]
             return torch.cat([self.combine(compute(s), s.handle) for s in sent])
-        started = [self._start_dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], C)
-                   for a, b, C in bounds]
+        started = [self._start_dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], C,
+                                        plan.fp8_dispatch) for a, b, C in bounds]
         returning = []
         for flight in started:
             sent = flight.wait()
@@ -235,15 +245,17 @@ class AllToAllDispatcher(_Dispatcher):
             sum_rows(back, handle.copy_index, out=y[a:b])
         return y
 
-    def _run_peer(self, x, topk_ids, topk_weights, compute, num_chunks: int) -> torch.Tensor:
+    def _run_peer(self, x, topk_ids, topk_weights, compute, num_chunks: int,
+                  fp8: bool = False) -> torch.Tensor:
         """`run` over NVLink (`ep_moe.dispatch.peer`): the chunks' rows are stored into the
         expert ranks' buffers on a send stream, each chunk's experts wait for its barrier, the
         slot reductions store the partials into the home ranks' buffers, and the home sums wait
-        for the partials' barriers (on a return stream). One chunk or many, no host sync."""
+        for the partials' barriers (on a return stream). One chunk or many, no host sync.
+        fp8: the rows stored as e4m3 with their scales (`gather_send_rows`)."""
         check_peer_device(x, self.group)
         (T, K), D, C = topk_ids.shape, x.shape[1], self.capacity
         check_capacity(T, C)
-        peer = self._peer_buffers(x, K)
+        peer = self._peer_buffers(x, K, fp8)
         W, rank = self.world_size, peer.rank
         owner, experts = self._owner_and_table(x.device)
         main = torch.cuda.current_stream(x.device)
@@ -263,16 +275,18 @@ class AllToAllDispatcher(_Dispatcher):
             for i, (a, b, Ci, row, layout) in enumerate(chunks):
                 views, addresses = peer.outputs("recv", row + rank * Ci, Ci)
                 push_send_rows(x[a:b], topk_weights[a:b], topk_ids[a:b], layout, views, first,
-                               addresses)
+                               addresses, fp8=fp8)
                 peer.barrier(rows_channel(i))
                 landed.append(send.record_event())
         for i, ((a, b, Ci, row, layout), event) in enumerate(zip(chunks, landed)):
             main.wait_event(event)
-            recv_x, recv_routing = split_packed(peer.recv(rank, row, W * Ci), D, K)
+            received = peer.recv(rank, row, W * Ci)
+            recv_x, recv_routing = split_packed(received, D, K)
             recv_ids, recv_weights = _unpack_routing(recv_routing, K)
             handle = AllToAllHandle(b - a, _pairs_bound(W * Ci, K), layout.copy_index,
                                     (Ci,) * W, (Ci,) * W)
-            sent = Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=False)
+            sent = Dispatched(recv_x, recv_ids, recv_weights, handle, pairs_exact=False,
+                              x_scale=packed_scales(received, D))
             views, addresses = peer.outputs("back", row + rank * Ci, Ci)
             compute(sent, outputs=SplitOutputs(views, first, addresses))
             ret.wait_stream(main)
@@ -284,9 +298,10 @@ class AllToAllDispatcher(_Dispatcher):
             sum_rows(peer.back(rank, row, W * Ci), layout.copy_index, out=y[a:b])
         return y
 
-    def _peer_buffers(self, x, K) -> PeerBuffers:
-        width = packed_row(x.shape[1], K, x.dtype)[0]
-        key = (x.device, x.dtype, self.world_size * self.capacity, width, x.shape[1])
+    def _peer_buffers(self, x, K, fp8: bool) -> PeerBuffers:
+        row_dtype = FP8_ROWS if fp8 else x.dtype
+        width = packed_row(x.shape[1], K, row_dtype)[0]
+        key = (x.device, row_dtype, x.dtype, self.world_size * self.capacity, width, x.shape[1])
         if self._peer is None or self._peer.key != key:  # a collective, on every rank alike
             self._peer = PeerBuffers(self.group, *key)
         return self._peer
@@ -302,20 +317,30 @@ class AllToAllDispatcher(_Dispatcher):
                                     self.placement.padded_local_experts(device))
         return self._tables[device]
 
-    def dispatch(self, x, topk_ids, topk_weights, capacity: Optional[int] = None) -> Dispatched:
-        """capacity: the fixed-size exchange's rows per rank (default: the dispatcher's)."""
-        return self._start_dispatch(x, topk_ids, topk_weights, capacity or self.capacity).wait()
+    def dispatch(self, x, topk_ids, topk_weights, capacity: Optional[int] = None,
+                 fp8: bool = False) -> Dispatched:
+        """capacity: the fixed-size exchange's rows per rank (default: the dispatcher's).
+        fp8: the rows travel as e4m3 with a scale per 128 columns (`Dispatched.x_scale`;
+        inference only: no gradient flows back through quantized rows)."""
+        return self._start_dispatch(x, topk_ids, topk_weights, capacity or self.capacity,
+                                    fp8).wait()
 
-    def _start_dispatch(self, x, topk_ids, topk_weights, C: Optional[int]) -> "_InFlight":
+    def _start_dispatch(self, x, topk_ids, topk_weights, C: Optional[int],
+                        fp8: bool = False) -> "_InFlight":
         T, K = topk_ids.shape
         if C is not None:
             check_capacity(T, C)
+        grad = needs_grad(x, topk_weights)
+        if fp8 and grad:  # before any collective, on every rank alike
+            raise ValueError("FP8 rows (fp8=True) are for inference: x and topk_weights must "
+                             "not require grad")
         owner, table = self._owner_and_table(x.device)
         layout = dispatch_layout(topk_ids, owner, table, capacity=C or 0)
         if C is None:
             meta_work = dist.all_to_all_single(layout.recv_meta, layout.send_meta,
                                                group=self.group, async_op=True)
-        send = gather_send_rows(x, topk_weights, topk_ids, layout)  # while the meta travels
+        # while the meta travels
+        send = gather_send_rows(x, topk_weights, topk_ids, layout, fp8=fp8)
         if C is None:
             meta_work.wait()  # on NCCL a stream wait, not a host block
             # host sync: split sizes must be on the CPU for all_to_all_single (and with them
@@ -335,16 +360,16 @@ class AllToAllDispatcher(_Dispatcher):
             num_local_pairs = _pairs_bound(C * self.world_size, K)
             pairs_per_expert = None
         splits = (output_splits, input_splits)
-        work = None
-        if needs_grad(x, topk_weights):
+        work = recv_scale = None
+        if grad:
             recv_x, recv_routing = SendRows.apply(x, topk_weights, send, layout.copy_index,
                                                    splits, self.group)
         else:  # inference: no autograd node, the rows' exchange issued sooner after the sync
-            recv_x, recv_routing, work = start_exchange_rows(send, splits, x.shape[1], K,
-                                                              self.group)
+            recv_x, recv_scale, recv_routing, work = start_exchange_rows(
+                send, splits, x.shape[1], K, self.group)
         handle = AllToAllHandle(T, num_local_pairs, layout.copy_index, input_splits,
                                 output_splits)
-        return _InFlight(recv_x, recv_routing, handle, pairs_per_expert, work)
+        return _InFlight(recv_x, recv_routing, handle, pairs_per_expert, work, recv_scale)
 
     def _start_return(self, partial, handle: AllToAllHandle):
         """The partials' exchange home: (rows, work to wait for); work None: done."""

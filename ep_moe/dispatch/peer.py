@@ -42,37 +42,41 @@ class PeerBuffers:
     """One rank's symmetric buffer and its views of every rank's.
 
     rows: the rows of each region (W * max_tokens_per_rank); width: a packed send row's
-    elements (`packed_row`); D: a partial row's. Allocating is a collective: every rank of
-    `group` builds its PeerBuffers in the same forward."""
+    elements of `row_dtype` (`packed_row`: FP8 rows are bytes); D: a partial row's, of
+    `partial_dtype` (the layer's). Allocating is a collective: every rank of `group` builds its
+    PeerBuffers in the same forward."""
 
-    def __init__(self, group: ProcessGroup, device: torch.device, dtype: torch.dtype,
-                 rows: int, width: int, D: int):
+    def __init__(self, group: ProcessGroup, device: torch.device, row_dtype: torch.dtype,
+                 partial_dtype: torch.dtype, rows: int, width: int, D: int):
         import torch.distributed._symmetric_memory as symm_mem  # CUDA builds only
 
         name = group.group_name
         if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch
             symm_mem.enable_symm_mem_for_group(name)
-        self.key = (device, dtype, rows, width, D)
+        self.key = (device, row_dtype, partial_dtype, rows, width, D)
         self.rows, self.width, self.D = rows, width, D
-        self._recv_numel = rows * width
-        local = symm_mem.empty(self._recv_numel + rows * D, dtype=dtype, device=device)
+        self.row_dtype, self.partial_dtype = row_dtype, partial_dtype
+        # one byte buffer: the rows' region, then the partials' (16-byte aligned: a packed
+        # row is a whole number of 16 bytes)
+        self._recv_bytes = rows * width * row_dtype.itemsize
+        nbytes = self._recv_bytes + rows * D * partial_dtype.itemsize
+        local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
         local.zero_()  # padding rows' tokens are never sent: keep them finite from the start
         self.handle = symm_mem.rendezvous(local, name)
         self.rank, self.world_size = self.handle.rank, self.handle.world_size
-        numel = local.numel()
         self._buffers = [local if w == self.rank else
-                         self.handle.get_buffer(w, (numel,), dtype, 0)
+                         self.handle.get_buffer(w, (nbytes,), torch.uint8, 0)
                          for w in range(self.world_size)]
         self._views: dict = {}
         self._tables: dict = {}
 
     def recv(self, rank: int, row: int, count: int) -> torch.Tensor:
         """(count, width) view of `rank`'s received-rows region from `row`."""
-        return self._view(rank, 0, self.width, row, count)
+        return self._view(rank, 0, self.width, self.row_dtype, row, count)
 
     def back(self, rank: int, row: int, count: int) -> torch.Tensor:
         """(count, D) view of `rank`'s returned-partials region from `row`."""
-        return self._view(rank, self._recv_numel, self.D, row, count)
+        return self._view(rank, self._recv_bytes, self.D, self.partial_dtype, row, count)
 
     def outputs(self, region: str, row: int, count: int) -> tuple[list, torch.Tensor]:
         """Every rank's (count, width or D) view at `row` of `region` ("recv" or "back"), and
@@ -87,11 +91,12 @@ class PeerBuffers:
             self._tables[key] = (views, table)
         return self._tables[key]
 
-    def _view(self, rank, start, width, row, count):
+    def _view(self, rank, start, width, dtype, row, count):
+        """start: the region's first byte."""
         key = (rank, start, row, count)
         if key not in self._views:  # the same few views every forward: no host cost after
-            region = self._buffers[rank][start:start + self.rows * width]
-            self._views[key] = region.view(self.rows, width)[row:row + count]
+            region = self._buffers[rank][start:start + self.rows * width * dtype.itemsize]
+            self._views[key] = region.view(dtype).view(self.rows, width)[row:row + count]
         return self._views[key]
 
     def barrier(self, channel: int) -> None:

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FLOAT_DTYPES, check_split_outputs, use_triton
+from ..fp8 import quantize_groups
+from .common import FLOAT_DTYPES, check_split_outputs, quantize_fp8, use_triton
 
 
 META_COPIES, META_PAIRS = 0, 1  # send_meta columns: copies for a rank, then its experts' pairs
@@ -243,10 +244,13 @@ def _gather_send_kernel(
     stride_x, stride_send,
     # meta-parameters
     W_POW2: tl.constexpr, K_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
-    ZERO_PADDING: tl.constexpr, OUT_TABLE: tl.constexpr,
+    ZERO_PADDING: tl.constexpr, OUT_TABLE: tl.constexpr, FP8: tl.constexpr,
+    G_POW2: tl.constexpr,
 ):
     """Send row r = [x[send_tokens[r]], then its topk_weights and topk_ids as fp32 words from
-    element Dp on].
+    element Dp on]. FP8 (a uint8 send buffer): the token as D e4m3 bytes quantized per 128
+    columns, its D / 128 fp32 scales from byte D on (G_POW2 lanes cover them), the routing
+    from byte Dp on.
 
     Program q writes one row. Without OUT_TABLE, row first + q is written to row q at
     send_ptr. With OUT_TABLE (a fixed layout), q goes to rank w = (first + q % W) % W,
@@ -277,10 +281,21 @@ def _gather_send_kernel(
         valid = r < tl.sum(tl.load(send_meta_ptr + w * meta_cols, mask=w < W, other=0))
     if valid:
         t = tl.load(send_tokens_ptr + r)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
-            tl.store(out + d, row, mask=d < D)
+        if FP8:  # BLOCK_D a multiple of 128: whole groups, one a row of the tile
+            scales = (out + D).to(tl.pointer_type(tl.float32), bitcast=True)
+            c = tl.arange(0, 128)
+            for d0 in range(0, D, BLOCK_D):
+                group = d0 // 128 + tl.arange(0, BLOCK_D // 128)
+                d = group[:, None] * 128 + c[None, :]
+                q, scale = quantize_fp8(tl.load(x_ptr + t * stride_x + d, mask=d < D,
+                                                other=0.0))
+                tl.store(out + d, q.to(tl.uint8, bitcast=True), mask=d < D)
+                tl.store(scales + group, scale, mask=group * 128 < D)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                row = tl.load(x_ptr + t * stride_x + d, mask=d < D)
+                tl.store(out + d, row, mask=d < D)
         weights = tl.load(weights_ptr + t * K + k, mask=k < K).to(tl.float32)
         ids = tl.load(ids_ptr + t * K + k, mask=k < K).to(tl.float32)
         tl.store(routing + k, weights, mask=k < K)
@@ -291,16 +306,33 @@ def _gather_send_kernel(
                 d = d0 + tl.arange(0, BLOCK_D)
                 zeros = tl.zeros((BLOCK_D,), dtype=send_ptr.dtype.element_ty)
                 tl.store(out + d, zeros, mask=d < D)
+            if FP8:
+                group = tl.arange(0, G_POW2)
+                scales = (out + D).to(tl.pointer_type(tl.float32), bitcast=True)
+                tl.store(scales + group, tl.zeros((G_POW2,), dtype=tl.float32),
+                         mask=group * 128 < D)
         no_slot = tl.zeros((K_POW2,), dtype=tl.float32)
         tl.store(routing + k, no_slot, mask=k < K)
         tl.store(routing + K + k, no_slot - 1.0, mask=k < K)
+
+
+# FP8 send rows are bytes (uint8): e4m3 values, fp32 scales and the routing in one row, and
+# gloo's all-to-all takes no float8 dtype
+FP8_ROWS = torch.uint8
 
 
 def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
     """(width, Dp) of a send row in elements of `dtype`: the token's D values, padded to Dp (a
     whole number of 4-byte words), then its 2K routing values as fp32 words, bit for bit, then
     padding to a whole number of 16 bytes: NCCL moved chunks off a 16-byte boundary at half
-    speed (docs/performance.md)."""
+    speed (docs/performance.md).
+
+    FP8 rows (`dtype` FP8_ROWS, D a multiple of 128), in bytes: the token's D e4m3 values, its
+    D / 128 fp32 scales, then (from Dp) the routing: D + D / 32 + 8K bytes and padding, against
+    bf16's 2D + 8K (DeepSeek-V3's D 7168, K 8: 7456 bytes against 14400, 0.52x)."""
+    if dtype == FP8_ROWS:
+        Dp = D + 4 * (D // 128)
+        return -(-(Dp + 8 * K) // 16) * 16, Dp
     size = dtype.itemsize
     per_word, per_16 = 4 // size, 16 // size
     Dp = -(-D // per_word) * per_word
@@ -308,34 +340,47 @@ def packed_row(D: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def split_packed(rows: torch.Tensor, D: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of packed rows (R, width): the tokens (R, D) and the routing (R, 2K) fp32
-    [weights, ids as floats]; both strided, no copy."""
+    """Views of packed rows (R, width): the tokens (R, D) (e4m3 for FP8 rows: their scales
+    are `packed_scales`) and the routing (R, 2K) fp32 [weights, ids as floats]; both strided,
+    no copy."""
     _, Dp = packed_row(D, K, rows.dtype)
     first = Dp // (4 // rows.element_size())  # the routing's first fp32 word
-    return rows[:, :D], rows.view(torch.float32)[:, first:first + 2 * K]
+    tokens = rows[:, :D].view(torch.float8_e4m3fn) if rows.dtype == FP8_ROWS else rows[:, :D]
+    return tokens, rows.view(torch.float32)[:, first:first + 2 * K]
+
+
+def packed_scales(rows: torch.Tensor, D: int) -> Optional[torch.Tensor]:
+    """(R, D / 128) fp32 view of FP8 rows' scales (strided, no copy); None for other rows."""
+    if rows.dtype != FP8_ROWS:
+        return None
+    return rows.view(torch.float32)[:, D // 4:D // 4 + D // 128]
 
 
 def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                     layout: SendLayout) -> torch.Tensor:
+                     layout: SendLayout, fp8: bool = False) -> torch.Tensor:
     """Fill the send buffer of `layout` before the split sizes reach the host.
 
     Args:
         x: (T, D) float32/float16/bfloat16 token rows (last dim contiguous); topk_weights (T, K)
             float and topk_ids (T, K) int32/int64 of the same tokens.
         layout: `dispatch_layout` of topk_ids.
+        fp8: send each token as e4m3 with a scale per 128 columns (FP8 experts; D a multiple
+            of 128), quantized here as the kernel gathers it (`ep_moe.fp8`).
 
     Returns:
-        (T * min(K, W), width) of x's dtype (`packed_row`): each row a token and its routing
-        (weights, then ids as floats: exact below 2^24), so one all-to-all moves both; see
-        `split_packed`. Only the first sum(send_meta[:, 0]) rows are written; the buffer is
-        sized by the bound, so no host sync is needed.
+        (T * min(K, W), width) of x's dtype, or FP8_ROWS bytes (`packed_row`): each row a
+        token and its routing (weights, then ids as floats: exact below 2^24), so one
+        all-to-all moves both; see `split_packed` (and `packed_scales`). Only the first
+        sum(send_meta[:, 0]) rows are written; the buffer is sized by the bound, so no host
+        sync is needed.
         With a fixed layout (capacity C): (W * C, width), every row written, padding rows as
         zeros with weights 0 and ids -1.
     """
-    _check_send_args(x, topk_weights, topk_ids, layout)
+    _check_send_args(x, topk_weights, topk_ids, layout, fp8)
     K = topk_ids.shape[1]
     cap, D = layout.send_tokens.shape[0], x.shape[1]
-    send = x.new_empty(cap, packed_row(D, K, x.dtype)[0])
+    row_dtype = FP8_ROWS if fp8 else x.dtype
+    send = x.new_empty(cap, packed_row(D, K, row_dtype)[0], dtype=row_dtype)
     if cap == 0:
         return send
     if not use_triton(x) or x.shape[0] == 0:
@@ -348,7 +393,7 @@ def gather_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
 
 def push_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    layout: SendLayout, outputs: list, first: int = 0,
-                   table: Optional[torch.Tensor] = None) -> None:
+                   table: Optional[torch.Tensor] = None, fp8: bool = False) -> None:
     """The send rows of a fixed `layout` written straight into each rank's buffer.
 
     Rank w's C rows (`gather_send_rows`' rows [w * C, (w + 1) * C)) go to outputs[w], a (C,
@@ -359,20 +404,22 @@ def push_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     token: the receiver never reads a padding row's token, and the bytes are not sent.
 
     Args:
-        x, topk_weights, topk_ids, layout: as in `gather_send_rows`; layout.capacity > 0.
-        outputs: W tensors (C, width) of x's dtype, rows contiguous.
+        x, topk_weights, topk_ids, layout, fp8: as in `gather_send_rows`; layout.capacity > 0.
+        outputs: W tensors (C, width) of x's dtype (FP8_ROWS with fp8), rows contiguous.
         first: the rank whose rows the first programs write (each rank starting with another).
         table: (W,) int64 tensor on x's device holding outputs[w].data_ptr(); built here when
             None (a host-to-device copy, which a CUDA graph cannot capture: pass it built).
     """
-    _check_send_args(x, topk_weights, topk_ids, layout)
+    _check_send_args(x, topk_weights, topk_ids, layout, fp8)
     C, (W, _) = layout.capacity, layout.meta.shape[1:]
     if C == 0:
         raise ValueError("layout must be a fixed-size layout (capacity > 0), got capacity 0")
-    width, Dp = packed_row(x.shape[1], topk_ids.shape[1], x.dtype)
-    table = check_split_outputs(outputs, W, (C, width), x, first, table)
+    row_dtype = FP8_ROWS if fp8 else x.dtype
+    width, Dp = packed_row(x.shape[1], topk_ids.shape[1], row_dtype)
+    table = check_split_outputs(outputs, W, (C, width), x.new_empty(0, dtype=row_dtype), first,
+                                table)
     if not use_triton(x) or x.shape[0] == 0:
-        send = x.new_empty(W * C, width)
+        send = x.new_empty(W * C, width, dtype=row_dtype)
         _gather_send_torch(x, topk_weights, topk_ids, layout, send)
         for w, out in enumerate(outputs):
             out.copy_(send[w * C:(w + 1) * C])
@@ -381,13 +428,16 @@ def push_send_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
                         zero_padding=False)
 
 
-def _check_send_args(x, topk_weights, topk_ids, layout):
+def _check_send_args(x, topk_weights, topk_ids, layout, fp8):
     T, K = topk_ids.shape
     if x.ndim != 2 or x.shape[0] != T or tuple(topk_weights.shape) != (T, K):
         raise ValueError(f"x (T, D) and topk_weights (T, K) must match topk_ids (T, K) = "
                          f"{(T, K)}, got {tuple(x.shape)} and {tuple(topk_weights.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32/float16/bfloat16, got {x.dtype}")
+    if fp8 and x.shape[1] % 128:
+        raise ValueError(f"fp8 send rows need x's D to be a multiple of 128 (the scale "
+                         f"groups), got x of shape {tuple(x.shape)}")
     if layout.copy_index.shape[0] != T:  # a layout of other ids would index x out of bounds
         raise ValueError(f"layout must be the dispatch_layout of these {T} tokens, got one of "
                          f"{layout.copy_index.shape[0]}")
@@ -402,6 +452,7 @@ def _gather_send_torch(x, topk_weights, topk_ids, layout, send):
     """The torch version of the kernel over all of `send` (padding rows zeroed)."""
     cap, D, K, C = send.shape[0], x.shape[1], topk_ids.shape[1], layout.capacity
     send_x, send_routing = split_packed(send, D, K)
+    send_scales = packed_scales(send, D)
     with torch.no_grad():
         rows = torch.arange(cap, device=x.device)
         copies = layout.send_meta[:, META_COPIES]
@@ -411,21 +462,29 @@ def _gather_send_torch(x, topk_weights, topk_ids, layout, send):
         if x.shape[0] == 0:  # padding rows only
             x, routing = x.new_zeros(1, D), routing.new_zeros(1, 2 * K)
         no_slot = torch.cat([routing.new_zeros(K), routing.new_full((K,), -1.0)])
+        if send_scales is not None:  # FP8 rows: e4m3 bytes and scales (torch.where has no e4m3)
+            q, scales = quantize_groups(x)
+            send_x = send_x.view(torch.uint8)
+            x = q.view(torch.uint8)
+            send_scales.copy_(torch.where(valid[:, None], scales[tokens], 0))
         send_x.copy_(torch.where(valid[:, None], x[tokens], 0))
         send_routing.copy_(torch.where(valid[:, None], routing[tokens], no_slot))
 
 
 def _launch_gather_send(x, topk_weights, topk_ids, layout, out, table, first, num_rows,
                         zero_padding):
+    """`out`'s dtype says the rows' format: FP8_ROWS for FP8 rows, else x's."""
     D, K = x.shape[1], topk_ids.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    _, Dp = packed_row(D, K, x.dtype)
+    _, Dp = packed_row(D, K, out.dtype)
     W, meta_cols = layout.meta.shape[1:]
     _gather_send_kernel[(num_rows,)](
         x, topk_weights.contiguous(), topk_ids.contiguous(), layout.send_tokens,
         layout.meta, out, table if table is not None else out,  # meta[0]: send_meta
         D, Dp, K, W, meta_cols, layout.capacity, first, x.stride(0), out.stride(0),
         W_POW2=triton.next_power_of_2(W), K_POW2=triton.next_power_of_2(K),
+        # FP8: whole 128-column groups (D >= 128), 16 of them (a (16, 128) tile) at most
         BLOCK_D=min(triton.next_power_of_2(D), 2048), ZERO_PADDING=zero_padding,
-        OUT_TABLE=table is not None, num_warps=4)
+        OUT_TABLE=table is not None, FP8=out.dtype == FP8_ROWS,
+        G_POW2=triton.next_power_of_2(max(D // 128, 1)), num_warps=4)

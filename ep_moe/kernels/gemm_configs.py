@@ -1,7 +1,7 @@
 """Tile configs of the grouped expert GEMM (`grouped_gemm.py`): the named tuple, the choice by
 rows per expert and expert count (from sweeps of the layer's shapes on H200 and H100; figures
-in docs/performance.md), the launch shape, and the fitting of the pipelined tiles into a GPU's
-shared memory."""
+in docs/performance.md), the FP8 GEMM's, the launch shape, and the fitting of the pipelined
+tiles into a GPU's shared memory."""
 
 from __future__ import annotations
 
@@ -79,6 +79,41 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
     return cfg
 
 
+def fp8_gemm_config(rows_per_expert: float, quantized_out: bool, a_bytes: int = 1,
+                    shared_budget: Optional[int] = None) -> GemmConfig:
+    """Tile sizes of the FP8 grouped GEMM (`grouped_gemm_fp8`) by the mean rows per expert.
+
+    BLOCK_K is 128, the side of the weight scale blocks (one scale per K step); BLOCK_N is 128
+    where the epilogue quantizes its output (`quantized_out`: a tile's columns are then one
+    128-column group of each row). `a_bytes`: 1 for e4m3 rows, 2 (or 4) for 16-bit (fp32)
+    rows quantized as they load, which the pipeline buffers unquantized.
+    Few rows (decode): the weights' bytes bound the time, and an e4m3 weight tile is half a
+    bf16 one, so 16-row tiles keep one more stage in flight than the bf16 config's 3 (the same
+    bytes in flight). Many rows: the FLOPs do; 128-row tiles, 8 warps (the gated tile's two
+    fp32 accumulators and a K step's product take about 192 registers a thread), and 128 x 256
+    for the down projection. These follow the bf16 sweeps' brackets and have not been swept on
+    a GPU in FP8.
+    Where the buffers exceed `shared_budget`, fewer stages, then shorter row tiles.
+    """
+    budget = _SHARED_BUDGET if shared_budget is None else shared_budget
+    if rows_per_expert <= 16:
+        cfg = GemmConfig(16, 128, 128, 1, 4, 4)
+    elif rows_per_expert <= 64:
+        cfg = GemmConfig(64, 128, 128, 4, 4, 3)
+    else:
+        cfg = GemmConfig(128, 128 if quantized_out else 256, 128, 8, 8, 3)
+    # the first GEMM (quantized output) counted with gate and up tiles: plain experts load
+    # one, and fit with room to spare
+    gated = quantized_out
+    while shared_bytes(cfg, gated, a_bytes, 1) > budget and \
+            (cfg.num_stages > 2 or cfg.block_m > 16):
+        if cfg.num_stages > 2:
+            cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+        else:
+            cfg = cfg._replace(block_m=cfg.block_m // 2, num_warps=4)
+    return cfg
+
+
 def flatten_wins(cfg: GemmConfig, rows_by_descriptor: bool, num_experts: int,
                  shared_budget: Optional[int] = None) -> bool:
     """Whether a persistent launch whose tile and K loops are flattened into one pipelined
@@ -130,11 +165,15 @@ def shared_budget(device: torch.device) -> int:
     return optin - _SHARED_MARGIN if optin else _SHARED_BUDGET
 
 
-def shared_bytes(cfg: GemmConfig, gated: bool, element_size: int) -> int:
+def shared_bytes(cfg: GemmConfig, gated: bool, element_size: int,
+                 w_element_size: Optional[int] = None) -> int:
+    """Shared memory of the pipelined A and W tiles: A's elements of `element_size` bytes,
+    W's of `w_element_size` (default the same; 1 for FP8 weights)."""
     w_tiles = 2 if gated else 1
+    w_size = element_size if w_element_size is None else w_element_size
     # a tail tile's loop reuses the same buffers (triton 3.6 for sm_90 gives the kernel the
     # same shared memory with or without one)
-    per_stage = (cfg.block_m + w_tiles * cfg.block_n) * cfg.block_k * element_size
+    per_stage = (cfg.block_m * element_size + w_tiles * cfg.block_n * w_size) * cfg.block_k
     return (cfg.num_stages - 1) * per_stage  # Triton buffers num_stages - 1 tiles ahead
 
 

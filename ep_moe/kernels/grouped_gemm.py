@@ -19,6 +19,13 @@ while the weights stream.
 
 Only used where nothing needs a gradient: training keeps torch's grouped GEMM, whose backward
 torch provides.
+
+FP8 (`grouped_gemm_fp8`, the same kernel under constexpr flags): e4m3 weights with a scale per
+128 x 128 block, BLOCK_K = 128 so each K step multiplies e4m3 tiles on the tensor cores and
+adds that product, times its row and block scales, into the fp32 accumulator. The rows are
+quantized per token and 128 columns as each K block loads (or come quantized, with their
+scales: the dispatch's rows, the down GEMM's h), and the first GEMM's epilogue can write its
+output quantized the same way.
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
     TensorDescriptor = None
 
 from .activation import ACTIVATIONS, act_and_grad
-from .common import INTERPRET, capability_major, check_triton, num_sms, to_output
-from .gemm_configs import GemmConfig, check_config, flatten_wins, gemm_config, shared_budget
+from .common import (FP8_BLOCK, INTERPRET, capability_major, check_triton, num_sms,
+                     per_device, quantize_fp8, to_output)
+from .gemm_configs import (GemmConfig, check_config, flatten_wins, fp8_gemm_config, gemm_config,
+                           shared_budget)
 
 GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,18 +65,20 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _grouped_gemm_kernel(
-    # pointers (a_desc and w: tensor descriptors with TMA_A / TMA_W; else a_desc is a_ptr)
-    a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr,
+    # pointers (a_desc and w: tensor descriptors with TMA_A / TMA_W; else a_desc is a_ptr;
+    # the scales only with FP8)
+    a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, counts_ptr, a_scale_ptr, w_scale_ptr,
+    out_scale_ptr,
     # sizes
-    N, K, num_experts, num_pid_m, up_elems, num_rows, num_a_rows,
-    # strides (the last dim of a, w and out is contiguous)
-    stride_am, stride_we, stride_wn, stride_om,
+    N, K, num_experts, num_pid_m, up_elems, num_rows, num_a_rows, up_scale_rows,
+    # strides (the last dim of a, w, out and the scales is contiguous)
+    stride_am, stride_we, stride_wn, stride_om, stride_asm, stride_wse, stride_wsn, stride_osm,
     # meta-parameters
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TAIL_M: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, TMA_A: tl.constexpr,
-    TMA_W: tl.constexpr,
+    TMA_W: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, OUT_FP8: tl.constexpr,
 ):
     # which expert owns which row block: the row and block counts are read and summed here (a
     # vector of E_POW2 lanes), so the launcher runs no torch ops before the kernel
@@ -85,27 +96,35 @@ def _grouped_gemm_kernel(
         # loads start while the last tile's products run
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
             _gemm_tile(tile, real_m, e, counts, blocks, block_ends, row_ends,
-                       a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
-                       num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                       a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr,
+                       out_scale_ptr, N, K, num_experts, up_elems, num_rows, num_a_rows,
+                       up_scale_rows, stride_am, stride_we, stride_wn, stride_om, stride_asm,
+                       stride_wse, stride_wsn, stride_osm,
                        GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TAIL_M, TMA_A, TMA_W, True)
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TAIL_M, TMA_A, TMA_W,
+                       FP8, A_FP8, OUT_FP8, True)
     else:
         _gemm_tile(tl.program_id(0), num_pid_m, e, counts, blocks, block_ends, row_ends,
-                   a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems,
-                   num_rows, num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                   a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr,
+                   out_scale_ptr, N, K, num_experts, up_elems, num_rows, num_a_rows,
+                   up_scale_rows, stride_am, stride_we, stride_wn, stride_om, stride_asm,
+                   stride_wse, stride_wsn, stride_osm,
                    GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TAIL_M, TMA_A, TMA_W, False)
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TAIL_M, TMA_A, TMA_W,
+                   FP8, A_FP8, OUT_FP8, False)
 
 
 @triton.jit
 def _gemm_tile(
     tile, num_pid_m, e, counts, blocks, block_ends, row_ends,
-    a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, num_experts, up_elems, num_rows,
-    num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+    a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, out_scale_ptr,
+    N, K, num_experts, up_elems, num_rows, num_a_rows, up_scale_rows,
+    stride_am, stride_we, stride_wn, stride_om, stride_asm, stride_wse, stride_wsn, stride_osm,
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TAIL_M: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr, ALL_REAL: tl.constexpr,
+    TAIL_M: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
+    FP8: tl.constexpr, A_FP8: tl.constexpr, OUT_FP8: tl.constexpr, ALL_REAL: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile; tiles past the last row block write nothing. With
     TAIL_M < BLOCK_M an expert's last row block, where its rows fit, runs as a (TAIL_M,
@@ -134,27 +153,33 @@ def _gemm_tile(
             tail = row_end - first_row <= TAIL_M
         if tail:
             _tile_product(first_row, row_end, expert, pid_n,
-                          a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, up_elems, num_rows,
-                          num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                          a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr,
+                          out_scale_ptr, N, K, up_elems, num_rows, num_a_rows, up_scale_rows,
+                          stride_am, stride_we, stride_wn, stride_om, stride_asm, stride_wse,
+                          stride_wsn, stride_osm,
                           GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                          TAIL_M, BLOCK_N, BLOCK_K, False, TMA_W)
+                          TAIL_M, BLOCK_N, BLOCK_K, False, TMA_W, FP8, A_FP8, OUT_FP8)
         else:
             _tile_product(first_row, row_end, expert, pid_n,
-                          a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, up_elems, num_rows,
-                          num_a_rows, stride_am, stride_we, stride_wn, stride_om,
+                          a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr,
+                          out_scale_ptr, N, K, up_elems, num_rows, num_a_rows, up_scale_rows,
+                          stride_am, stride_we, stride_wn, stride_om, stride_asm, stride_wse,
+                          stride_wsn, stride_osm,
                           GATHER, HAS_ACT, GATED, ACT, EVEN_K, IEEE, UPCAST,
-                          BLOCK_M, BLOCK_N, BLOCK_K, TMA_A, TMA_W)
+                          BLOCK_M, BLOCK_N, BLOCK_K, TMA_A, TMA_W, FP8, A_FP8, OUT_FP8)
 
 
 @triton.jit
 def _tile_product(
     first_row, row_end, expert, pid_n,
-    a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, N, K, up_elems, num_rows, num_a_rows,
-    stride_am, stride_we, stride_wn, stride_om,
+    a_desc, a_ptr, a_rows_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, out_scale_ptr,
+    N, K, up_elems, num_rows, num_a_rows, up_scale_rows,
+    stride_am, stride_we, stride_wn, stride_om, stride_asm, stride_wse, stride_wsn, stride_osm,
     GATHER: tl.constexpr, HAS_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TMA_A: tl.constexpr, TMA_W: tl.constexpr,
+    FP8: tl.constexpr, A_FP8: tl.constexpr, OUT_FP8: tl.constexpr,
 ):
     """Rows [first_row, first_row + TILE_M) before row_end, all of one expert, times one
     BLOCK_N column tile of its weights, written to out.
@@ -164,7 +189,16 @@ def _tile_product(
     tile that runs past an expert's N columns reads the next rows, whose products land in
     columns that are never stored. With TMA_A (rows not gathered), `a_desc` is one over a
     (M, K) with TILE_M-row boxes: a row tile that runs past its expert's rows reads the next
-    expert's, again only into rows that are never stored. Otherwise rows load from `a_ptr`."""
+    expert's, again only into rows that are never stored. Otherwise rows load from `a_ptr`.
+
+    FP8: w is e4m3 with one scale per 128 x 128 block, BLOCK_K = 128, so each step of the K
+    loop multiplies e4m3 tiles on the tensor cores (products exact, fp32 sums over at most 128
+    terms: Hopper's FP8 accumulation keeps ~14 bits for longer runs, DeepSeek-V3 report
+    3.3.2) and adds the block's product times its row and column scales into the fp32
+    accumulator. A is e4m3 with its scales (A_FP8: rows quantized by the dispatch, or by the
+    first GEMM's epilogue) or quantized here per row of each K block as it loads, so the rows
+    are never quantized in a pass of their own. OUT_FP8 (BLOCK_N = 128, one group a row): the
+    epilogue writes e4m3 and a scale per row instead of 16-bit values."""
     rows = first_row + tl.arange(0, TILE_M)
     # counts summing past the P output rows must not write past them (device data)
     row_ok = (rows < row_end) & (rows < num_rows)
@@ -186,6 +220,9 @@ def _tile_product(
         # (BLOCK_K, BLOCK_N) tile of w[expert].T; w is (e, N', K) with K contiguous
         w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
                   + cols[None, :].to(tl.int64) * stride_wn + ks[:, None])
+    if FP8:  # the scales of this tile's columns (BLOCK_K = 128 = a scale block's side)
+        ws_ptrs = (w_scale_ptr + expert.to(tl.int64) * stride_wse
+                   + (cols // BLOCK_K).to(tl.int64) * stride_wsn)
     acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -201,7 +238,16 @@ def _tile_product(
             w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             w = tl.load(w_ptrs, mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
-        acc = _dot(a, w, acc, IEEE, UPCAST)
+        if FP8:
+            kb = k0 // BLOCK_K
+            if A_FP8:  # rows that arrived quantized: their scale of this K block
+                a_s = tl.load(a_scale_ptr + a_row * stride_asm + kb, mask=a_ok, other=0.0)
+            else:  # quantized as it loads: per row and 128 columns
+                a, a_s = quantize_fp8(a)
+            w_s = tl.load(ws_ptrs + kb, mask=col_ok, other=0.0)
+            acc += tl.dot(a, w) * (a_s[:, None] * w_s[None, :])
+        else:
+            acc = _dot(a, w, acc, IEEE, UPCAST)
         if GATED:
             if TMA_W:  # the up rows: N rows further
                 w_up = w_ptr.load([w_first + N, k0]).T
@@ -210,7 +256,12 @@ def _tile_product(
             else:
                 w_up = tl.load(w_ptrs + up_elems,
                                mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
-            acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
+            if FP8:  # the up rows' scales: up_scale_rows = N / 128 block rows further
+                w_s_up = tl.load(ws_ptrs + up_scale_rows * stride_wsn + kb, mask=col_ok,
+                                 other=0.0)
+                acc_up += tl.dot(a, w_up) * (a_s[:, None] * w_s_up[None, :])
+            else:
+                acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
         if not TMA_A:
             a_ptrs += BLOCK_K
         if not TMA_W:
@@ -221,36 +272,56 @@ def _tile_product(
         if GATED:
             acc = acc * acc_up
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out_ptrs, to_output(acc, out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if OUT_FP8:  # BLOCK_N = 128: the tile's columns are one group of each row
+        q, scale = quantize_fp8(acc)
+        tl.store(out_ptrs, q, mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out_scale_ptr + rows.to(tl.int64) * stride_osm + pid_n, scale, mask=row_ok)
+    else:
+        tl.store(out_ptrs, to_output(acc, out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
 # 2. Launcher (arguments validated, tiles and launch shape decided by `grouped_gemm`)
 # --------------------------------------------------------------------------------------------
 
-def _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma):
+def _descriptors(tma, cfg, a, w, gathered) -> bool:
+    """`tma` resolved: None -> for 128-row tiles where `tma_ok` allows; True where it refuses:
+    an error."""
+    if tma is None:
+        return cfg.block_m >= 128 and tma_ok(a, w, gathered)
+    if tma and not tma_ok(a, w, gathered):
+        raise ValueError("tma=True needs 16-bit a and w (or e4m3, FP8) on a CUDA device of "
+                         "compute capability >= 9 (or the interpreter), w contiguous, rows of a "
+                         "multiple of 16 bytes and 16-byte aligned bases (a's only when its "
+                         f"rows are not gathered); got {a.dtype} on {a.device}, a strides "
+                         f"{a.stride()}, w strides {w.stride()}")
+    return tma
+
+
+def _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma, w_scale=None,
+            a_scale=None, out_dtype=None):
     """Launch with tensor-descriptor loads and the persistent launch decided here, where the
-    tensors' addresses are known (`tma_ok` reads them; torch.compile's tracing cannot)."""
+    tensors' addresses are known (`tma_ok` reads them; torch.compile's tracing cannot).
+    Returns (out, out_scale): out_scale (P, N'/128) fp32 where out_dtype is e4m3, else None.
+    FP8 where `w_scale` is given (w e4m3), with a e4m3 where `a_scale` is."""
     cfg = GemmConfig(*config)
     num_experts, n_total, k_dim = w.shape
     num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
     n_out = n_total // 2 if gated else n_total
-    out = a.new_empty(num_rows, n_out)
+    out_fp8 = out_dtype == torch.float8_e4m3fn
+    out = a.new_empty(num_rows, n_out, dtype=out_dtype or a.dtype)
+    out_scale = a.new_empty(num_rows, n_out // FP8_BLOCK, dtype=torch.float32) \
+        if out_fp8 else None
     if num_rows == 0 or n_out == 0:
-        return out
-    if k_dim == 0:
-        return out.zero_()  # an empty product, and act(0) * 0 = 0
+        return out, out_scale
+    if k_dim == 0:  # (not FP8: it takes K >= 128)
+        return out.zero_(), out_scale  # an empty product, and act(0) * 0 = 0
     gathered = a_rows is not None
-    if tma is None:
-        tma = cfg.block_m >= 128 and tma_ok(a, w, gathered)
-    elif tma and not tma_ok(a, w, gathered):
-        raise ValueError("tma=True needs 16-bit a and w on a CUDA device of compute capability "
-                         ">= 9 (or the interpreter), w contiguous, rows of a multiple of 16 "
-                         "bytes and 16-byte aligned bases (a's only when its rows are not "
-                         f"gathered); got {a.dtype} on {a.device}, a strides {a.stride()}, "
-                         f"w strides {w.stride()}")
+    tma = _descriptors(tma, cfg, a, w, gathered)
     tma_a = tma and not gathered
-    wins = flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
+    # FP8: never the flattened loop (not measured on FP8 tiles)
+    wins = w_scale is None and flatten_wins(cfg, tma_a, num_experts, shared_budget(a.device))
     persistent = wins if persistent is None else persistent
     flatten = wins and persistent
     a_arg, w_arg = a, w
@@ -262,10 +333,17 @@ def _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma):
     num_pid_m = triton.cdiv(num_rows, cfg.block_m) + num_experts  # upper bound on row blocks
     num_tiles = num_pid_m * triton.cdiv(n_out, cfg.block_n)
     grid = (min(num_tiles, num_sms(a.device)) if persistent else num_tiles,)
+    fp8, a_fp8 = w_scale is not None, a_scale is not None
+    unused = out  # a pointer for the scales a launch without them never reads
     _grouped_gemm_kernel[grid](
         a_arg, a, a_rows if a_rows is not None else a, w_arg, out, counts,
+        a_scale if a_fp8 else unused, w_scale if fp8 else unused,
+        out_scale if out_fp8 else unused,
         n_out, k_dim, num_experts, num_pid_m, n_out * w.stride(1), num_rows, a.shape[0],
+        n_out // FP8_BLOCK,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        a_scale.stride(0) if a_fp8 else 0, w_scale.stride(0) if fp8 else 0,
+        w_scale.stride(1) if fp8 else 0, out_scale.stride(0) if out_fp8 else 0,
         GATHER=a_rows is not None, HAS_ACT=activation is not None, GATED=gated,
         ACT=ACTIVATIONS[activation or "silu"], EVEN_K=k_dim % cfg.block_k == 0,
         IEEE=a.dtype == torch.float32, UPCAST=INTERPRET and a.dtype == torch.bfloat16,
@@ -274,12 +352,13 @@ def _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma):
         # a flattened loop takes no branch: no tail tiles there
         TAIL_M=cfg.tail_m if cfg.tail_m and not flatten else cfg.block_m,
         PERSISTENT=persistent, FLATTEN=flatten, TMA_A=tma_a, TMA_W=tma,
+        FP8=fp8, A_FP8=a_fp8, OUT_FP8=out_fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    return out, out_scale
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Custom op: torch.compile calls the kernel, never traces it (inference: no autograd)
+# 3. Custom ops: torch.compile calls the kernel, never traces it (inference: no autograd)
 # --------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("ep_moe::grouped_gemm", mutates_args=())
@@ -287,7 +366,7 @@ def _grouped_gemm_op(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                      a_rows: Optional[torch.Tensor], activation: Optional[str], gated: bool,
                      config: list[int], persistent: Optional[bool],
                      tma: Optional[bool]) -> torch.Tensor:
-    return _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma)
+    return _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma)[0]
 
 
 @_grouped_gemm_op.register_fake
@@ -296,8 +375,31 @@ def _(a, w, counts, a_rows, activation, gated, config, persistent, tma):
     return a.new_empty(num_rows, w.shape[1] // 2 if gated else w.shape[1])
 
 
+@torch.library.custom_op("ep_moe::grouped_gemm_fp8", mutates_args=())
+def _grouped_gemm_fp8_op(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                         counts: torch.Tensor, a_rows: Optional[torch.Tensor],
+                         a_scale: Optional[torch.Tensor], activation: Optional[str],
+                         gated: bool, out_dtype: torch.dtype, config: list[int],
+                         persistent: Optional[bool],
+                         tma: Optional[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    out, out_scale = _launch(a, w, counts, a_rows, activation, gated, config, persistent, tma,
+                             w_scale, a_scale, out_dtype)
+    # an op returns tensors: an empty scale where the output is not e4m3
+    return out, out_scale if out_scale is not None else out.new_empty(0, dtype=torch.float32)
+
+
+@_grouped_gemm_fp8_op.register_fake
+def _(a, w, w_scale, counts, a_rows, a_scale, activation, gated, out_dtype, config, persistent,
+      tma):
+    num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    n_out = w.shape[1] // 2 if gated else w.shape[1]
+    scale_shape = (num_rows, n_out // FP8_BLOCK) if out_dtype == torch.float8_e4m3fn else (0,)
+    return (a.new_empty(num_rows, n_out, dtype=out_dtype),
+            a.new_empty(scale_shape, dtype=torch.float32))
+
+
 # --------------------------------------------------------------------------------------------
-# 4. Public function: validation, tile config (gemm_configs.py), launch shape
+# 4. Public functions: validation, tile config (gemm_configs.py), launch shape
 # --------------------------------------------------------------------------------------------
 
 def _check(name: str, t: torch.Tensor, ndim: int, dtypes) -> None:
@@ -307,6 +409,44 @@ def _check(name: str, t: torch.Tensor, ndim: int, dtypes) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _check_operands(a, w, num_tokens_per_expert, a_rows, activation, gated, config, persistent):
+    """The checks `grouped_gemm` and `grouped_gemm_fp8` share (dtypes are each one's own);
+    returns (num_rows, gated)."""
+    _check("num_tokens_per_expert", num_tokens_per_expert, 1, (torch.int32, torch.int64))
+    if w.shape[2] != a.shape[1]:
+        raise ValueError(f"w must be (e, N, K={a.shape[1]}), got shape {tuple(w.shape)}")
+    num_experts, n_total, k_dim = w.shape
+    if num_tokens_per_expert.shape[0] != num_experts:
+        raise ValueError(f"num_tokens_per_expert must be ({num_experts},), got shape "
+                         f"{tuple(num_tokens_per_expert.shape)}")
+    if a_rows is not None:
+        _check("a_rows", a_rows, 1, (torch.int32, torch.int64))
+        if a.shape[0] == 0 and a_rows.shape[0] > 0:
+            raise ValueError(f"a_rows selects {a_rows.shape[0]} rows of an empty a")
+    for name, t in (("w", w), ("num_tokens_per_expert", num_tokens_per_expert),
+                    ("a_rows", a_rows)):
+        if t is not None and t.device != a.device:
+            raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
+    if activation is not None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got "
+                             f"{activation!r}")
+        if gated and n_total % 2:
+            raise ValueError(f"w must have an even N (gate | up) with activation, got {n_total}")
+    if a.stride(1) != 1 or w.stride(2) != 1:
+        raise ValueError("a and w must have a contiguous last dim, got strides "
+                         f"{a.stride()} and {w.stride()}")
+    num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    if num_experts == 0 and num_rows and k_dim and n_total:
+        raise ValueError(f"w must hold at least one expert for {num_rows} rows, got shape "
+                         f"{tuple(w.shape)}")
+    if config is not None:
+        check_config(config)
+    if persistent is not None and not isinstance(persistent, bool):
+        raise TypeError(f"persistent must be True, False or None, got {persistent!r}")
+    return num_rows, gated and activation is not None
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.Tensor,
@@ -350,42 +490,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
     """
     _check("a", a, 2, GEMM_DTYPES)
     _check("w", w, 3, GEMM_DTYPES)
-    _check("num_tokens_per_expert", num_tokens_per_expert, 1, (torch.int32, torch.int64))
     if w.dtype != a.dtype:
         raise TypeError(f"w must have a's dtype {a.dtype}, got {w.dtype}")
-    if w.shape[2] != a.shape[1]:
-        raise ValueError(f"w must be (e, N, K={a.shape[1]}), got shape {tuple(w.shape)}")
-    num_experts, n_total, k_dim = w.shape
-    if num_tokens_per_expert.shape[0] != num_experts:
-        raise ValueError(f"num_tokens_per_expert must be ({num_experts},), got shape "
-                         f"{tuple(num_tokens_per_expert.shape)}")
-    if a_rows is not None:
-        _check("a_rows", a_rows, 1, (torch.int32, torch.int64))
-        if a.shape[0] == 0 and a_rows.shape[0] > 0:
-            raise ValueError(f"a_rows selects {a_rows.shape[0]} rows of an empty a")
-    for name, t in (("w", w), ("num_tokens_per_expert", num_tokens_per_expert),
-                    ("a_rows", a_rows)):
-        if t is not None and t.device != a.device:
-            raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
-    if activation is not None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got "
-                             f"{activation!r}")
-        if gated and n_total % 2:
-            raise ValueError(f"w must have an even N (gate | up) with activation, got {n_total}")
-    if a.stride(1) != 1 or w.stride(2) != 1:
-        raise ValueError("a and w must have a contiguous last dim, got strides "
-                         f"{a.stride()} and {w.stride()}")
-    num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
-    gated = gated and activation is not None
-    if num_experts == 0 and num_rows and k_dim and n_total:
-        raise ValueError(f"w must hold at least one expert for {num_rows} rows, got shape "
-                         f"{tuple(w.shape)}")
-    if config is not None:
-        check_config(config)
-    if persistent is not None and not isinstance(persistent, bool):
-        raise TypeError(f"persistent must be True, False or None, got {persistent!r}")
+    num_rows, gated = _check_operands(a, w, num_tokens_per_expert, a_rows, activation, gated,
+                                      config, persistent)
     check_triton("grouped_gemm", a)
+    num_experts = w.shape[0]
     cfg = config or gemm_config(num_rows / max(num_experts, 1), gated, a.element_size(),
                                 shared_budget(a.device), max(num_experts, 1))
     if tma is not None and not isinstance(tma, bool):
@@ -395,20 +505,122 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, num_tokens_per_expert: torch.
             persistent, tma)
     if torch.compiler.is_compiling():
         return _grouped_gemm_op(*args)
-    return _launch(*args)
+    return _launch(*args)[0]
+
+
+def grouped_gemm_fp8(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                     num_tokens_per_expert: torch.Tensor, a_rows: Optional[torch.Tensor] = None,
+                     a_scale: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                     gated: bool = True, out_dtype: torch.dtype = torch.bfloat16,
+                     config: Optional[GemmConfig] = None, persistent: Optional[bool] = False,
+                     tma: Optional[bool] = None):
+    """`grouped_gemm` with e4m3 weights in 128 x 128 scale blocks, on FP8 tensor cores:
+    per expert `rows @ (w[i] * w_scale[i] by block).T`, the rows quantized to e4m3 per row and
+    128 columns (`ep_moe.fp8`), fp32 accumulation with the scales applied at each 128-wide K
+    step.
+
+    Args:
+        a: (M, K) rows, contiguous last dim: e4m3 with `a_scale`, or float32 / float16 /
+            bfloat16, then quantized as each K block loads (no pass over the rows of its own).
+        w: (e, N, K) e4m3 (K contiguous); K and N (N / 2 per half with a gated activation)
+            multiples of 128.
+        w_scale: (e, N/128, K/128) fp32, the weight a block stands for is w times its scale
+            (transformers' `*_scale_inv`); last dim contiguous.
+        num_tokens_per_expert, a_rows, activation, gated: as in `grouped_gemm`.
+        a_scale: (M, K/128) fp32 scales of an e4m3 a (row r, group j stands for a[r, 128 j:
+            128 (j + 1)] * a_scale[r, j]); any row stride (packed dispatch rows), last dim
+            contiguous. Rows that `a_rows` never picks are not read.
+        out_dtype: float32 / float16 / bfloat16; or torch.float8_e4m3fn: the epilogue quantizes
+            each row's 128-column groups (the next GEMM's e4m3 a), and the config's block_n
+            must be 128.
+        config: default `fp8_gemm_config(P / e, out_dtype is e4m3, a.element_size(),
+            shared_budget(a.device))`; its block_k must be 128.
+        persistent, tma: as in `grouped_gemm` (never a flattened loop: not measured in FP8).
+
+    Returns:
+        (P, N') of out_dtype, N' = N / 2 with a gated activation, else N; with e4m3 out_dtype
+        (out (P, N') e4m3, out_scale (P, N' / 128) fp32). Rows past the counts' sum unwritten.
+    """
+    e4m3 = torch.float8_e4m3fn
+    _check("a", a, 2, (*GEMM_DTYPES, e4m3))
+    _check("w", w, 3, (e4m3,))
+    _check("w_scale", w_scale, 3, (torch.float32,))
+    num_rows, gated = _check_operands(a, w, num_tokens_per_expert, a_rows, activation, gated,
+                                      config, persistent)
+    num_experts, n_total, k_dim = w.shape
+    n_out = n_total // 2 if gated else n_total
+    if k_dim % FP8_BLOCK or k_dim == 0 or n_out % FP8_BLOCK:
+        raise ValueError(f"w must be (e, N, K) with K > 0 and {'N / 2' if gated else 'N'} "
+                         f"multiples of {FP8_BLOCK} (the scale blocks), got shape "
+                         f"{tuple(w.shape)}")
+    blocks = (num_experts, n_total // FP8_BLOCK, k_dim // FP8_BLOCK)
+    if tuple(w_scale.shape) != blocks or w_scale.stride(2) != 1:
+        raise ValueError(f"w_scale must be {blocks} (one scale per 128 x 128 block of w) with "
+                         f"a contiguous last dim, got shape {tuple(w_scale.shape)} strides "
+                         f"{w_scale.stride()}")
+    if (a.dtype == e4m3) != (a_scale is not None):
+        raise ValueError(f"a_scale must be given exactly when a is e4m3, got a {a.dtype} and "
+                         f"a_scale {'None' if a_scale is None else tuple(a_scale.shape)}")
+    if a_scale is not None:
+        _check("a_scale", a_scale, 2, (torch.float32,))
+        want = (a.shape[0], k_dim // FP8_BLOCK)
+        if tuple(a_scale.shape) != want or a_scale.stride(1) != 1:
+            raise ValueError(f"a_scale must be {want} with a contiguous last dim, got shape "
+                             f"{tuple(a_scale.shape)} strides {a_scale.stride()}")
+    for name, t in (("w_scale", w_scale), ("a_scale", a_scale)):
+        if t is not None and t.device != a.device:
+            raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
+    if out_dtype not in (*GEMM_DTYPES, e4m3):
+        raise TypeError(f"out_dtype must be float32, float16, bfloat16 or float8_e4m3fn, got "
+                        f"{out_dtype}")
+    out_fp8 = out_dtype == e4m3
+    check_triton("grouped_gemm_fp8", a)
+    check_fp8_device(a.device)
+    cfg = config or fp8_gemm_config(num_rows / max(num_experts, 1), out_fp8, a.element_size(),
+                                    shared_budget(a.device))
+    if cfg.block_k != FP8_BLOCK or (out_fp8 and cfg.block_n != FP8_BLOCK):
+        tile_n = " and block_n = 128 (an e4m3 output row group a tile)" if out_fp8 else ""
+        raise ValueError(f"config must have block_k = {FP8_BLOCK} (a scale block a K step)"
+                         f"{tile_n}, got {cfg}")
+    if tma is not None and not isinstance(tma, bool):
+        raise TypeError(f"tma must be True, False or None, got {tma!r}")
+    counts = num_tokens_per_expert.contiguous()
+    rows = a_rows.contiguous() if a_rows is not None else None
+    if torch.compiler.is_compiling():
+        out, out_scale = _grouped_gemm_fp8_op(a, w, w_scale, counts, rows, a_scale, activation,
+                                              gated, out_dtype, list(cfg), persistent, tma)
+    else:
+        out, out_scale = _launch(a, w, counts, rows, activation, gated, list(cfg), persistent,
+                                 tma, w_scale, a_scale, out_dtype)
+    return (out, out_scale) if out_fp8 else out
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """RuntimeError unless `device` multiplies e4m3 tiles: CUDA of compute capability >= 8.9
+    (Ada, Hopper and newer), or the CPU interpreter."""
+    if device.type == "cuda" and not _e4m3_tensor_cores(device):
+        raise RuntimeError(f"FP8 experts need e4m3 tensor cores (compute capability >= 8.9), "
+                           f"got {torch.cuda.get_device_name(device)} with "
+                           f"{torch.cuda.get_device_capability(device)}")
+
+
+@per_device
+def _e4m3_tensor_cores(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def tma_ok(a: torch.Tensor, w: torch.Tensor, gathered: bool = False) -> bool:
-    """Whether `grouped_gemm` can load through tensor descriptors: 16-bit operands (fp32 takes
-    the IEEE products, and its descriptor loads were never measured), w contiguous with rows
-    of a multiple of 16 bytes, and a too unless its rows are gathered (then a gets no
-    descriptor), 16-byte aligned bases, on Hopper or newer (or the interpreter, which emulates
-    them)."""
-    if TensorDescriptor is None or a.element_size() != 2 or not w.is_contiguous():
+    """Whether `grouped_gemm` (and `grouped_gemm_fp8`) can load through tensor descriptors:
+    16-bit or e4m3 operands (fp32 takes the IEEE products, and its descriptor loads were
+    never measured), w contiguous with rows of a multiple of 16 bytes, and a too unless its
+    rows are gathered (then a gets no descriptor), 16-byte aligned bases, on Hopper or newer
+    (or the interpreter, which emulates them)."""
+    if TensorDescriptor is None or a.element_size() > 2 or w.element_size() > 2 \
+            or not w.is_contiguous():
         return False
-    if (w.shape[2] * 2) % 16 or w.data_ptr() % 16:
+    if (w.shape[2] * w.element_size()) % 16 or w.data_ptr() % 16:
         return False
-    if not gathered and ((a.stride(0) * 2) % 16 or a.data_ptr() % 16):
+    if not gathered and ((a.stride(0) * a.element_size()) % 16 or a.data_ptr() % 16):
         return False
     if a.device.type == "cuda":
         return capability_major(a.device) >= 9
