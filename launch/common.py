@@ -184,6 +184,20 @@ def copy_ceiling_gbs(device: torch.device) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def fp8_matmul_ceiling_tflops(device: torch.device) -> float | None:
+    """e4m3 square matmul (`torch._scaled_mm`, one scale per tensor, bf16 out), 8192^3; None
+    where torch has no FP8 matmul for the device (the CPU, GPUs before compute capability 8.9)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major operand
+    one = torch.ones((), device=device)
+    ms = time_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one,
+                                          out_dtype=torch.bfloat16), device, iters=20)
+    return 2 * n**3 / ms / 1e9
+
+
 def matmul_ceiling_tflops(device: torch.device) -> float:
     """bf16 square matmul, 8192^3 on CUDA (256^3 on the CPU)."""
     n = 8192 if device.type == "cuda" else 256

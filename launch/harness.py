@@ -12,6 +12,11 @@
    dispatch, experts, combine), the exchanges next to a raw all_to_all_single of the same
    bytes, peak memory, and the single-GPU layer on the same tokens per GPU, alternating over
    --rounds so each ratio compares neighbours in time.
+3. With --fp8, the same layer with its experts quantized to e4m3 (`quantize_experts("fp8")`,
+   inference): checked (fp32 on the CPU, D = I = 128) against the single-process FP8 layer and
+   the float64 reference of the same quantization, then its no-grad forward timed against the
+   bf16 one and the single-GPU FP8 layer, and its dispatch (e4m3 rows with their scales) against
+   the bf16 dispatch: bytes, time, and the raw exchange of those bytes.
 
 Rank 0 prints one short table (one row per dispatcher); every figure of every rank goes to
 $OUT/harness_<preset>_W<W>.json ($OUT defaults to ./out), and with --plot the phases of each
@@ -37,8 +42,8 @@ from common import (capture_graph, copy_ceiling_gbs, graph_time_us, markdown_tab
 import ep_moe  # noqa: E402
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.distributed import group_rank_and_size, init_distributed  # noqa: E402
-from ep_moe.kernels.dispatch_layout import packed_row  # noqa: E402
-from ep_moe.reference import reference_moe  # noqa: E402
+from ep_moe.kernels.dispatch_layout import FP8_ROWS, packed_row  # noqa: E402
+from ep_moe.reference import reference_moe, reference_moe_fp8  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -69,6 +74,9 @@ def parse_args():
     p.add_argument("--plot", action="store_true",
                    help="save a PNG of each rank's phases (route, dispatch, experts, combine) "
                         "beside the JSON (needs matplotlib)")
+    p.add_argument("--fp8", action="store_true",
+                   help="also the layer with FP8 experts (inference): its check, forward and "
+                        "dispatch against bf16's (D and I raised to multiples of 128 if needed)")
     p.add_argument("--rounds", type=int, default=2,
                    help="timing rounds, each the single-GPU layer then the expert-parallel one")
     args = p.parse_args()
@@ -189,6 +197,46 @@ def check(cfg: MoEConfig, group, device) -> dict:
     return errors
 
 
+def check_fp8(cfg: MoEConfig, group, device) -> dict:
+    """FP8 experts (inference): the sharded layer, loaded from the single-process FP8 layer's
+    state dict, against that layer on every rank's tokens, and against the float64 reference
+    of the same quantization; with an all-to-all the rows travel as e4m3 with their scales."""
+    rank, W = group_rank_and_size(group)
+    xs = check_tokens(W, 128, device)
+    cap = max(x.shape[0] for x in xs) if cfg.max_tokens_per_rank else None
+    small = cfg.replace(hidden_size=128, intermediate_size=128, shared_intermediate_size=None,
+                        max_tokens_per_rank=cap, expert_quant="fp8")
+    torch.manual_seed(0)
+    full = MoE(small.replace(max_tokens_per_rank=None, dispatch_chunks=None, exchange="auto"),
+               device=device).eval()
+    ep = MoE(small, process_group=group, device=device).eval()
+    ep.load_full_state_dict(full.state_dict())
+    start = sum(t.shape[0] for t in xs[:rank])
+    mine = slice(start, start + xs[rank].shape[0])
+    with torch.no_grad():
+        y = ep(xs[rank])
+        y_all, route = full(torch.cat(xs), return_router_output=True)
+        plan = ep.plan(xs[rank])
+    params = {k: v.detach() for k, v in full.state_dict().items()}
+    ref = reference_moe_fp8(torch.cat(xs), params, small, topk_ids=route.topk_ids).y
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+    errors = {"fp8_out_vs_single": rel(y, y_all[mine]) if xs[rank].shape[0] else 0.0,
+              "fp8_out_vs_fp64": rel(y, ref[mine]) if xs[rank].shape[0] else 0.0}
+    worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
+    if group is not None:
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    errors = dict(zip(errors, worst.tolist()))
+    # the sharded layer runs the single-process layer's kernels on the same e4m3 rows; the
+    # reference rounds h to e4m3 from float64 sums, which may land one e4m3 step away (2^-4)
+    bad = {k: v for k, v in errors.items() if not v < (1e-4 if "single" in k else 1e-2)}
+    if bad or plan.experts != "triton_fp8":
+        raise RuntimeError(f"rank {rank}: FP8 expert-parallel layer disagrees: {bad}, {plan}")
+    return errors
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Time
 # --------------------------------------------------------------------------------------------
@@ -259,45 +307,51 @@ def host_ms(fn, device, barrier, iters=10) -> float:
 
 def time_phases(layer: MoE, T: int, dtype, device, iters, barrier) -> dict:
     D = layer.config.hidden_size
-    x = torch.randn(T, D, dtype=dtype, device=device)
+    # the same tokens on every call (of a rank): the FP8 layer's dispatch sends the same rows
+    gen = torch.Generator(device).manual_seed(1 + dist.get_rank() if dist.is_initialized() else 1)
+    x = torch.randn(T, D, dtype=dtype, device=device, generator=gen)
     with torch.no_grad():
         plan = layer.plan(x)  # the no-grad forward's, each phase run alone as it would
+        rows = {"fp8": True} if plan.fp8_dispatch else {}  # FP8 experts: e4m3 rows out
         route = layer.router(x, topk=plan.router_topk)
-        sent = layer.dispatcher.dispatch(x, route.topk_ids, route.topk_weights)
+        sent = layer.dispatcher.dispatch(x, route.topk_ids, route.topk_weights, **rows)
         partial = layer.compute_experts(sent, plan)
         res = {
             "route_ms": timed(lambda: layer.router(x, topk=plan.router_topk), device, iters,
                               barrier=barrier),
             "dispatch_ms": timed(lambda: layer.dispatcher.dispatch(
-                x, route.topk_ids, route.topk_weights), device, iters, barrier=barrier),
+                x, route.topk_ids, route.topk_weights, **rows), device, iters, barrier=barrier),
             "experts_ms": timed(lambda: layer.compute_experts(sent, plan), device, iters,
                                 barrier=barrier),
             "combine_ms": timed(lambda: layer.dispatcher.combine(partial, sent.handle),
                                 device, iters, barrier=barrier),
         }
         res["dispatch_host_ms"] = host_ms(lambda: layer.dispatcher.dispatch(
-            x, route.topk_ids, route.topk_weights), device, barrier, iters)
+            x, route.topk_ids, route.topk_weights, **rows), device, barrier, iters)
+        row_dtype = FP8_ROWS if plan.fp8_dispatch else x.dtype
         if hasattr(sent.handle, "input_splits"):
-            res.update(time_exchanges(sent, partial, device, iters, barrier, layer.process_group))
+            res.update(time_exchanges(sent, partial, row_dtype, device, iters, barrier,
+                                      layer.process_group))
     h = sent.handle
-    row_bytes = D * x.element_size()
     if hasattr(h, "input_splits"):  # all_to_all: rows this rank sends out and gets back
         res["rows_sent"], res["rows_received"] = sum(h.input_splits), sum(h.output_splits)
-        width, _ = packed_row(D, route.topk_ids.shape[1], x.dtype)  # a token and its routing
-        res["dispatch_bytes"] = res["rows_sent"] * width * x.element_size()
-        res["combine_bytes"] = res["rows_received"] * row_bytes
+        width, _ = packed_row(D, route.topk_ids.shape[1], row_dtype)  # a token, its routing
+        res["dispatch_bytes"] = res["rows_sent"] * width * row_dtype.itemsize
+        res["combine_bytes"] = res["rows_received"] * D * partial.element_size()
     res["local_pairs"] = h.num_local_pairs
     return res
 
 
-def time_exchanges(sent, partial, device, iters, barrier, group) -> dict:
+def time_exchanges(sent, partial, row_dtype, device, iters, barrier, group) -> dict:
     """The all-to-alls alone, with the split sizes of a real dispatch: the packed token and
-    routing rows out, the partial rows back (no layout, host sync or gather around them)."""
+    routing rows out (of `row_dtype`: FP8_ROWS for e4m3 rows), the partial rows back (no
+    layout, host sync or gather around them)."""
     h = sent.handle
     D, K = sent.x.shape[1], sent.topk_ids.shape[1]
-    width, _ = packed_row(D, K, sent.x.dtype)
+    width, _ = packed_row(D, K, row_dtype)
     n_out, n_in = sum(h.input_splits), sum(h.output_splits)
-    send, recv = sent.x.new_empty(n_out, width).normal_(), sent.x.new_empty(n_in, width)
+    send = torch.ones(n_out, width, dtype=row_dtype, device=device)
+    recv = torch.empty(n_in, width, dtype=row_dtype, device=device)
     back = partial.new_empty(n_out, D)
 
     def out():
@@ -353,15 +407,19 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
                 out[k] -= resident
     if args.graph and device.type == "cuda":
         out.update(time_graphs(single, layer, T, dtype, device, args.rounds, barrier))
+    if inference.exchange != "nvlink":  # the phases are the collectives' (nvlink: one piece)
+        out.update(time_phases(layer, T, dtype, device, iters, barrier))
+    if args.fp8:
+        out.update(bench_fp8(single, layer, out, args, device, dtype, barrier))
     del single
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if inference.exchange != "nvlink":  # the phases are the collectives' (nvlink: one piece)
-        out.update(time_phases(layer, T, dtype, device, iters, barrier))
     out["tokens_per_s"] = T / out["fwd_ms"] * 1e3
     out["fwd_bwd_tokens_per_s"] = T / out["fwd_bwd_ms"] * 1e3
-    if group is not None and "dispatch_bytes" in out:
-        for phase in ("dispatch", "combine"):
+    for pre in ("", "fp8_"):
+        if group is None or f"{pre}dispatch_bytes" not in out:
+            continue
+        for phase in (f"{pre}dispatch", f"{pre}combine"):
             # the raw exchange is even: give it the ranks' mean bytes, and judge ours by it too
             mean = torch.tensor([float(out[f"{phase}_bytes"])], device=device)
             dist.all_reduce(mean, group=group)
@@ -374,6 +432,47 @@ def bench(cfg: MoEConfig, args, group, device, dtype) -> dict:
             if f"{phase}_exchange_ms" in out:
                 out[f"{phase}_exchange_vs_raw"] = raw / out[f"{phase}_exchange_ms"]
     del layer
+    return out
+
+
+def bench_fp8(single, layer: MoE, bf16: dict, args, device, dtype, barrier) -> dict:
+    """The layers' experts quantized to e4m3 in place: the no-grad forward against the bf16
+    one (`bf16`, this run's figures) and the single-GPU FP8 layer, over the same rounds; the
+    dispatch's bytes and time against bf16's. Keys start with fp8_."""
+    T, iters = args.tokens, args.iters
+    for m in (single, layer):
+        if m is not None:
+            m.quantize_experts("fp8").eval()
+    x = torch.randn(T, layer.config.hidden_size, dtype=dtype, device=device)
+
+    def fwd(m):
+        def call():
+            with torch.no_grad():
+                m(x)
+        return call
+
+    samples: dict = {}
+    for _ in range(args.rounds):
+        if single is not None:
+            samples.setdefault("single_fwd_ms", []).append(timed(fwd(single), device, iters))
+        samples.setdefault("fwd_ms", []).append(timed(fwd(layer), device, iters, barrier))
+        if single is not None:
+            samples.setdefault("per_gpu_vs_single_fwd", []).append(
+                samples["single_fwd_ms"][-1] / samples["fwd_ms"][-1])
+    out = {f"fp8_{k}": statistics.median(v) for k, v in samples.items()}
+    out.update({f"fp8_{k}_rounds": v for k, v in samples.items() if "per_gpu" in k})
+    out["fp8_fwd_vs_bf16"] = bf16["fwd_ms"] / out["fp8_fwd_ms"]
+    out["fp8_tokens_per_s"] = T / out["fp8_fwd_ms"] * 1e3
+    with torch.no_grad():
+        exchange = layer.plan(x).exchange
+    if exchange != "nvlink":
+        phases = time_phases(layer, T, dtype, device, iters, barrier)
+        out.update({f"fp8_{k}": v for k, v in phases.items()})
+        if "dispatch_bytes" in phases and bf16.get("dispatch_bytes"):
+            out["fp8_dispatch_bytes_vs_bf16"] = phases["dispatch_bytes"] / bf16["dispatch_bytes"]
+            out["fp8_dispatch_vs_bf16"] = bf16["dispatch_ms"] / phases["dispatch_ms"]
+            out["fp8_dispatch_exchange_vs_bf16"] = \
+                bf16["dispatch_exchange_ms"] / phases["dispatch_exchange_ms"]
     return out
 
 
@@ -395,27 +494,37 @@ SCREEN = {"run": "run", "W": "W", "T_per_rank": "T/rank", "tokens_per_s": "token
           "peak_gib": "peak GiB"}
 
 
-def screen_row(cfg: MoEConfig, runs: list[dict], summary: dict) -> dict:
+def screen_row(cfg: MoEConfig, runs: list[dict], summary: dict, pre: str = "") -> dict:
     """One line of the first screen. Times: the slowest rank's (the layer ends when it does);
-    ratios: medians over ranks and rounds; peak memory: the largest rank's."""
+    ratios: medians over ranks and rounds; peak memory: the largest rank's. pre "fp8_": the
+    line of the FP8 experts (forward only)."""
     plan = runs[0]["plan_inference"]  # the no-grad forward's exchange and chunks
     label = "one rank" if plan["exchange"] == "none" else \
         f"{cfg.dispatcher}, {plan['exchange']}" + \
-        (f", {plan['chunks']} chunks" if plan["chunks"] > 1 else "")
-    slowest = max(runs, key=lambda r: r["fwd_ms"])
+        (f", {plan['chunks']} chunks" if plan["chunks"] > 1 else "") + \
+        (", FP8 experts" if pre else "")
+    slowest = max(runs, key=lambda r: r[f"{pre}fwd_ms"])
     row = {"run": label, "W": len(runs), "T_per_rank": slowest["T_per_rank"],
-           "tokens_per_s": slowest["T_per_rank"] / slowest["fwd_ms"] * 1e3,
-           "fwd_ms": slowest["fwd_ms"],
-           "fwd_bwd_ms": max(r["fwd_bwd_ms"] for r in runs),
-           "fwd_vs_1gpu": summary.get("per_gpu_vs_single_fwd_median"),
-           "step_vs_1gpu": summary.get("per_gpu_vs_single_fwd_bwd_median")}
-    ratios = [[r.get(f"{phase}_exchange_vs_raw") for r in runs] for phase in ("dispatch", "combine")]
+           "tokens_per_s": slowest["T_per_rank"] / slowest[f"{pre}fwd_ms"] * 1e3,
+           "fwd_ms": slowest[f"{pre}fwd_ms"],
+           "fwd_vs_1gpu": summary.get(f"{pre}per_gpu_vs_single_fwd_median")}
+    if not pre:
+        row["fwd_bwd_ms"] = max(r["fwd_bwd_ms"] for r in runs)
+        row["step_vs_1gpu"] = summary.get("per_gpu_vs_single_fwd_bwd_median")
+    ratios = [[r.get(f"{pre}{phase}_exchange_vs_raw") for r in runs]
+              for phase in ("dispatch", "combine")]
     if all(v is not None for vs in ratios for v in vs):
         out, back = (statistics.median(vs) for vs in ratios)
         row["exchange_vs_raw"] = f"{out:.2f} / {back:.2f}"  # rows out / partials back
     peaks = [r["peak_mem_gib"] for r in runs if "peak_mem_gib" in r]
-    row["peak_gib"] = max(peaks) if peaks else None
-    if "graph_fwd_ms" in slowest:
+    row["peak_gib"] = max(peaks) if peaks and not pre else None
+    if pre:
+        for key in ("fp8_fwd_vs_bf16", "fp8_dispatch_bytes_vs_bf16", "fp8_dispatch_vs_bf16",
+                    "fp8_dispatch_exchange_vs_bf16"):
+            values = [r[key] for r in runs if key in r]
+            if values:
+                row[key] = statistics.median(values)
+    if "graph_fwd_ms" in slowest and not pre:
         row["graph_fwd_ms"] = max(r["graph_fwd_ms"] for r in runs)
         row["graph_vs_1gpu"] = summary.get("per_gpu_vs_single_graph_fwd_median")
     return row
@@ -424,6 +533,13 @@ def screen_row(cfg: MoEConfig, runs: list[dict], summary: dict) -> dict:
 def print_screen(rows: list[dict], path: str) -> None:
     print("\n" + markdown_table(rows, list(SCREEN), SCREEN))
     for r in rows:
+        if "fp8_fwd_vs_bf16" in r:
+            line = f"{r['run']}: forward {r['fp8_fwd_vs_bf16']:.3g}x as fast as bf16's"
+            if "fp8_dispatch_bytes_vs_bf16" in r:
+                line += (f"; rows out: {r['fp8_dispatch_bytes_vs_bf16']:.3g}x bf16's bytes, "
+                         f"the dispatch {r['fp8_dispatch_vs_bf16']:.3g}x and its exchange "
+                         f"{r['fp8_dispatch_exchange_vs_bf16']:.3g}x as fast")
+            print(line)
         if "graph_fwd_ms" in r:
             ratio = r.get("graph_vs_1gpu")
             print(f"{r['run']}: CUDA-graph forward {r['graph_fwd_ms']:.3g} ms" +
@@ -505,13 +621,19 @@ def main():
     def config(kind):
         chunks = args.chunks if kind == "all_to_all" else None
         exchange = args.exchange if kind == "all_to_all" else "auto"
-        return MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement,
-                                max_tokens_per_rank=cap, dispatch_chunks=chunks,
-                                exchange=exchange)
+        cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement,
+                               max_tokens_per_rank=cap, dispatch_chunks=chunks,
+                               exchange=exchange)
+        if args.fp8:  # FP8 block scales: D and I multiples of 128 (the tiny preset's are not)
+            cfg = cfg.replace(**{k: -(-getattr(cfg, k) // 128) * 128
+                                 for k in ("hidden_size", "intermediate_size")})
+        return cfg
 
     for kind in dispatchers:
         cfg = config(kind)
         report["checks"][kind] = check(cfg, group, device)
+        if args.fp8:
+            report["checks"][kind].update(check_fp8(cfg, group, device))
         log(rank, f"check {kind}: OK " + " ".join(
             f"{k}={v:.1e}" for k, v in report["checks"][kind].items()))
     if not args.check_only:
@@ -528,6 +650,8 @@ def main():
             summary = median_over_ranks(runs)
             report["runs"].append({"dispatcher": kind, "per_rank": runs, "summary": summary})
             report["screen"].append(screen_row(cfg, runs, summary))
+            if args.fp8:
+                report["screen"].append(screen_row(cfg, runs, summary, "fp8_"))
             log(rank, f"timed {kind}")
     if rank == 0:
         name = args.json or f"harness_{args.preset}_W{W}.json"

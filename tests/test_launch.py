@@ -58,27 +58,42 @@ def test_harness_first_screen_and_plot(tmp_path):
     """`bash launch/run.sh` without a GPU: 2 gloo ranks check against the single-process layer
     and the float64 reference, then time; rank 0 prints a table that fits a terminal, the JSON
     holds every rank's figures, and --plot writes the phases' PNG (or says matplotlib is
-    missing)."""
+    missing). --fp8 adds the FP8 experts' check and a line: e4m3 rows out, forward only."""
     out = run_tool([str(LAUNCH / "run.sh"), "--preset", "tiny", "--tokens", "24", "--iters", "1",
-                    "--rounds", "1", "--plot"], tmp_path)
+                    "--rounds", "1", "--plot", "--fp8"], tmp_path)
     check_at = out.index("check all_to_all: OK")
     rows = table_rows(out, "| run |")
     assert check_at < out.index("| run |")  # the check comes first
     header, body = rows[0], rows[1:]
     header_line = next(line for line in out.splitlines() if line.startswith("| run |"))
     assert len(header) <= 10 and len(header_line) < 120  # fits a terminal
-    assert len(body) == 1 and body[0][0] == "all_to_all, exact" and body[0][1] == "2"
-    cells = dict(zip(header, body[0]))
+    assert [row[:2] for row in body] == [["all_to_all, exact", "2"],
+                                         ["all_to_all, exact, FP8 experts", "2"]]
+    cells, fp8_cells = (dict(zip(header, row)) for row in body)
     for name in ("tokens/s", "fwd ms", "step ms", "fwd vs 1 GPU", "step vs 1 GPU"):
         assert float(cells[name]) > 0, name
-    assert re.fullmatch(r"[0-9.]+ / [0-9.]+", cells["exchange vs raw"])
+    for name in ("tokens/s", "fwd ms", "fwd vs 1 GPU"):
+        assert float(fp8_cells[name]) > 0, name
+    assert fp8_cells["step ms"] == ""  # FP8 experts are for inference
+    for row in (cells, fp8_cells):
+        assert re.fullmatch(r"[0-9.]+ / [0-9.]+", row["exchange vs raw"])
+    assert "all_to_all, exact, FP8 experts: forward" in out
 
     report = json.loads((tmp_path / "harness_tiny_W2.json").read_text())
     assert report["W"] == 2 and report["backend"] == "gloo"
     assert {"device", "date", "torch", "triton"} <= set(report)
-    assert all(v < 1e-4 for v in report["checks"]["all_to_all"].values())
+    checks = report["checks"]["all_to_all"]
+    assert checks["fp8_out_vs_fp64"] < 1e-2
+    assert all(v < 1e-4 for k, v in checks.items() if k != "fp8_out_vs_fp64"), checks
     (run,) = report["runs"]
     per_rank = run["per_rank"]
+    # D 128 (raised for the FP8 blocks), K 2: a row out is D + D / 32 + 8K bytes as FP8 (160
+    # padded to 16), 4D + 8K in fp32 (528); the same rows go out either way
+    for r in per_rank:
+        assert r["fp8_rows_sent"] == r["rows_sent"]
+        assert r["fp8_dispatch_bytes"] == 160 * r["rows_sent"]
+        assert r["dispatch_bytes"] == 528 * r["rows_sent"]
+        assert r["fp8_dispatch_bytes_vs_bf16"] == pytest.approx(160 / 528)
     assert len(per_rank) == 2
     assert per_rank[0]["plan_inference"]["exchange"] == "exact"
     assert per_rank[0]["plan_training"]["grad"] is True
@@ -116,6 +131,25 @@ def test_bench_layer(tmp_path):
         assert row[f"{name}_err_vs_fp64"] < 2e-2, name
         assert row[f"{name}_ms"] > 0 and row[f"train_{name}_ms"] > 0, name
     assert row["compiled_over_eager"] == pytest.approx(row["compiled_ms"] / row["eager_ms"])
+
+
+def test_bench_layer_fp8(tmp_path):
+    """--fp8: the layer with e4m3 experts checked against the float64 reference of the same
+    quantization, timed beside bf16 eager, and its table (the tiny preset raised to D = I =
+    128 for the scale blocks)."""
+    out = run_tool([str(LAUNCH / "bench_layer.py"), "--presets", "tiny", "--tokens", "16",
+                    "--variants", "eager", "--fp8"], tmp_path)
+    assert "D, I = 128, 128" in out
+    fwd = table_rows(out, "| shape |")
+    assert "ep_moe compiled" not in fwd[0] and "transformers grouped_mm" not in fwd[0]
+    fp8 = table_rows(out, "| shape | T | FP8 floor |")
+    assert fp8[0][3:6] == ["ep_moe FP8", "FP8 / floor", "ep_moe bf16"]
+    (row,) = json.loads((tmp_path / "bench_layer.json").read_text())["rows"]
+    assert row["fp8_err_vs_fp64"] < 2e-2 and 0 < row["fp8_err_vs_bf16"] < 0.12
+    assert row["fp8_ms"] > 0 and "train_fp8_ms" not in row
+    # half the weight bytes; the same FLOPs at the CPU's bf16 ceiling (no FP8 matmul there)
+    assert 0 < row["fp8_floor_ms"] <= row["floor_ms"]
+    assert row["eager_over_fp8"] == pytest.approx(row["eager_ms"] / row["fp8_ms"])
 
 
 def test_bench_combine(tmp_path):
