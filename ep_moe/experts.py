@@ -29,12 +29,19 @@ from .kernels.expert_sort import sort_by_expert
 from .kernels.fused_mul_sum import fused_mul_sum_rows
 from .kernels.gemm_configs import (fp8_gemm_config, gemm_config, persistent_launch,
                                    shared_budget)
-from .kernels.grouped_gemm import grouped_gemm, grouped_gemm_fp8
+from .kernels.grouped_gemm import grouped_gemm, grouped_gemm_fp8, quantize_rows
 
 # torch's grouped GEMM: `F.grouped_mm`, or `torch._grouped_mm` on older torch (None: neither)
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+# FP8 experts: up to this many rows an expert, the first GEMM quantizes its rows as it gathers
+# them; above, the tokens are quantized once first (R x D, K times fewer than the P gathered
+# rows; `quantize_rows`) and the GEMM gathers e4m3 rows. Quantizing in the GEMM repeats the
+# work for each of its 2I / 128 column tiles: free while the weights' bytes bound the time
+# (decode), 1.65x the GEMM's time at Mixtral's 4096 tokens on an H100 (docs/performance.md).
+FP8_QUANTIZE_IN_GEMM_MAX_ROWS = 16
 
 
 def activate(h: torch.Tensor, activation: str, gated: bool,
@@ -333,6 +340,8 @@ def _fused_gemms(x, source_rows, num_tokens_per_expert, w13, w2, rows_per_expert
         # each h element is quantized once (quantized as the down GEMM loads it, it would be
         # again for each of that GEMM's D / 128 or D / 256 column tiles) and h's bytes,
         # written and read, halve against bf16
+        if x_scale is None and rows_per_expert > FP8_QUANTIZE_IN_GEMM_MAX_ROWS:
+            x, x_scale = quantize_rows(x)
         tiles = [fp8_gemm_config(rows_per_expert, True, x.element_size(), budget),
                  fp8_gemm_config(rows_per_expert, False, 1, budget)]
         persistent = [persistent_launch(t, P, rows_per_expert * e, overlapped) for t in tiles]

@@ -29,7 +29,7 @@ from ep_moe.kernels.dispatch_layout import (FP8_ROWS, dispatch_layout, gather_se
                                             split_packed)
 from ep_moe.kernels.gemm_configs import (GemmConfig, check_config, fp8_gemm_config,
                                          shared_bytes)
-from ep_moe.kernels.grouped_gemm import grouped_gemm_fp8
+from ep_moe.kernels.grouped_gemm import grouped_gemm_fp8, quantize_rows
 from ep_moe.plan import plan_forward
 from ep_moe.reference import reference_moe, reference_moe_fp8
 
@@ -89,6 +89,39 @@ def _hard_rows():
     extra[1] = 1e-30  # below FP8_EPS: scaled by it, no overflow
     extra[2, 5] = float("nan")  # stays NaN; its group's other values keep finite scales
     return torch.cat([rows, extra])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quantize_rows_matches_torch_bit_for_bit(dtype):
+    """The one-pass row quantizer: rows past a 16-row block, a strided view, three groups;
+    the same bits as `quantize_groups` (NaN stays NaN in its group)."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(37, 512, generator=g) * torch.exp2(
+        torch.randint(-12, 12, (37, 1), generator=g).float())
+    wide[5, 130] = float("nan")
+    wide[6] = 0.0
+    x = wide.to(DEVICE, dtype)[:, :384]  # row stride 512
+    q, scale = quantize_rows(x)
+    q_ref, scale_ref = quantize_groups(x)
+    assert q.dtype == E4M3 and q.shape == (37, 384) and scale.shape == (37, 3)
+    same = (q.view(torch.uint8) == q_ref.view(torch.uint8)) | (q.isnan() & q_ref.isnan())
+    assert same.all(), f"{int((~same).sum())} e4m3 values differ"
+    assert torch.equal(scale, scale_ref)
+    assert q[5].isnan().sum() == 1 and torch.isfinite(scale).all()
+    empty_q, empty_s = quantize_rows(x[:0])
+    assert empty_q.shape == (0, 384) and empty_s.shape == (0, 3)
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.zeros(4, 100), ValueError, r"x must have D a multiple of 128.*\(4, 100\)"),
+    (torch.zeros(128, 4).t(), ValueError, r"x must have D.*strides \(1, 4\)"),
+    (torch.zeros(4, 128, dtype=torch.int32), TypeError, "x must have dtype"),
+    (torch.zeros(128), ValueError, "x must be 2-D"),
+], ids=["d100", "columns_strided", "int", "1d"])
+def test_quantize_rows_validation(x, error, match):
+    with pytest.raises(error, match=match):
+        quantize_rows(x.to(DEVICE))
 
 
 @needs_triton
@@ -351,13 +384,15 @@ def test_fp8_configs(rows_per_expert, quantized_out, a_bytes, budget_kib):
         assert cfg == fp8_gemm_config(rows_per_expert, quantized_out, a_bytes, 1 << 30)
 
 
-def test_fp8_configs_by_rows():
-    """Decode tiles of 16 rows with 4 stages (weight-bound), 128-row tiles for many rows, the
-    down projection (16-bit output) 256 columns wide there."""
-    assert fp8_gemm_config(8, True, 2) == GemmConfig(16, 128, 128, 1, 4, 4)
-    assert fp8_gemm_config(48, True, 2) == GemmConfig(64, 128, 128, 4, 4, 3)
-    assert fp8_gemm_config(512, True, 2) == GemmConfig(128, 128, 128, 8, 8, 3)
-    assert fp8_gemm_config(512, False, 1) == GemmConfig(128, 256, 128, 8, 8, 3)
+@pytest.mark.parametrize("rows_per_expert", [1, 16, 17, 64, 65, 4096])
+def test_fp8_configs_by_rows(rows_per_expert):
+    """16-row tiles up to 16 rows an expert (decode: the weights' bytes bound it), 64-row
+    tiles above (128 rows spill the accumulators); the gated GEMM with 8 warps past decode."""
+    for first in (True, False):
+        cfg = fp8_gemm_config(rows_per_expert, first, 1)
+        assert cfg.block_m == (16 if rows_per_expert <= 16 else 64)
+        if first and rows_per_expert > 16:
+            assert cfg.num_warps == 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +463,23 @@ def test_layer_matches_reference(name, dtype):
     x = torch.randn(13, 128, generator=g)
     x[3] *= 100  # a loud token: its own scales, the others' unchanged
     check_layer(layer, x.to(DEVICE, dtype), name)
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [32, 33])  # 16 rows an expert (quantized in the GEMM), then 16.5
+def test_layer_quantizes_rows_first_past_decode(T, monkeypatch):
+    """Past FP8_QUANTIZE_IN_GEMM_MAX_ROWS rows an expert the tokens are quantized once, then
+    gathered as e4m3: the same output within the reference's bound either way."""
+    import ep_moe.experts as experts_module
+
+    calls = []
+    monkeypatch.setattr(experts_module, "quantize_rows",
+                        lambda x: calls.append(x.shape) or quantize_rows(x))
+    layer = _fp8_layer(LAYER_CONFIGS["silu"])  # E = 4, K = 2: T / 2 rows an expert
+    x = torch.randn(T, 128, device=DEVICE, dtype=torch.bfloat16)
+    check_layer(layer, x, f"T={T}")
+    assert calls == ([] if T * 2 / 4 <= experts_module.FP8_QUANTIZE_IN_GEMM_MAX_ROWS
+                     else [(T, 128)])
 
 
 @needs_triton

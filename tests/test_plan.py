@@ -23,6 +23,8 @@ from ep_moe.plan import (AUTO_CHUNKS, DENSE_MAX_ROWS, EXPERT_PATHS, ForwardPlan,
 README = Path(__file__).resolve().parents[1] / "README.md"
 PRESETS = {"Mixtral": MoEConfig.mixtral_8x7b(), "Qwen3": MoEConfig.qwen3_30b_a3b(),
            "DeepSeek-V3": MoEConfig.deepseek_v3(), "tiny": MoEConfig.tiny()}
+PRESETS.update({f"{name} FP8": PRESETS[name].replace(expert_quant="fp8")
+                for name in ("Qwen3", "DeepSeek-V3")})
 
 
 def plan(config: MoEConfig, T: int, W: int = 1, *, grad: bool = False, device: str = "cuda",

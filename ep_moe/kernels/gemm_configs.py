@@ -79,29 +79,38 @@ def gemm_config(rows_per_expert: float, gated: bool, element_size: int = 2,
     return cfg
 
 
+# FP8 tiles by regime (rows an expert: decode <= 16 < mid <= 64 < large) and GEMM (the first,
+# gate/up with its e4m3 output, or the down projection), from a sweep of Mixtral's and
+# Qwen3-30B-A3B's shapes on an H100 (docs/performance.md)
+FP8_TILES = {
+    ("decode", True): GemmConfig(16, 128, 128, 1, 4, 3),
+    ("decode", False): GemmConfig(16, 128, 128, 1, 4, 4),
+    ("mid", True): GemmConfig(64, 128, 128, 4, 8, 4),
+    ("mid", False): GemmConfig(64, 128, 128, 4, 4, 4),
+    ("large", True): GemmConfig(64, 128, 128, 8, 8, 4),
+    ("large", False): GemmConfig(64, 128, 128, 8, 4, 4),
+}
+
+
 def fp8_gemm_config(rows_per_expert: float, quantized_out: bool, a_bytes: int = 1,
                     shared_budget: Optional[int] = None) -> GemmConfig:
-    """Tile sizes of the FP8 grouped GEMM (`grouped_gemm_fp8`) by the mean rows per expert.
+    """Tile sizes of the FP8 grouped GEMM (`grouped_gemm_fp8`) by the mean rows per expert
+    (`FP8_TILES`).
 
     BLOCK_K is 128, the side of the weight scale blocks (one scale per K step); BLOCK_N is 128
-    where the epilogue quantizes its output (`quantized_out`: a tile's columns are then one
-    128-column group of each row). `a_bytes`: 1 for e4m3 rows, 2 (or 4) for 16-bit (fp32)
-    rows quantized as they load, which the pipeline buffers unquantized.
-    Few rows (decode): the weights' bytes bound the time, and an e4m3 weight tile is half a
-    bf16 one, so 16-row tiles keep one more stage in flight than the bf16 config's 3 (the same
-    bytes in flight). Many rows: the FLOPs do; 128-row tiles, 8 warps (the gated tile's two
-    fp32 accumulators and a K step's product take about 192 registers a thread), and 128 x 256
-    for the down projection. These follow the bf16 sweeps' brackets and have not been swept on
-    a GPU in FP8.
+    (where the epilogue quantizes its output, `quantized_out`, a tile's columns are one
+    128-column group of each row; and the scale a K step applies is then one per tile).
+    `a_bytes`: 1 for e4m3 rows, 2 (or 4) for 16-bit (fp32) rows quantized as they load,
+    which the pipeline buffers unquantized.
+    Few rows (decode): the weights' bytes bound the time; 16-row tiles. More: 64-row tiles,
+    with 8 warps for the gated GEMM (two fp32 accumulators; 4 warps were 1.1-1.25x slower),
+    as 128-row tiles were 2.5-5x slower for it and 1.15x for the down GEMM (Mixtral and Qwen3
+    at 1024-16384 tokens).
     Where the buffers exceed `shared_budget`, fewer stages, then shorter row tiles.
     """
+    regime = "decode" if rows_per_expert <= 16 else "mid" if rows_per_expert <= 64 else "large"
+    cfg = FP8_TILES[regime, quantized_out]
     budget = _SHARED_BUDGET if shared_budget is None else shared_budget
-    if rows_per_expert <= 16:
-        cfg = GemmConfig(16, 128, 128, 1, 4, 4)
-    elif rows_per_expert <= 64:
-        cfg = GemmConfig(64, 128, 128, 4, 4, 3)
-    else:
-        cfg = GemmConfig(128, 128 if quantized_out else 256, 128, 8, 8, 3)
     # the first GEMM (quantized output) counted with gate and up tiles: plain experts load
     # one, and fit with room to spare
     gated = quantized_out

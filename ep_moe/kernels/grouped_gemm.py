@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
 
 from .activation import ACTIVATIONS, act_and_grad
 from .common import (FP8_BLOCK, INTERPRET, capability_major, check_triton, num_sms,
-                     per_device, quantize_fp8, to_output)
+                     per_device, quantize_fp8, to_output, use_triton)
 from .gemm_configs import (GemmConfig, check_config, flatten_wins, fp8_gemm_config, gemm_config,
                            shared_budget)
 
@@ -279,6 +279,21 @@ def _tile_product(
     else:
         tl.store(out_ptrs, to_output(acc, out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, R, stride_x, stride_q, stride_s,
+                          BLOCK_R: tl.constexpr):
+    """One (BLOCK_R, 128) group of rows: e4m3 values and a scale per row (`quantize_fp8`)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    group = tl.program_id(1)
+    cols = group * 128 + tl.arange(0, 128)
+    ok = rows < R
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok[:, None],
+                other=0.0)
+    q, scale = quantize_fp8(x)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], q, mask=ok[:, None])
+    tl.store(scale_ptr + rows.to(tl.int64) * stride_s + group, scale, mask=ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,6 +608,32 @@ def grouped_gemm_fp8(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
         out, out_scale = _launch(a, w, counts, rows, activation, gated, list(cfg), persistent,
                                  tma, w_scale, a_scale, out_dtype)
     return (out, out_scale) if out_fp8 else out
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, D) rows -> (q (R, D) e4m3, scale (R, D/128) fp32) per row and 128 columns, in one
+    pass (Triton; the same bits as `ep_moe.fp8.quantize_groups`, which runs where Triton does
+    not, and under torch.compile). The FP8 experts' rows before a GEMM that gathers them by
+    the hundred per expert (`experts.FP8_QUANTIZE_IN_GEMM_MAX_ROWS`).
+
+    Raises TypeError / ValueError naming x unless it is a 2-D float tensor whose rows are
+    contiguous with D a multiple of 128."""
+    _check("x", x, 2, GEMM_DTYPES)
+    R, D = x.shape
+    if D % FP8_BLOCK or x.stride(1) != 1:
+        raise ValueError(f"x must have D a multiple of {FP8_BLOCK} and contiguous rows, got "
+                         f"shape {tuple(x.shape)} strides {x.stride()}")
+    if not use_triton(x) or torch.compiler.is_compiling():
+        from ..fp8 import quantize_groups
+        return quantize_groups(x)
+    q = torch.empty(R, D, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(R, D // FP8_BLOCK, dtype=torch.float32, device=x.device)
+    if R:
+        block_r = 16
+        _quantize_rows_kernel[(triton.cdiv(R, block_r), D // FP8_BLOCK)](
+            x, q, scale, R, x.stride(0), q.stride(0), scale.stride(0), BLOCK_R=block_r,
+            num_warps=4)
+    return q, scale
 
 
 def check_fp8_device(device: torch.device) -> None:
