@@ -27,3 +27,19 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ROUNDING = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 # The smallest fp16 subnormal step: an absolute floor for results near zero in fp16.
 FP16_SUBNORMAL = 2.0**-24
+
+
+def capture_no_grad(module, static_x: torch.Tensor, warmups: int = 2):
+    """(graph, static output) of `module(static_x)` under no_grad captured in a CUDA graph,
+    after `warmups` calls on a side stream (kernels compiled, autotuned and cached outside the
+    capture, as capture requires). Replay after writing new values into static_x."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmups):
+            module(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = module(static_x)
+    return graph, static_y

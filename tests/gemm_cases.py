@@ -93,10 +93,15 @@ def reference(case: Case, activation=None, gated=True):
     if case.a_rows is not None:
         rows = rows[case.a_rows.long()]
     assert rows.shape[0] == int(case.counts.sum()), "counts must sum to P"
+    return expert_products(rows, case.w.double(), case.counts, activation, gated)
+
+
+def expert_products(rows, w, counts, activation=None, gated=True):
+    """float64 `act(rows_i @ w[i].T)` for each expert's run of `rows` (`counts` of them), and
+    the bound sum_k |a w| carried through the activation (see `reference`)."""
     outs, bounds = [], []
-    for i, x in enumerate(rows.split(case.counts.tolist())):
-        w = case.w[i].double()
-        h, h_abs = x @ w.T, x.abs() @ w.abs().T
+    for i, x in enumerate(rows.split(counts.tolist())):
+        h, h_abs = x @ w[i].T, x.abs() @ w[i].abs().T
         if activation is None:
             y, bound = h, h_abs
         elif gated:

@@ -16,7 +16,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -33,7 +32,8 @@ from ep_moe.kernels.grouped_gemm import grouped_gemm_fp8, quantize_rows
 from ep_moe.plan import plan_forward
 from ep_moe.reference import reference_moe, reference_moe_fp8
 
-from conftest import DEVICE, ROUNDING, TRITON_RUNS, needs_triton
+from conftest import DEVICE, ROUNDING, TRITON_RUNS, capture_no_grad, needs_triton
+from gemm_cases import expert_products
 
 # Allowed errors. The e4m3 products are exact in fp32 and the scales are applied once per
 # 128-wide K step, so against a float64 reference on the same quantized values the kernels
@@ -43,8 +43,6 @@ from conftest import DEVICE, ROUNDING, TRITON_RUNS, needs_triton
 # the FP8 tensor cores keep ~14 bits over a K step of 128 products (DeepSeek-V3 report 3.3.2):
 # 2^-12 of the |terms| there.
 ACCUM_RTOL = 1e-5 if DEVICE.type == "cpu" else 2.0**-12
-SLOPE = 1.13  # max |act'| (gelu 1.129, silu 1.100, relu 1): an error through the activation
-ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
 def _step(v: torch.Tensor) -> torch.Tensor:
@@ -205,21 +203,8 @@ def gemm_reference(a, a_scale, w, w_scale, counts, a_rows, activation, gated):
     rows = (q.double().unflatten(-1, (-1, 128)) * s.double()[..., None]).flatten(-2)
     if a_rows is not None:
         rows = rows[a_rows.long()]
-    wd = dequantize_blocks(w, w_scale, torch.float64)
-    outs, bounds = [], []
-    for i, x in enumerate(rows.split(counts.tolist())):
-        h, h_abs = x @ wd[i].T, x.abs() @ wd[i].abs().T
-        if activation is None:
-            y, bound = h, h_abs
-        elif gated:
-            (gate, up), (gate_abs, up_abs) = h.chunk(2, -1), h_abs.chunk(2, -1)
-            act = ACTS[activation](gate)
-            y, bound = act * up, SLOPE * gate_abs * up.abs() + act.abs() * up_abs
-        else:
-            y, bound = ACTS[activation](h), SLOPE * h_abs
-        outs.append(y)
-        bounds.append(bound)
-    return torch.cat(outs), torch.cat(bounds)
+    return expert_products(rows, dequantize_blocks(w, w_scale, torch.float64), counts,
+                           activation, gated)
 
 
 @pytest.fixture
@@ -1035,15 +1020,7 @@ def test_gpu_fp8_forward_captures_in_a_cuda_graph(T):
     torch.manual_seed(0)
     layer = MoE(cfg, device="cuda", dtype=torch.bfloat16).eval()
     static_x = torch.randn(T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(2):
-            layer(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        static_y = layer(static_x)
+    graph, static_y = capture_no_grad(layer, static_x)
     fresh = torch.randn_like(static_x)
     static_x.copy_(fresh)
     graph.replay()
@@ -1087,15 +1064,7 @@ def _nccl_fp8_case(exchange: str, chunks: int):
     if not err < 2e-2:  # per-rank partials rounded to bf16 before the home sum
         fails.append(f"eager vs single process: {err:.3g}")
     static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(2):
-            layer(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        static_y = layer(static_x)
+    graph, static_y = capture_no_grad(layer, static_x)
     static_x.copy_(x)
     graph.replay()
     torch.cuda.synchronize()

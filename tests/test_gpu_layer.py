@@ -7,6 +7,8 @@ import torch
 from ep_moe import MoE, MoEConfig
 from ep_moe.reference import reference_moe
 
+from conftest import capture_no_grad
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -40,15 +42,7 @@ def test_forward_captures_in_a_cuda_graph():
     cfg = MoEConfig.tiny(hidden_size=128, intermediate_size=64)
     layer = MoE(cfg, device="cuda", dtype=torch.bfloat16).eval()
     static_x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(2):  # compile and warm up outside the capture
-            layer(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        static_y = layer(static_x)
+    graph, static_y = capture_no_grad(layer, static_x)
     fresh = torch.randn_like(static_x)
     static_x.copy_(fresh)
     graph.replay()
