@@ -41,6 +41,7 @@ try:  # host-side tensor descriptors (Hopper's TMA): triton >= 3.4
 except ImportError:  # pragma: no cover - older triton: pointer loads only
     TensorDescriptor = None
 
+from ..fp8 import quantize_groups
 from .activation import ACTIVATIONS, act_and_grad
 from .common import (FP8_BLOCK, INTERPRET, capability_major, check_triton, num_sms,
                      per_device, quantize_fp8, to_output, use_triton)
@@ -624,7 +625,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"x must have D a multiple of {FP8_BLOCK} and contiguous rows, got "
                          f"shape {tuple(x.shape)} strides {x.stride()}")
     if not use_triton(x) or torch.compiler.is_compiling():
-        from ..fp8 import quantize_groups
         return quantize_groups(x)
     q = torch.empty(R, D, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(R, D // FP8_BLOCK, dtype=torch.float32, device=x.device)
