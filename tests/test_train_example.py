@@ -113,6 +113,13 @@ def test_short_run_learns(tmp_path):
     # the checkpoint holds the single-process model: reloaded, it scores what the run scored
     # (same weights, same batches, the same code path: equal up to rounding)
     assert history["reloaded_val_loss"] == pytest.approx(end, rel=1e-6)
+    png = tmp_path / "train_moe_lm.png"  # loss and expert load, where matplotlib is installed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists()
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # The same global batch of 8 sequences: 2 ranks x 1 micro-batch of 4, or 1 process x 2.
