@@ -44,8 +44,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (bench_ms, copy_ceiling_gbs, fp8_matmul_ceiling_tflops,  # noqa: E402
-                    graph_time_us, markdown_table, matmul_ceiling_tflops, note, run_info,
-                    write_json)
+                    fp8_shape, graph_time_us, markdown_table, matmul_ceiling_tflops, note,
+                    run_info, write_json)
 
 from ep_moe import MoE, MoEConfig  # noqa: E402
 from ep_moe.fp8 import expert_weight_bytes  # noqa: E402
@@ -96,11 +96,10 @@ def build(preset: str, device, compile_backend: str, variants: list[str]):
     FP8 experts. The block is dropped when not timed, before the FP8 copy is made (DeepSeek-V3's
     bf16 experts are 22.5 GB a copy)."""
     cfg = MoEConfig.preset(preset)
-    if "fp8" in variants and (cfg.hidden_size % 128 or cfg.intermediate_size % 128):
-        up = {k: -(-getattr(cfg, k) // 128) * 128 for k in ("hidden_size", "intermediate_size")}
+    if "fp8" in variants and fp8_shape(cfg) != cfg:
+        cfg = fp8_shape(cfg)
         note(f"{preset}: FP8 block scales need D and I multiples of 128: D, I = "
-             f"{up['hidden_size']}, {up['intermediate_size']} for every variant")
-        cfg = cfg.replace(**up)
+             f"{cfg.hidden_size}, {cfg.intermediate_size} for every variant")
     torch.manual_seed(0)
     with torch.device(device):  # draw the weights where they live: no fp32 copy on the host
         block = hf_block(preset, cfg)

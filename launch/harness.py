@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (capture_graph, copy_ceiling_gbs, graph_time_us, markdown_table,  # noqa: E402
-                    note, out_dir, run_info, sync, time_fwd_and_fwd_bwd, time_ms, write_json)
+from common import (capture_graph, copy_ceiling_gbs, fp8_shape, graph_time_us,  # noqa: E402
+                    markdown_table, note, out_dir, run_info, sync, time_fwd_and_fwd_bwd,
+                    time_ms, write_json)
 
 import ep_moe  # noqa: E402
 from ep_moe import MoE, MoEConfig  # noqa: E402
@@ -624,10 +625,7 @@ def main():
         cfg = MoEConfig.preset(args.preset, dispatcher=kind, placement=args.placement,
                                max_tokens_per_rank=cap, dispatch_chunks=chunks,
                                exchange=exchange)
-        if args.fp8:  # FP8 block scales: D and I multiples of 128 (the tiny preset's are not)
-            cfg = cfg.replace(**{k: -(-getattr(cfg, k) // 128) * 128
-                                 for k in ("hidden_size", "intermediate_size")})
-        return cfg
+        return fp8_shape(cfg) if args.fp8 else cfg
 
     for kind in dispatchers:
         cfg = config(kind)
