@@ -77,8 +77,9 @@ class MoEConfig:
     # the activations are quantized per token and 128 columns on the fly (`ep_moe.fp8`); an
     # all-to-all sends the rows as e4m3 with their scales. Router, shared experts and the
     # combine keep the layer's dtype. D and I must be multiples of 128; the experts run the
-    # Triton path (`expert_impl` "auto" or "triton"). `MoE.quantize_experts("fp8")` turns a
-    # layer's weights into this format.
+    # Triton FP8 GEMMs (`expert_impl` "triton") or, few large experts at prefill on Hopper,
+    # cuBLAS's block-scaled GEMM per expert ("per_expert"); "auto" picks.
+    # `MoE.quantize_experts("fp8")` turns a layer's weights into this format.
     expert_quant: ExpertQuant = "none"
 
     # shared experts (always-on MLP added to the routed output)
@@ -169,10 +170,11 @@ class MoEConfig:
                 f"max_tokens_per_rank={self.max_tokens_per_rank}")
         if self.expert_quant == "fp8":
             check_fp8_shapes(self.hidden_size, self.intermediate_size)
-            if self.expert_impl not in ("auto", "triton"):
+            if self.expert_impl not in ("auto", "triton", "per_expert"):
                 raise ValueError(
                     f"MoEConfig.expert_quant='fp8' runs the experts through the Triton FP8 "
-                    f"GEMMs: expert_impl must be 'auto' or 'triton', got {self.expert_impl!r}")
+                    f"GEMMs or cuBLAS's per expert: expert_impl must be 'auto', 'triton' or "
+                    f"'per_expert', got {self.expert_impl!r}")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts > 0")
         if self.shared_intermediate_size is not None and self.num_shared_experts == 0:

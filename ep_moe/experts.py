@@ -11,7 +11,8 @@ Paths: `fused_forward` ("triton": inference), `dense`, and `forward` with path "
 FP8 experts (`MoEConfig.expert_quant = "fp8"`, inference only) hold those two weights in e4m3
 with their 128 x 128 block scales, `gate_up_proj_scale_inv` (e, 2I/128, D/128) and
 `down_proj_scale_inv` (e, D/128, I/128) fp32 (transformers' `FP8Experts` names and layout), and
-run `fused_forward` only (the plan's "triton_fp8").
+run `fused_forward` (the plan's "triton_fp8") or `per_expert_fp8` (its "per_expert_fp8": few
+large experts at prefill, two cuBLAS block-scaled products an expert).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .fp8 import E4M3, check_weight_and_scales, quantize_blocks
-from .kernels.activation import fused_activation_available, gated_activation
+from .fp8 import (E4M3, blockwise_mm, check_weight_and_scales, padded_block_scales,
+                  quantize_blocks)
+from .kernels.activation import activate_fp8, fused_activation_available, gated_activation
 from .kernels.expert_sort import sort_by_expert
 from .kernels.fused_mul_sum import fused_mul_sum_rows
 from .kernels.gemm_configs import (fp8_gemm_config, gemm_config, persistent_launch,
                                    shared_budget)
-from .kernels.grouped_gemm import grouped_gemm, grouped_gemm_fp8, quantize_rows
+from .kernels.common import empty_scales
+from .kernels.grouped_gemm import grouped_gemm, grouped_gemm_fp8, quantize_rows, take_rows
 
 # torch's grouped GEMM: `F.grouped_mm`, or `torch._grouped_mm` on older torch (None: neither)
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -283,6 +286,47 @@ class Experts(nn.Module):
                             self.down_proj, rows_per_expert, overlapped, self.config.activation,
                             self.config.gated, *self._fp8_args(x_scale))
 
+    def per_expert_fp8(self, x: torch.Tensor, source_rows: torch.Tensor,
+                       counts: Sequence[int], x_scale: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """The plan's "per_expert_fp8" path (FP8 experts, inference): per local expert, its
+        rows quantized as they are gathered, cuBLAS's block-scaled product with gate_up_proj,
+        `act(gate) * up` quantized in one pass, the product with down_proj.
+
+        Args:
+            x: (R, D) token rows in the layer's dtype, or e4m3 with `x_scale` (rows that
+                travelled quantized).
+            source_rows: (P,) int row of x for each expert-sorted pair.
+            counts: the pairs of each local expert on the host (e ints, summing to at most P).
+            x_scale: (R, D/128) fp32 scales of an e4m3 x, else None.
+
+        Returns:
+            (P, D) bf16 expert outputs in sorted order; rows past sum(counts) unwritten.
+        """
+        if not self.fp8:
+            raise RuntimeError("Experts.per_expert_fp8 runs FP8 experts (MoEConfig.expert_quant="
+                               f"'fp8'), got expert_quant={self.config.expert_quant!r}")
+        cfg = self.config
+        D = x.shape[1]
+        w13_scale = padded_block_scales(self.gate_up_proj_scale_inv)
+        w2_scale = padded_block_scales(self.down_proj_scale_inv)
+        out = torch.empty(source_rows.shape[0], D, dtype=torch.bfloat16, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            rows = source_rows[start:start + n]
+            padded = -(-n // 4) * 4  # cuBLAS reads the scales of 4 rows at a time
+            if x_scale is None:
+                a, a_scale = quantize_rows(x, rows, padded, column_major_scales=True)
+            else:
+                a, a_scale = _take_quantized(x, x_scale, rows, padded)
+            h = blockwise_mm(a, a_scale, self.gate_up_proj[e], w13_scale[e])  # (padded, 2I)
+            h, h_scale = activate_fp8(h, cfg.activation, cfg.gated, column_major_scales=True)
+            out[start:start + n] = blockwise_mm(h, h_scale, self.down_proj[e], w2_scale[e])[:n]
+            start += n
+        return out
+
     def triton_partials(self, x: torch.Tensor, topk_ids: torch.Tensor,
                         topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
                         num_pairs: int, rows_per_expert: float, overlapped: bool = False,
@@ -359,6 +403,19 @@ def _fused_gemms(x, source_rows, num_tokens_per_expert, w13, w2, rows_per_expert
                      gated=gated, config=tiles[0], persistent=persistent[0])  # (P, I)
     return grouped_gemm(h, w2, num_tokens_per_expert, config=tiles[1],
                         persistent=persistent[1])  # (P, D)
+
+
+def _take_quantized(x: torch.Tensor, x_scale: torch.Tensor, rows: torch.Tensor,
+                    num_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of an e4m3 x and their scales (`take_rows`: an index outside x gives a zero row),
+    padded with zero rows to num_out, the scales column-major (`ep_moe.fp8.blockwise_mm`'s
+    layout)."""
+    pad = num_out - rows.shape[0]
+    q = F.pad(take_rows(x, rows).view(torch.uint8), (0, 0, 0, pad)).view(E4M3)
+    scale = empty_scales(num_out, x_scale.shape[1], True, x.device)
+    scale[:rows.shape[0]] = take_rows(x_scale, rows)
+    scale[rows.shape[0]:] = 1.0
+    return q, scale
 
 
 def _triton_partials(x, topk_ids, topk_weights, expert_map, w13, w2, num_pairs: int,

@@ -14,6 +14,10 @@ step for step, for the reference and the tests:
 Both divisions are correctly rounded fp32 divisions and the cast rounds to nearest even, so
 the kernels' and torch's e4m3 values and scales agree bit for bit on the same fp32 input.
 
+Products of few large experts at prefill (`blockwise_mm`): cuBLAS's block-scaled FP8 GEMM
+(`torch.nn.functional.scaled_mm` with 1 x 128 activation and 128 x 128 weight scaling, torch
+>= 2.10 built with CUDA >= 12.9, Hopper only), one call per expert.
+
 What a benchmark needs: `expert_weight_bytes` (one expert's bytes as the experts' path reads
 them, scales included) for the weight-read floor of a decode step.
 """
@@ -21,13 +25,19 @@ them, scales included) for the weight-read floor of a decode step.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # E4M3_MAX: the largest finite e4m3 (fn) value; FP8_BLOCK: the side of a weight scale block and
 # an activation group's width; FP8_EPS: the smallest amax a group is scaled by (an all-zero
 # group, a padding row, gets finite scales). One definition, shared with the kernels.
-from .kernels.common import E4M3_MAX, FP8_BLOCK as BLOCK, FP8_EPS
+from .kernels.common import E4M3_MAX, FP8_BLOCK as BLOCK, FP8_EPS, per_device
 
 E4M3 = torch.float8_e4m3fn
+
+# cuBLAS's block-scaled FP8 GEMM (torch >= 2.10): None where torch lacks it
+_SCALING = getattr(F, "ScalingType", None)
+_BLOCKWISE = _SCALING is not None and hasattr(F, "scaled_mm") and \
+    hasattr(_SCALING, "BlockWise1x128") and hasattr(_SCALING, "BlockWise128x128")
 
 
 def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,3 +134,66 @@ def expert_weight_bytes(D: int, I: int, gated: bool = True, fp8: bool = False,
         return values * element_size
     scales = (up // BLOCK) * (D // BLOCK) + (D // BLOCK) * (I // BLOCK)
     return values + 4 * scales
+
+
+def blockwise_mm_available(device: torch.device) -> bool:
+    """Whether `blockwise_mm` runs on `device`: torch's `scaled_mm` with DeepSeek-style block
+    scaling, which it implements through cuBLAS (CUDA >= 12.9) on Hopper (compute capability
+    9.x) only."""
+    return _BLOCKWISE and device.type == "cuda" and _cublas_block_scaling(device)
+
+
+@per_device
+def _cublas_block_scaling(device: torch.device) -> bool:
+    if torch.version.cuda is None:
+        return False
+    major, minor = (int(v) for v in torch.version.cuda.split(".")[:2])
+    return (major, minor) >= (12, 9) and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def padded_block_scales(scale_inv: torch.Tensor) -> torch.Tensor:
+    """(..., N/128, L) weight block scales -> (..., N/128, L4) with L4 = L rounded up to a
+    multiple of 4 (ones past L): cuBLAS reads the 128 x 128 scales of a (N, K) operand as
+    (L4, N/128) with a leading dimension of L4. The tensor itself where L is a multiple of 4."""
+    pad = -scale_inv.shape[-1] % 4
+    return F.pad(scale_inv, (0, pad), value=1.0) if pad else scale_inv
+
+
+def blockwise_mm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor,
+                 w_scale: torch.Tensor) -> torch.Tensor:
+    """a @ w.T in bf16 from e4m3 operands and their block scales, on cuBLAS
+    (`blockwise_mm_available`): out[m, n] = sum_k a[m, k] a_scale[m, k // 128]
+    w[n, k] w_scale[n // 128, k // 128], fp32 sums.
+
+    Args:
+        a: (M, K) e4m3 rows, M a multiple of 4 (cuBLAS's scale layout), K of 128.
+        a_scale: (M, K/128) fp32 stored column-major (strides (1, M)): `quantize_rows(...,
+            column_major_scales=True)` or `activate_fp8(...)` writes them so.
+        w: (N, K) e4m3, contiguous, N a multiple of 128.
+        w_scale: (N/128, L4) fp32 contiguous, `padded_block_scales` of the (N/128, K/128) ones.
+    """
+    if not _BLOCKWISE:
+        raise RuntimeError(f"blockwise_mm needs torch.nn.functional.scaled_mm with block scaling "
+                           f"(torch >= 2.10), got torch {torch.__version__}")
+    for name, t, dtype in (("a", a, E4M3), ("w", w, E4M3), ("a_scale", a_scale, torch.float32),
+                           ("w_scale", w_scale, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.dtype != dtype:
+            got = (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a 2-D {dtype} tensor, got {got}")
+    (M, K), N = a.shape, w.shape[0]
+    if K % BLOCK or N % BLOCK or w.shape[1] != K:
+        raise ValueError(f"a must be (M, K) and w (N, K) with K and N multiples of {BLOCK}, got "
+                         f"a {tuple(a.shape)}, w {tuple(w.shape)}")
+    if M % 4:
+        raise ValueError(f"a must have a multiple of 4 rows (cuBLAS reads their scales 4 at a "
+                         f"time), got shape {tuple(a.shape)}")
+    if tuple(a_scale.shape) != (M, K // BLOCK) or a_scale.stride() != (1, M):
+        raise ValueError(f"a_scale must be ({M}, {K // BLOCK}) column-major, strides (1, {M}), "
+                         f"got shape {tuple(a_scale.shape)} strides {a_scale.stride()}")
+    padded = (N // BLOCK, -(-K // BLOCK // 4) * 4)
+    if tuple(w_scale.shape) != padded or not w_scale.is_contiguous():
+        raise ValueError(f"w_scale must be {padded} and contiguous, its columns padded to a "
+                         f"multiple of 4 (`padded_block_scales`), got shape "
+                         f"{tuple(w_scale.shape)} strides {w_scale.stride()}")
+    return F.scaled_mm(a, w.t(), a_scale, _SCALING.BlockWise1x128, w_scale.t(),
+                       _SCALING.BlockWise128x128, output_dtype=torch.bfloat16)

@@ -13,7 +13,7 @@ from .config import MoEConfig
 from .dispatch import Dispatched, check_capacity, make_dispatcher
 from .distributed import all_gather_rows, check_same_config, group_rank_and_size
 from .experts import Experts, SharedExperts
-from .fp8 import E4M3
+from .fp8 import E4M3, blockwise_mm_available
 from .kernels import fused_mul_sum_rows
 from .kernels.common import FLOAT_DTYPES, use_triton
 from .kernels.expert_sort import sort_by_expert
@@ -159,7 +159,8 @@ class MoE(nn.Module):
                     num_tokens=x.numel() // self.config.hidden_size, device_type=x.device.type,
                     dtype=x.dtype, triton=use_triton(x), grad=grad,
                     peer_exchange=self.dispatcher.peer_exchange, capturing=capturing,
-                    compiling=compiling)
+                    compiling=compiling,
+                    blockwise_fp8=self.experts.fp8 and blockwise_mm_available(x.device))
 
     def forward(self, x: torch.Tensor, return_router_output: bool = False):
         """x: (..., D) float32 / float16 / bfloat16 -> (..., D) of the same dtype (the layer's;
@@ -235,6 +236,13 @@ class MoE(nn.Module):
                                                   x_scale=sent.x_scale)  # (P, D)
             return _reduce_slots(out_rows, sent.topk_weights, order.row_index, outputs)
         order = sort_by_expert(ids, e, num_pairs, expert_map)
+        if plan.experts == "per_expert_fp8":
+            # host sync (one rank): one cuBLAS product per expert needs the row counts on the
+            # CPU; the exact exchange brought them
+            counts = sent.pairs_per_expert or tuple(order.num_tokens_per_expert.tolist())
+            out_rows = self.experts.per_expert_fp8(sent.x, order.source_rows, counts,
+                                                   x_scale=sent.x_scale)  # (P, D)
+            return _reduce_slots(out_rows, sent.topk_weights, order.row_index, outputs)
         # P a bound: gather only the sort's real pairs (its total, on the device)
         count = None if sent.pairs_exact else order.offsets[-1:]
         rows = expand_rows(sent.x, order.source_rows, order.row_index, count)  # (P, D)

@@ -18,10 +18,13 @@ each rests on (docs/performance.md has the measurements).
               quantized per token and 128 columns as the first GEMM gathers them (decode),
               once before it (more rows an expert: `experts.FP8_QUANTIZE_IN_GEMM_MAX_ROWS`)
               or by the dispatch (`fp8_dispatch`), h written in e4m3 by its epilogue. Decode
-              runs 1.7-1.9x faster than bf16, prefill 0.80-0.95x (one H100). The only FP8 path:
-              torch's FP8 grouped GEMM (`torch._scaled_grouped_mm`) takes tensor-wise or
-              row-wise scales on Hopper (torch 2.11-2.13), not 128 x 128 weight blocks, and the
-              other paths multiply 16-bit weights
+              runs 1.7-1.9x faster than bf16, prefill 0.80-0.95x (one H100). torch's FP8
+              grouped GEMM (`torch._scaled_grouped_mm`) takes tensor-wise or row-wise scales on
+              Hopper (torch 2.11-2.13), not 128 x 128 weight blocks
+    per_expert_fp8 FP8 experts, few large ones at prefill: per expert, its rows quantized as
+              they are gathered, two cuBLAS block-scaled FP8 products (`ep_moe.fp8.
+              blockwise_mm`: 1 x 128 row and 128 x 128 weight scales, Hopper, torch >= 2.10)
+              and `act(gate) * up` quantized between them; the row counts on the host
 
     exchange  how rows travel (W > 1)
     --------  ----------------------------------------------------------------------------------
@@ -65,6 +68,11 @@ DENSE_MAX_ROWS = 64
 # an expert: 1-9% faster on H100 and H200); 2-4x slower for Qwen3's 128 small experts.
 PER_EXPERT_MIN_I = 8192
 PER_EXPERT_MIN_ROWS_PER_EXPERT = 1024
+
+# FP8 experts' per-expert cuBLAS path: from this many rows per local expert (mean), for experts
+# at least this wide, where the row counts reach the host without a graph capture.
+PER_EXPERT_FP8_MIN_ROWS_PER_EXPERT = 512
+PER_EXPERT_FP8_MIN_I = 4096
 
 # -- exchange ------------------------------------------------------------------------------
 # Pipeline chunks chosen automatically: a fixed-size exchange over NCCL, in a CUDA-graph
@@ -112,7 +120,7 @@ class ForwardPlan:
 def plan_forward(config: MoEConfig, *, world_size: int, num_local_experts: int,
                  num_tokens: int, device_type: str, dtype: torch.dtype, triton: bool,
                  grad: bool, peer_exchange: bool = False, capturing: bool = False,
-                 compiling: bool = False) -> ForwardPlan:
+                 compiling: bool = False, blockwise_fp8: bool = False) -> ForwardPlan:
     """The plan of a forward of `num_tokens` tokens on this rank.
 
     Args:
@@ -127,6 +135,8 @@ def plan_forward(config: MoEConfig, *, world_size: int, num_local_experts: int,
             one host with torch symmetric memory): what `exchange="auto"` needs for "nvlink".
         capturing: inside a CUDA-graph capture (automatic pipeline chunks only pay there).
         compiling: under torch.compile (torch's grouped GEMM traces in bf16 only).
+        blockwise_fp8: cuBLAS's block-scaled FP8 GEMM runs here
+            (`ep_moe.fp8.blockwise_mm_available`).
 
     Raises:
         ValueError naming the setting where a forced choice cannot run here.
@@ -149,11 +159,12 @@ def plan_forward(config: MoEConfig, *, world_size: int, num_local_experts: int,
         pairs = (T if C is None else C) * K
     bounded = exchange in ("fixed", "nvlink")
     if cfg.expert_quant == "fp8":
-        experts = _fp8_experts(device_type, triton, grad)
+        experts = _fp8_experts(cfg, e, pairs, exchange, dtype, device_type, triton, grad,
+                               capturing or compiling, blockwise_fp8)
     else:
         experts = _experts(cfg, e, rows, pairs, bounded, exchange == "exact", dtype,
                            device_type, triton, grad, compiling)
-    fp8_dispatch = experts == "triton_fp8" and dispatcher == "all_to_all" and W > 1
+    fp8_dispatch = experts.endswith("_fp8") and dispatcher == "all_to_all" and W > 1
     return ForwardPlan(router_topk(cfg, triton), dispatcher, exchange, chunks, experts, rows,
                        pairs, grad, fp8_dispatch)
 
@@ -218,9 +229,13 @@ def _experts(cfg, e, rows, pairs, bounded, host_counts, dtype, device_type, trit
     return "grouped_mm" if grouped_ok else "per_expert"
 
 
-def _fp8_experts(device_type: str, triton: bool, grad: bool) -> str:
-    """FP8 experts: "triton_fp8", where it can run (`MoEConfig.expert_impl` is "auto" or
-    "triton": the config refuses the others)."""
+def _fp8_experts(cfg: MoEConfig, e: int, pairs: int, exchange: str, dtype: torch.dtype,
+                 device_type: str, triton: bool, grad: bool, traced: bool,
+                 blockwise: bool) -> str:
+    """FP8 experts: "triton_fp8" or "per_expert_fp8" (`MoEConfig.expert_impl` "auto",
+    "triton" or "per_expert": the config refuses the others). The per-expert path needs the
+    row counts on the host (one rank, or an exchange that counted them), no graph capture or
+    torch.compile, cuBLAS's block-scaled GEMM and bf16 rows."""
     if grad:
         raise ValueError("MoEConfig.expert_quant='fp8' is inference only: run the forward "
                          "under torch.no_grad() or torch.inference_mode() (or with neither x "
@@ -229,6 +244,21 @@ def _fp8_experts(device_type: str, triton: bool, grad: bool) -> str:
         raise ValueError(f"MoEConfig.expert_quant='fp8' runs Triton FP8 kernels: it needs x on "
                          f"CUDA (compute capability >= 8.9), or on the CPU with "
                          f"TRITON_INTERPRET=1; got x on {device_type}")
+    per_expert_ok = (blockwise and not traced and exchange in ("none", "exact")
+                     and dtype == torch.bfloat16)
+    if cfg.expert_impl == "per_expert":
+        if not per_expert_ok:
+            raise ValueError(
+                f"MoEConfig.expert_impl='per_expert' with FP8 experts needs cuBLAS's "
+                f"block-scaled FP8 GEMM (Hopper, torch >= 2.10 on CUDA >= 12.9; here: "
+                f"{blockwise}), bf16 rows (got {dtype}), the row counts on the host (exchange "
+                f"none or exact, got {exchange!r}) and no CUDA-graph capture or torch.compile "
+                f"(got {traced})")
+        return "per_expert_fp8"
+    if cfg.expert_impl == "auto" and per_expert_ok and \
+            cfg.intermediate_size >= PER_EXPERT_FP8_MIN_I and \
+            pairs >= PER_EXPERT_FP8_MIN_ROWS_PER_EXPERT * max(e, 1):
+        return "per_expert_fp8"
     return "triton_fp8"
 
 

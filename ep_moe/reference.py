@@ -104,23 +104,31 @@ def _e4m3_step(v):
     return torch.exp2(exp - 3)
 
 
-def _fp8_mlp(x, w13, s13, w2, s2, config: MoEConfig, accum_rtol: float):
+def _fp8_mlp(x, w13, s13, w2, s2, config: MoEConfig, accum_rtol: float,
+             stored_dtype: Optional[torch.dtype]):
     """One expert on rows x (float64 values of the layer's dtype) as the FP8 path computes it:
     (y, |y| terms, accumulation bound, ambiguity slack), all (n, D) float64."""
     act = _ACTS[config.activation]
     xq, xs = quantize_groups(x)  # x holds the layer's values: exact in fp32, as the kernels see
     a = (xq.double().unflatten(-1, (-1, 128)) * xs.double()[..., None]).flatten(-2)
     w13, w2 = dequantize_blocks(w13, s13, torch.float64), dequantize_blocks(w2, s2, torch.float64)
-    h, h_abs = a @ w13.t(), a.abs() @ w13.abs().t()
+    h, h_err = a @ w13.t(), accum_rtol * (a.abs() @ w13.abs().t())  # the fp32 sums' error
+    if stored_dtype is not None:
+        # the path stores the first product in stored_dtype, rounding its fp32 sums: as this
+        # rounds the float64 ones, but for a sum within h_err of a rounding midpoint, which
+        # may land on the other neighbour (rounding is monotonic: between those of h -+ h_err)
+        lo, hi = (h - h_err).to(stored_dtype).double(), (h + h_err).to(stored_dtype).double()
+        h, h_err = h.to(stored_dtype).double(), hi - lo
     if config.gated:
-        (gate, up), (gate_abs, up_abs) = h.chunk(2, -1), h_abs.chunk(2, -1)
+        (gate, up), (gate_err, up_err) = h.chunk(2, -1), h_err.chunk(2, -1)
         g = act(gate)
         # |d(act(g) u)| <= max|act'| |dg| |u| + |act(g)| |du|, max|act'| <= 1.13 (gelu)
-        h, h_bound = g * up, 1.13 * gate_abs * up.abs() + g.abs() * up_abs
+        h, h_err = g * up, 1.13 * gate_err * up.abs() + g.abs() * up_err
     else:
-        h, h_bound = act(h), 1.13 * h_abs
-    # the first GEMM's epilogue quantizes h: fp32 h lies within err of this float64 h
-    err = accum_rtol * h_bound + 4 * 2.0**-24 * h.abs()  # + the activation's fp32 roundings
+        h, h_err = act(h), 1.13 * h_err
+    # h is quantized from its fp32 value, within err of this float64 h: the error carried from
+    # the first product and the activation's fp32 roundings
+    err = h_err + 4 * 2.0**-24 * h.abs()
     hq, hs = quantize_groups(h)
     groups = (-1, h.shape[-1] // 128, 128)
     amax = h.abs().view(groups).amax(-1, keepdim=True).clamp(min=1e-30)
@@ -141,7 +149,8 @@ def _fp8_mlp(x, w13, s13, w2, s2, config: MoEConfig, accum_rtol: float):
 
 def reference_moe_fp8(x, params: dict, config: MoEConfig,
                       topk_ids: Optional[torch.Tensor] = None,
-                      accum_rtol: float = 1e-5) -> Fp8Reference:
+                      accum_rtol: float = 1e-5,
+                      stored_dtype: Optional[torch.dtype] = None) -> Fp8Reference:
     """float64 forward of a layer with FP8 experts (`MoEConfig.expert_quant="fp8"`), applying
     the same quantization: the weights dequantized from their blocks, each expert's input rows
     and its intermediate h quantized per row and 128 columns as the kernels do
@@ -153,6 +162,9 @@ def reference_moe_fp8(x, params: dict, config: MoEConfig,
         topk_ids: optional (T, K) to pin the expert choice.
         accum_rtol: relative bound of the implementation's fp32 sums (of |terms|), which sets
             where h's rounding to e4m3 is ambiguous (`Fp8Reference.slack`).
+        stored_dtype: the dtype the path stores the first GEMM's output (gate and up) in
+            before the activation (the per-expert path: bf16); None where the epilogue
+            quantizes h from its fp32 sums.
     """
     x64 = x.double()
     ids, w = reference_router(x64, params, config, topk_ids)
@@ -164,7 +176,7 @@ def reference_moe_fp8(x, params: dict, config: MoEConfig,
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel():
             out, out_abs, out_accum, out_slack = _fp8_mlp(x[tok], w13[e], s13[e], w2[e], s2[e],
-                                                          config, accum_rtol)
+                                                          config, accum_rtol, stored_dtype)
             weight = w[tok, slot, None]
             y = y.index_add(0, tok, out * weight)
             partial_abs = partial_abs.index_add(0, tok, out_abs * weight.abs())

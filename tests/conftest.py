@@ -43,3 +43,35 @@ def capture_no_grad(module, static_x: torch.Tensor, warmups: int = 2):
     with torch.cuda.graph(graph), torch.no_grad():
         static_y = module(static_x)
     return graph, static_y
+
+
+def emulated_blockwise_mm(a, a_scale, w, w_scale):
+    """cuBLAS's block-scaled FP8 product (`ep_moe.fp8.blockwise_mm`, Hopper only) in float64,
+    rounded to bf16, after checking the operand layouts it documents (what cuBLAS would
+    misread): the per-expert FP8 path on any device."""
+    from ep_moe.fp8 import E4M3, dequantize_blocks
+
+    M, K = a.shape
+    N, L = w.shape[0], K // 128
+    assert a.dtype == E4M3 and w.dtype == E4M3 and w.shape[1] == K and M % 4 == 0
+    assert a_scale.shape == (M, L) and a_scale.stride() == (1, M), a_scale.stride()
+    assert w_scale.is_contiguous() and w_scale.shape == (N // 128, -(-L // 4) * 4)
+    a64 = (a.double().view(M, L, 128) * a_scale.double()[..., None]).view(M, K)
+    w64 = dequantize_blocks(w, w_scale[:, :L], torch.float64)
+    return (a64 @ w64.t()).to(torch.bfloat16)
+
+
+def emulate_blockwise_mm(setattr_, calls=None):
+    """Route the layer's per-expert FP8 products to `emulated_blockwise_mm` and tell its plan
+    they run: `setattr_` is monkeypatch.setattr in a test, plain setattr in a spawned rank.
+    `calls` (a list) collects the row and column counts of a of each product."""
+    import ep_moe.experts
+    import ep_moe.layer
+
+    def product(*args):
+        if calls is not None:
+            calls.append(tuple(args[0].shape))
+        return emulated_blockwise_mm(*args)
+
+    setattr_(ep_moe.experts, "blockwise_mm", product)
+    setattr_(ep_moe.layer, "blockwise_mm_available", lambda device: True)

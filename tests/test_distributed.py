@@ -115,6 +115,9 @@ CASES = {
                                                dispatch_chunks=2)),
         Case("fp8_allgather", kind="fp8", tokens=(3, 4), dtype=torch.bfloat16,
              config=dict(FP8, top_k=2, dispatcher=AG)),  # bf16 rows, quantized by the GEMM
+        # cuBLAS per expert (emulated off Hopper) on the e4m3 rows the exact exchange brought
+        Case("fp8_per_expert_a2a", kind="fp8", tokens=(7, 5), dtype=torch.bfloat16,
+             config=dict(FP8, top_k=2, expert_impl="per_expert")),
     ],
     3: _grid(3, (5, 0, 9), (6, 7)) + [
         Case("E5_K2_linear_a2a_uneven", tokens=(4, 7, 2), config=dict(num_experts=5)),

@@ -412,14 +412,16 @@ def allowed_error(ref, dtype, config):
     return rounding * (ref.y.abs() + 2 * ref.partial_abs) + ACCUM_RTOL * ref.accum + ref.slack
 
 
-def check_layer(layer, x, what=""):
+def check_layer(layer, x, what="", stored_dtype=None):
     """The layer's no-grad output against `reference_moe_fp8` on its own weights, with its
-    expert choice pinned, within `allowed_error`."""
+    expert choice pinned, within `allowed_error`. stored_dtype: the dtype the path stores the
+    first GEMM's output in before the activation (`reference_moe_fp8`)."""
     with torch.no_grad():
         y, route = layer(x, return_router_output=True)
     ref = reference_moe_fp8(x.reshape(-1, x.shape[-1]).cpu(),
                             {k: v.cpu() for k, v in layer.state_dict().items()}, layer.config,
-                            topk_ids=route.topk_ids.cpu(), accum_rtol=ACCUM_RTOL)
+                            topk_ids=route.topk_ids.cpu(), accum_rtol=ACCUM_RTOL,
+                            stored_dtype=stored_dtype)
     assert y.shape == x.shape and y.dtype == x.dtype
     y = y.reshape(-1, x.shape[-1]).cpu().double()
     allowed = allowed_error(ref, x.dtype, layer.config)
@@ -496,8 +498,9 @@ def test_layer_compiles():
 
 
 def test_plan_shows_fp8():
-    """One more entry of the plan: experts "triton_fp8" at every token count (the only FP8
-    path), and FP8 rows in an all-to-all (not in an all-gather, nor on one rank)."""
+    """One more entry of the plan: experts "triton_fp8" at every token count where cuBLAS's
+    block-scaled GEMM does not run, and FP8 rows in an all-to-all (not in an all-gather, nor on
+    one rank)."""
     cfg = MoEConfig.qwen3_30b_a3b(expert_quant="fp8")
     kw = dict(num_local_experts=32, device_type="cuda", dtype=torch.bfloat16, triton=True,
               grad=False)
@@ -535,7 +538,8 @@ def test_forward_with_gradients_raises():
 @pytest.mark.parametrize("changes,match", [
     (dict(hidden_size=96), r"needs hidden_size to be a multiple of 128.*got hidden_size=96"),
     (dict(intermediate_size=200), r"intermediate_size to be a multiple of 128.*=200"),
-    (dict(expert_impl="grouped_mm"), r"expert_impl must be 'auto' or 'triton', got 'grouped_mm'"),
+    (dict(expert_impl="grouped_mm"),
+     r"expert_impl must be 'auto', 'triton' or 'per_expert', got 'grouped_mm'"),
     (dict(expert_quant="int8"), r"expert_quant must be one of \('none', 'fp8'\), got 'int8'"),
 ])
 def test_config_validation(changes, match):
@@ -973,10 +977,13 @@ def test_gpu_real_shapes(preset):
     for T, x in xs.items():
         with torch.no_grad():
             y, route = layer(x, return_router_output=True)
+            # the per-expert path stores the first product in bf16 before quantizing h
+            per_expert = layer.plan(x).experts == "per_expert_fp8"
         assert torch.isfinite(y).all()
         n = min(T, 16)  # the float64 reference dequantizes each expert these tokens hit
         ref = reference_moe_fp8(x[:n].cpu(), params, layer.config,
-                                topk_ids=route.topk_ids[:n].cpu(), accum_rtol=ACCUM_RTOL)
+                                topk_ids=route.topk_ids[:n].cpu(), accum_rtol=ACCUM_RTOL,
+                                stored_dtype=torch.bfloat16 if per_expert else None)
         allowed = allowed_error(ref, torch.bfloat16, layer.config)
         err = (y[:n].cpu().double() - ref.y).abs()
         assert (err <= allowed).all(), f"{preset} T={T}: worst ratio {(err / allowed).max()}"

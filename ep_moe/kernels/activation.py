@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import needs_grad, to_output, use_triton
+from .common import (FP8_BLOCK, empty_scales, needs_grad, quantize_fp8, to_output,
+                     use_triton)
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
 
@@ -86,6 +87,31 @@ def _gated_act_bwd_kernel(
     dtype = grad_h_ptr.dtype.element_ty
     tl.store(grad_h_ptr + row * 2 * I + col, to_output(g * up * dact, dtype), mask=mask)
     tl.store(grad_h_ptr + row * 2 * I + I + col, to_output(g * act, dtype), mask=mask)
+
+
+@triton.jit
+def _act_quantize_kernel(
+    # pointers
+    h_ptr, q_ptr, scale_ptr,
+    # sizes and strides
+    M, I, stride_h, stride_q, stride_sr, stride_sg,
+    # meta-parameters
+    ACT: tl.constexpr, GATED: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One (BLOCK_R, 128) group of `act(gate) * up` (or `act(h)`), quantized to e4m3 with a
+    scale per row, as the FP8 grouped GEMM's epilogue does (the same operations in the same
+    order, from h's stored values)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    group = tl.program_id(1).to(tl.int64)
+    cols = group * 128 + tl.arange(0, 128)
+    ok = rows < M
+    ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + cols[None, :]
+    out, _ = act_and_grad(tl.load(ptrs, mask=ok[:, None], other=0.0).to(tl.float32), ACT)
+    if GATED:
+        out = out * tl.load(ptrs + I, mask=ok[:, None], other=0.0).to(tl.float32)
+    q, scale = quantize_fp8(out)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], q, mask=ok[:, None])
+    tl.store(scale_ptr + rows.to(tl.int64) * stride_sr + group * stride_sg, scale, mask=ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,3 +239,39 @@ def gated_activation(h: torch.Tensor, activation: str,
 def fused_activation_available(h: torch.Tensor) -> bool:
     """Whether `gated_activation` runs for h: wherever Triton does."""
     return use_triton(h)
+
+
+def activate_fp8(h: torch.Tensor, activation: str, gated: bool,
+                 column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, 2I) [gate | up] (or (M, I) when not gated) -> `act(gate) * up` quantized per row
+    and 128 columns: (q (M, I) e4m3, scale (M, I/128) fp32), in one pass. The intermediate of
+    the FP8 experts' per-expert path, between its two cuBLAS products; the values and scales
+    of `ep_moe.fp8.quantize_groups` of the fp32 activation.
+
+    column_major_scales: the scales' storage is (I/128, M) (strides (1, M) of the returned
+    view), the layout cuBLAS's 1 x 128 block scaling reads.
+
+    Raises TypeError / ValueError naming the argument: h not float32 / float16 / bfloat16, an
+    unknown activation, h not 2-D with rows of contiguous elements and I a multiple of 128,
+    or h where Triton does not run."""
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"h must be float32, float16 or bfloat16, got {h.dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    width = h.shape[-1] // 2 if gated else h.shape[-1]
+    if h.ndim != 2 or h.stride(-1) != 1 or width % FP8_BLOCK or (gated and h.shape[1] % 2):
+        raise ValueError(f"h must be (M, {'2I' if gated else 'I'}) with I a multiple of "
+                         f"{FP8_BLOCK} and contiguous rows, got shape {tuple(h.shape)} strides "
+                         f"{h.stride()}")
+    if not use_triton(h):
+        raise ValueError(f"h must be on a CUDA device (or on the CPU under TRITON_INTERPRET=1), "
+                         f"got {h.device}")
+    M, groups = h.shape[0], width // FP8_BLOCK
+    q = torch.empty(M, width, dtype=torch.float8_e4m3fn, device=h.device)
+    scale = empty_scales(M, groups, column_major_scales, h.device)
+    if M and groups:
+        block_r = 16
+        _act_quantize_kernel[(triton.cdiv(M, block_r), groups)](
+            h, q, scale, M, width, h.stride(0), q.stride(0), scale.stride(0), scale.stride(1),
+            ACT=ACTIVATIONS[activation], GATED=gated, BLOCK_R=block_r, num_warps=4)
+    return q, scale

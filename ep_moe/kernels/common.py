@@ -86,6 +86,16 @@ def check_split_outputs(outputs, W, shape, like, first, table):
     return table
 
 
+def empty_scales(num_rows: int, groups: int, column_major: bool,
+                 device: torch.device) -> torch.Tensor:
+    """(num_rows, groups) fp32 for per-row, per-128-column scales: row-major, or column-major
+    (storage (groups, num_rows): strides (1, num_rows) at any size, the layout cuBLAS's 1 x
+    128 block scaling reads)."""
+    if column_major:
+        return torch.empty(groups, num_rows, dtype=torch.float32, device=device).t()
+    return torch.empty(num_rows, groups, dtype=torch.float32, device=device)
+
+
 def per_device(fn):
     """Cache `fn(device)` per device in a plain dict (torch.compile traces a dict lookup; it
     only warns about, and steps through, an lru_cache)."""

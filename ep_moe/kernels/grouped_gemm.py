@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -43,8 +44,8 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
 
 from ..fp8 import quantize_groups
 from .activation import ACTIVATIONS, act_and_grad
-from .common import (FP8_BLOCK, INTERPRET, capability_major, check_triton, num_sms,
-                     per_device, quantize_fp8, to_output, use_triton)
+from .common import (FP8_BLOCK, INTERPRET, capability_major, check_triton, empty_scales,
+                     num_sms, per_device, quantize_fp8, to_output, use_triton)
 from .gemm_configs import (GemmConfig, check_config, flatten_wins, fp8_gemm_config, gemm_config,
                            shared_budget)
 
@@ -283,18 +284,27 @@ def _tile_product(
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, R, stride_x, stride_q, stride_s,
+def _quantize_rows_kernel(x_ptr, rows_ptr, q_ptr, scale_ptr, num_out, num_rows, num_x_rows,
+                          stride_x, stride_q, stride_sr, stride_sg, GATHER: tl.constexpr,
                           BLOCK_R: tl.constexpr):
-    """One (BLOCK_R, 128) group of rows: e4m3 values and a scale per row (`quantize_fp8`)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    group = tl.program_id(1)
+    """One (BLOCK_R, 128) group of output rows: e4m3 values and a scale per row
+    (`quantize_fp8`). GATHER: output row i is x[rows[i]] for i < num_rows, zeros past them (an
+    index outside x reads nothing)."""
+    out_rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    group = tl.program_id(1).to(tl.int64)
     cols = group * 128 + tl.arange(0, 128)
-    ok = rows < R
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok[:, None],
+    ok = out_rows < num_out
+    if GATHER:
+        src = tl.load(rows_ptr + out_rows, mask=out_rows < num_rows, other=-1).to(tl.int64)
+        src_ok = (src >= 0) & (src < num_x_rows)
+    else:
+        src, src_ok = out_rows.to(tl.int64), ok
+    x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=src_ok[:, None],
                 other=0.0)
     q, scale = quantize_fp8(x)
-    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], q, mask=ok[:, None])
-    tl.store(scale_ptr + rows.to(tl.int64) * stride_s + group, scale, mask=ok)
+    tl.store(q_ptr + out_rows[:, None].to(tl.int64) * stride_q + cols[None, :], q,
+             mask=ok[:, None])
+    tl.store(scale_ptr + out_rows.to(tl.int64) * stride_sr + group * stride_sg, scale, mask=ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,29 +621,64 @@ def grouped_gemm_fp8(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     return (out, out_scale) if out_fp8 else out
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                  num_out: Optional[int] = None,
+                  column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, D) rows -> (q (R, D) e4m3, scale (R, D/128) fp32) per row and 128 columns, in one
     pass (Triton; the same bits as `ep_moe.fp8.quantize_groups`, which runs where Triton does
     not, and under torch.compile). The FP8 experts' rows before a GEMM that gathers them by
-    the hundred per expert (`experts.FP8_QUANTIZE_IN_GEMM_MAX_ROWS`).
+    the hundred per expert (`experts.FP8_QUANTIZE_IN_GEMM_MAX_ROWS`), and one expert's rows
+    before its cuBLAS product (`ep_moe.fp8.blockwise_mm`).
 
-    Raises TypeError / ValueError naming x unless it is a 2-D float tensor whose rows are
-    contiguous with D a multiple of 128."""
+    Args:
+        x: (R, D) rows, D a multiple of 128, elements contiguous.
+        rows: optional (n,) int rows of x to take, in order (a gather in the same pass; an
+            index outside x gives a zero row).
+        num_out: output rows (default: n, or R); rows past n are zeros (padding).
+        column_major_scales: the scales' storage is (D/128, rows) (strides (1, rows) of the
+            returned (rows, D/128) view), the layout cuBLAS's 1 x 128 block scaling reads.
+
+    Raises TypeError / ValueError naming the argument: x not a 2-D float tensor with D a
+    multiple of 128 and contiguous rows, rows not 1-D integer on x's device, num_out < n."""
     _check("x", x, 2, GEMM_DTYPES)
     R, D = x.shape
     if D % FP8_BLOCK or x.stride(1) != 1:
         raise ValueError(f"x must have D a multiple of {FP8_BLOCK} and contiguous rows, got "
                          f"shape {tuple(x.shape)} strides {x.stride()}")
+    if rows is not None:
+        _check("rows", rows, 1, (torch.int32, torch.int64))
+        if rows.device != x.device:
+            raise ValueError(f"rows must be on x's device {x.device}, got {rows.device}")
+    n = R if rows is None else rows.shape[0]
+    num_out = n if num_out is None else num_out
+    if num_out < n:
+        raise ValueError(f"num_out must be at least the {n} rows taken, got {num_out}")
     if not use_triton(x) or torch.compiler.is_compiling():
-        return quantize_groups(x)
-    q = torch.empty(R, D, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(R, D // FP8_BLOCK, dtype=torch.float32, device=x.device)
-    if R:
+        taken = x if rows is None else take_rows(x, rows)
+        q, groups_scale = quantize_groups(F.pad(taken, (0, 0, 0, num_out - n)))
+        scale = empty_scales(num_out, D // FP8_BLOCK, column_major_scales, x.device)
+        return q, scale.copy_(groups_scale)
+    groups = D // FP8_BLOCK
+    q = torch.empty(num_out, D, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = empty_scales(num_out, groups, column_major_scales, x.device)
+    if num_out:
         block_r = 16
-        _quantize_rows_kernel[(triton.cdiv(R, block_r), D // FP8_BLOCK)](
-            x, q, scale, R, x.stride(0), q.stride(0), scale.stride(0), BLOCK_R=block_r,
-            num_warps=4)
+        _quantize_rows_kernel[(triton.cdiv(num_out, block_r), groups)](
+            x, x if rows is None else rows.contiguous(), q, scale, num_out, n, R, x.stride(0),
+            q.stride(0), scale.stride(0), scale.stride(1), GATHER=rows is not None,
+            BLOCK_R=block_r, num_warps=4)
     return q, scale
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows] for a 2-D x of any dtype (e4m3 too), an index outside x giving a zero row (the
+    rule of the kernels' gathers)."""
+    ok = (rows >= 0) & (rows < x.shape[0])
+    if x.shape[0] == 0:
+        return x.new_zeros(rows.shape[0], x.shape[1])
+    raw = x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+    taken = torch.where(ok[:, None], raw[rows.clamp(0, x.shape[0] - 1)], 0)
+    return taken.view(x.dtype)
 
 
 def check_fp8_device(device: torch.device) -> None:
