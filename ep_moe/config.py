@@ -68,8 +68,9 @@ class MoEConfig:
     # no exchange brought the row counts)
     expert_impl: ExpertImpl = "auto"
     # auto picks the dense path (every local expert on every row through batched GEMMs: each
-    # weight read once, nothing sorted) for at most this many rows where the Triton path does
-    # not run (training, CPU). None: `ep_moe.plan.DENSE_MAX_ROWS`; 0 turns it off.
+    # weight read once, nothing sorted) for at most this many rows in inference where the
+    # Triton path does not run (the CPU); never in training, where its backward would write
+    # every expert's weight gradient. None: `ep_moe.plan.DENSE_MAX_ROWS`; 0 turns it off.
     dense_max_rows: Optional[int] = None
     # fp8 (inference only): the routed experts hold e4m3 weights with one fp32 scale per 128 x
     # 128 block (DeepSeek-V3's and transformers' FP8Experts layout: `gate_up_proj` (e, 2I, D) and

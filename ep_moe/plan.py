@@ -18,7 +18,7 @@ each rests on (docs/performance.md has the measurements).
               quantized per token and 128 columns as the first GEMM gathers them (decode),
               once before it (more rows an expert: `experts.FP8_QUANTIZE_IN_GEMM_MAX_ROWS`)
               or by the dispatch (`fp8_dispatch`), h written in e4m3 by its epilogue. Decode
-              runs 1.7-1.9x faster than bf16, prefill 0.80-0.95x (one H100). torch's FP8
+              runs 1.7-1.9x faster than bf16, prefill 0.83-0.98x (one H100). torch's FP8
               grouped GEMM (`torch._scaled_grouped_mm`) takes tensor-wise or row-wise scales on
               Hopper (torch 2.11-2.13), not 128 x 128 weight blocks
     per_expert_fp8 FP8 experts, few large ones at prefill: per expert, its rows quantized as
@@ -58,9 +58,12 @@ SMALL_I = 1024
 # pays in full: small experts take the Triton path at any row count there (4x H100, Qwen3,
 # 8192 tokens per GPU: experts 2.1 ms on torch's path against 1.5 on the Triton path).
 
-# Dense path: every local expert on every row when the batch has at most this many rows; the
-# weights' bytes dominate, and batched GEMMs read each once with no sort (H200, Mixtral and
-# Qwen3 shapes: faster than the grouped GEMM at 16 and 64 tokens, slower at 512).
+# Dense path, inference: every local expert on every row when the batch has at most this many
+# rows; the weights' bytes dominate, and batched GEMMs read each once with no sort (H200,
+# Mixtral and Qwen3 shapes: faster than the grouped GEMM at 16 and 64 tokens, slower at 512).
+# Not in training, where its backward writes every expert's weight gradient: one H100, a
+# training step at 1-64 tokens takes 6.6-7.2 ms dense against 1.7-3.3 on the grouped GEMM
+# (Mixtral), 3.0-3.3 against 1.5-1.6 (Qwen3).
 DENSE_MAX_ROWS = 64
 
 # Per-expert GEMMs where the exchange brought the row counts to the host: one cuBLAS product
@@ -69,10 +72,15 @@ DENSE_MAX_ROWS = 64
 PER_EXPERT_MIN_I = 8192
 PER_EXPERT_MIN_ROWS_PER_EXPERT = 1024
 
-# FP8 experts' per-expert cuBLAS path: from this many rows per local expert (mean), for experts
-# at least this wide, where the row counts reach the host without a graph capture.
+# FP8 experts, cuBLAS's block-scaled GEMM per expert, where the row counts reach the host
+# without a graph capture. One H100, Mixtral: 1.42-1.54x the bf16 layer's speed from 512 rows
+# an expert (2048-16384 tokens; the Triton FP8 GEMMs 0.87-0.98x there). Below, the ~130 us of
+# host time each expert costs (five launches) catches up with its GPU time: at 256 rows 0.73x
+# in one run, 1.15x in another; at 128, 0.83x (Triton 1.26x). Many small experts lose
+# outright: Qwen3 (128 experts, I = 768) 16.7 ms against 0.84 at 4096 tokens, DeepSeek-V3
+# (256, I = 2048) 37 ms against 26 at 16384.
 PER_EXPERT_FP8_MIN_ROWS_PER_EXPERT = 512
-PER_EXPERT_FP8_MIN_I = 4096
+PER_EXPERT_FP8_MIN_I = 8192
 
 # -- exchange ------------------------------------------------------------------------------
 # Pipeline chunks chosen automatically: a fixed-size exchange over NCCL, in a CUDA-graph
@@ -221,7 +229,7 @@ def _experts(cfg, e, rows, pairs, bounded, host_counts, dtype, device_type, trit
     few_rows = pairs <= max_rows * max(e, 1)
     if triton and not grad and (few_rows or (bounded and small_i)):
         return "triton"
-    if 0 < rows <= dense_max_rows(cfg):
+    if 0 < rows <= dense_max_rows(cfg) and not grad:
         return "dense"
     if host_counts and cfg.intermediate_size >= PER_EXPERT_MIN_I and \
             pairs >= PER_EXPERT_MIN_ROWS_PER_EXPERT * e and not compiling:

@@ -24,19 +24,20 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 PRESETS = {"Mixtral": MoEConfig.mixtral_8x7b(), "Qwen3": MoEConfig.qwen3_30b_a3b(),
            "DeepSeek-V3": MoEConfig.deepseek_v3(), "tiny": MoEConfig.tiny()}
 PRESETS.update({f"{name} FP8": PRESETS[name].replace(expert_quant="fp8")
-                for name in ("Qwen3", "DeepSeek-V3")})
+                for name in ("Mixtral", "Qwen3", "DeepSeek-V3")})
 
 
 def plan(config: MoEConfig, T: int, W: int = 1, *, grad: bool = False, device: str = "cuda",
          dtype=torch.bfloat16, triton: bool = None, peers: bool = True,
          capturing: bool = False, compiling: bool = False) -> ForwardPlan:
-    """The plan on one rank of W with the experts spread evenly (as `linear` placement)."""
+    """The plan on one rank of W with the experts spread evenly (as `linear` placement); CUDA
+    means Hopper (cuBLAS's block-scaled FP8 GEMM runs)."""
     e = -(-config.num_experts // W)
     return plan_forward(config, world_size=W, num_local_experts=e, num_tokens=T,
                         device_type=device, dtype=dtype,
                         triton=(device == "cuda") if triton is None else triton, grad=grad,
                         peer_exchange=peers and device == "cuda", capturing=capturing,
-                        compiling=compiling)
+                        compiling=compiling, blockwise_fp8=device == "cuda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,9 +60,8 @@ def test_one_gpu_inference(preset, T, experts):
 
 
 @pytest.mark.parametrize("preset, T, experts", [
-    ("Mixtral", 16, "dense"),      # at most DENSE_MAX_ROWS rows: every expert on every row
-    ("Mixtral", DENSE_MAX_ROWS, "dense"),
-    ("Mixtral", DENSE_MAX_ROWS + 1, "grouped_mm"),
+    ("Mixtral", 1, "grouped_mm"),  # never dense: its backward would write every expert's grad
+    ("Mixtral", DENSE_MAX_ROWS, "grouped_mm"),
     ("Qwen3", 4096, "grouped_mm"),  # training: torch's grouped GEMM has the backward
     ("tiny", 0, "grouped_mm"),     # no rows: the empty product that still gives gradients
 ])
@@ -97,10 +97,15 @@ def test_cpu_without_triton():
 
 
 def test_dense_max_rows():
+    """Inference where the Triton path does not run: dense up to the limit; never in
+    training."""
     assert MoEConfig.tiny().dense_max_rows is None  # derived: DENSE_MAX_ROWS
-    assert plan(MoEConfig.tiny(dense_max_rows=0), 4, grad=True).experts == "grouped_mm"
-    assert plan(MoEConfig.tiny(dense_max_rows=8), 8, grad=True).experts == "dense"
-    assert plan(MoEConfig.tiny(dense_max_rows=8), 9, grad=True).experts == "grouped_mm"
+    cpu = dict(device="cpu", dtype=torch.float32)
+    assert plan(MoEConfig.tiny(), DENSE_MAX_ROWS, **cpu).experts == "dense"
+    assert plan(MoEConfig.tiny(dense_max_rows=0), 4, **cpu).experts == "grouped_mm"
+    assert plan(MoEConfig.tiny(dense_max_rows=8), 8, **cpu).experts == "dense"
+    assert plan(MoEConfig.tiny(dense_max_rows=8), 9, **cpu).experts == "grouped_mm"
+    assert plan(MoEConfig.tiny(dense_max_rows=8), 8, grad=True, **cpu).experts == "grouped_mm"
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ def test_layer_plan_follows_grad_and_token_count():
     layer.requires_grad_(False)
     assert not layer.plan(x).grad
     assert layer.plan(x.requires_grad_()).grad
-    assert layer.plan(x[:1, :2]).experts == "dense"
+    assert layer.plan(x[:1, :2]).experts == "grouped_mm"  # training: never the dense path
 
 
 # --------------------------------------------------------------------------------------------
