@@ -21,7 +21,8 @@ fastest path transformers offers) and `MoE.from_hf(block)` with the same weights
 
 With --fp8, a fourth module: the same layer with its experts quantized to e4m3 with 128 x 128
 block scales (`quantize_experts("fp8")`, inference only). It is checked against the float64
-reference of the same quantization (`reference_moe_fp8`), its output compared with the bf16
+reference of the same quantization (`reference_moe_fp8`; on the per-expert path the first
+product stored in bf16, as that path does), its output compared with the bf16
 layer's, its forward timed beside the others, and set against its own floor: e4m3 weight bytes
 and scales over the copy ceiling, the routed FLOPs over the FP8 matmul ceiling
 (`torch._scaled_mm`, measured in this run).
@@ -148,8 +149,11 @@ def check(cfg, modules, x) -> dict:
         with torch.no_grad():
             y = module(x)[0, :n]
         ids = routed_ids(name, module, x)[:n]
-        if name == "fp8":
-            y_ref = reference_moe_fp8(x[0, :n], params, module.config, topk_ids=ids).y
+        if name == "fp8":  # the per-expert path stores the first product in bf16: so does this
+            with torch.no_grad():
+                stored = module.plan(x).experts == "per_expert_fp8"
+            y_ref = reference_moe_fp8(x[0, :n], params, module.config, topk_ids=ids,
+                                      stored_dtype=torch.bfloat16 if stored else None).y
         else:
             y_ref, _, _ = reference_moe(x[0, :n], params, cfg, topk_ids=ids)
         errors[name] = rel(y, y_ref)

@@ -295,11 +295,11 @@ def test_gpu_blockwise_mm_matches_float64(M, K, N):
 @pytest.mark.gpu
 @on_hopper
 def test_gpu_layer_per_expert_fp8():
-    """A layer of 8 experts (D 1024, I 4096) at 2048 tokens: the plan takes the per-expert
-    path, within the float64 reference's bound on 16 tokens, and within 2% of the Triton FP8
-    path on all of them (the same quantization; only h's bf16 rounding and the sums differ)."""
+    """A layer of 8 experts (D 1024, I 4096) at 2048 tokens on the per-expert path: within the
+    float64 reference's bound on 16 tokens, and within 2% of the Triton FP8 path on all of them
+    (the same quantization; only h's bf16 rounding and the sums differ)."""
     cfg = MoEConfig(hidden_size=1024, intermediate_size=4096, num_experts=8, top_k=2,
-                    init_std=0.03, expert_quant="fp8")
+                    init_std=0.03, expert_quant="fp8", expert_impl="per_expert")
     torch.manual_seed(0)
     layer = MoE(cfg, device="cuda", dtype=torch.bfloat16).eval()
     x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
