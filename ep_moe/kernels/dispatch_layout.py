@@ -287,9 +287,9 @@ def _gather_send_kernel(
             for d0 in range(0, D, BLOCK_D):
                 group = d0 // 128 + tl.arange(0, BLOCK_D // 128)
                 d = group[:, None] * 128 + c[None, :]
-                q, scale = quantize_fp8(tl.load(x_ptr + t * stride_x + d, mask=d < D,
-                                                other=0.0))
-                tl.store(out + d, q.to(tl.uint8, bitcast=True), mask=d < D)
+                values, scale = quantize_fp8(tl.load(x_ptr + t * stride_x + d, mask=d < D,
+                                                     other=0.0))
+                tl.store(out + d, values.to(tl.uint8, bitcast=True), mask=d < D)
                 tl.store(scales + group, scale, mask=group * 128 < D)
         else:
             for d0 in range(0, D, BLOCK_D):
