@@ -935,7 +935,8 @@ def test_replace_moe_blocks_fp8_model():
     ref_experts.config._experts_implementation = "eager"  # its loop: F.linear on 32-bit weights
     replaced = ep_moe.replace_moe_blocks(model)
     assert len(replaced) == 1 and replaced[0].config.expert_quant == "fp8"
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    model, reference = model.to(DEVICE), reference.to(DEVICE)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         logits = model(ids).logits.double()
         logits_ref = reference(ids).logits.double()
