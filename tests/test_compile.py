@@ -81,9 +81,10 @@ def test_training_graph_calls_the_eager_kernels(losses):
 
 
 def test_dense_path_compiles():
-    """A handful of tokens in training: the dense path (batched GEMMs, no sort) traces too."""
+    """The dense path (batched GEMMs, no sort; asked for: the plan never picks it in training)
+    traces too, backward included."""
     torch.manual_seed(0)
-    layer = MoE(MoEConfig.tiny(), device=DEVICE, dtype=torch.bfloat16)
+    layer = MoE(MoEConfig.tiny(expert_impl="dense"), device=DEVICE, dtype=torch.bfloat16)
     x = torch.randn(3, 16, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     assert layer.plan(x).experts == "dense"
     eager = layer(x)

@@ -19,7 +19,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("cfg", [
     MoEConfig.tiny(hidden_size=128, intermediate_size=64),                     # grouped GEMM
-    MoEConfig.tiny(hidden_size=128, intermediate_size=64, dense_max_rows=64),  # decode path
+    MoEConfig.tiny(hidden_size=128, intermediate_size=64, expert_impl="dense"),  # asked for
     MoEConfig.tiny(hidden_size=128, intermediate_size=64, num_experts=16, top_k=4,
                    score_func="sigmoid", num_expert_groups=4, topk_groups=2,
                    use_correction_bias=True, num_shared_experts=1),           # DeepSeek-style
