@@ -73,8 +73,8 @@ PER_EXPERT_MIN_I = 8192
 PER_EXPERT_MIN_ROWS_PER_EXPERT = 1024
 
 # FP8 experts, cuBLAS's block-scaled GEMM per expert, where the row counts reach the host
-# without a graph capture. One H100, Mixtral: 1.42-1.54x the bf16 layer's speed from 512 rows
-# an expert (2048-16384 tokens; the Triton FP8 GEMMs 0.87-0.98x there). Below, the ~130 us of
+# without a graph capture. One H100, Mixtral: 1.41-1.70x the bf16 layer's speed from 512 rows
+# an expert (2048-16384 tokens, two runs; the Triton FP8 GEMMs 0.87-0.98x there). Below, the ~130 us of
 # host time each expert costs (five launches) catches up with its GPU time: at 256 rows 0.73x
 # in one run, 1.15x in another; at 128, 0.83x (Triton 1.26x). Many small experts lose
 # outright: Qwen3 (128 experts, I = 768) 16.7 ms against 0.84 at 4096 tokens, DeepSeek-V3
