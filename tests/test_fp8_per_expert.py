@@ -63,6 +63,10 @@ def test_quantize_rows_gathers_and_pads(dtype):
     row_major = quantize_rows(x, rows, num_out=12)
     assert _same_bits(row_major[0], q) and torch.equal(row_major[1], scale)
     assert row_major[1].stride() == (3, 1)
+    # no gather: x's own rows, then zero rows (nothing read past x)
+    q, scale = quantize_rows(x[:5], num_out=8, column_major_scales=True)
+    q_ref, scale_ref = quantize_groups(F.pad(x[:5], (0, 0, 0, 3)))
+    assert _same_bits(q, q_ref) and torch.equal(scale, scale_ref)
 
 
 @pytest.mark.parametrize("D", [128, 256])

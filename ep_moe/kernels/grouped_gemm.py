@@ -297,8 +297,8 @@ def _quantize_rows_kernel(x_ptr, rows_ptr, q_ptr, scale_ptr, num_out, num_rows, 
     if GATHER:
         src = tl.load(rows_ptr + out_rows, mask=out_rows < num_rows, other=-1).to(tl.int64)
         src_ok = (src >= 0) & (src < num_x_rows)
-    else:
-        src, src_ok = out_rows.to(tl.int64), ok
+    else:  # output row i is x[i] for i < num_rows (= the rows of x), zeros past them
+        src, src_ok = out_rows.to(tl.int64), out_rows < num_rows
     x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=src_ok[:, None],
                 other=0.0)
     q, scale = quantize_fp8(x)
